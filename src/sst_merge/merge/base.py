@@ -1,0 +1,106 @@
+"""The merge-method interface and its registry.
+
+A merge method turns the per-module ΔW of several adapters into one ΔW per module. Methods are classes registered
+by name in :data:`MERGE_METHODS`; adding one is a new file plus its ``@MERGE_METHODS.register`` line, and the CLI,
+config and runner pick it up unchanged. Each method declares a pydantic ``Params`` model (unknown keys refused).
+
+Most methods are module-local: they implement :meth:`MergeMethod.merge_module`, a pure tensor kernel that never
+sees a model or a file. Methods that need the model (SST-Merge's Fisher estimation) override :meth:`merge`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from sst_merge.adapters.lora import LoraAdapter
+from sst_merge.registry import Registry
+
+
+class MethodParams(BaseModel):
+    """Parameters shared by every method. ``lambda`` is the global scale λ (default 1)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    lambda_: float = Field(1.0, alias="lambda", description="global scale λ applied to the merged ΔW")
+    seed: int = Field(0, description="seed for any randomness (DARE masks, Fisher sampling)")
+
+
+@dataclass
+class MergeContext:
+    """What a merge sees: the adapters, their weights and roles, and (lazily) the base model.
+
+    Attributes:
+        adapters: loaded adapters, in config order.
+        weights: one weight per adapter.
+        roles: ``utility`` or ``safety`` per adapter.
+        modules: the module names to merge (the union of every adapter's targets).
+        base_model: the base model's path or alias (for methods that need the model).
+        load_model: returns ``(model, tokenizer)`` for the base model; only methods that need it call it.
+        workdir: a directory for caches and diagnostics (may be ``None``).
+        diagnostics: methods put JSON-serialisable diagnostics here; they are written with the output.
+        show_progress: whether to draw progress bars.
+    """
+
+    adapters: list[LoraAdapter]
+    weights: list[float]
+    roles: list[str]
+    modules: list[str]
+    base_model: str | None = None
+    load_model: Callable[[], tuple[Any, Any]] | None = None
+    workdir: Any = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def taus(self, module: str) -> list[torch.Tensor | None]:
+        """ΔW of every adapter for ``module`` (fp32), ``None`` where an adapter does not touch it."""
+        return [a.delta(module) if module in a.factors else None for a in self.adapters]
+
+
+class MergeMethod:
+    """Base class of merge methods. Subclasses set ``name``, ``Params`` and implement a kernel or ``merge``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: Whether the result is a fixed linear combination of the adapters' ΔW (then a PEFT output is exact by
+    #: concatenating factors); see :meth:`linear_coefficients`.
+    description: ClassVar[str] = ""
+
+    def linear_coefficients(self, params: MethodParams, ctx: MergeContext) -> list[float] | None:
+        """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""
+        return None
+
+    def merge_module(
+        self, taus: list[torch.Tensor], weights: list[float], params: MethodParams, generator: torch.Generator
+    ) -> torch.Tensor:
+        """Merge one module's ΔW list (fp32, same shape) into one ΔW. Pure: tensors in, tensor out."""
+        raise NotImplementedError
+
+    def merge(self, params: MethodParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
+        """Merge every module. The default calls :meth:`merge_module` per module with a seeded generator.
+
+        Adapters that do not touch a module contribute a zero ΔW there (same shape as the others).
+        """
+        gen = torch.Generator().manual_seed(params.seed)
+        out: dict[str, torch.Tensor] = {}
+        for module in tqdm(ctx.modules, desc=f"merge ({self.name})", disable=not ctx.show_progress, leave=False):
+            taus = ctx.taus(module)
+            ref = next(t for t in taus if t is not None)
+            taus = [torch.zeros_like(ref) if t is None else t for t in taus]
+            out[module] = self.merge_module(taus, ctx.weights, params, gen)
+        return out
+
+
+MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")
+
+
+def get_method(name: str) -> MergeMethod:
+    """Instantiate the registered method ``name`` (raises with the valid names if unknown)."""
+    import sst_merge.merge  # noqa: F401  (registers the built-in methods)
+
+    return MERGE_METHODS.get(name)()

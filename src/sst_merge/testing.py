@@ -1,0 +1,118 @@
+"""A tiny random-initialised causal LM and a byte-level tokenizer, built in-process.
+
+Used by the test-suite (and handy for examples): no files, no network, milliseconds per forward. The model has the
+module names of a real Llama / Qwen2 (``model.layers.N.self_attn.q_proj`` ...), so LoRA adapters, ΔW maps and
+Fisher statistics built on it have the same structure as on SmolLM2.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Return a byte-level tokenizer (256 byte tokens + 4 special tokens) with a ChatML chat template."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_model(
+    arch: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    vocab_size: int | None = None,
+) -> LlamaForCausalLM | Qwen2ForCausalLM:
+    """Return a random-initialised tiny Llama or Qwen2 causal LM in eval mode, matching :func:`tiny_tokenizer`."""
+    tok = tiny_tokenizer()
+    kwargs = dict(
+        vocab_size=vocab_size or len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(seed)
+        if arch == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**kwargs))
+        elif arch == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**kwargs))
+        else:
+            raise ValueError(f"unknown tiny architecture {arch!r}; use 'llama' or 'qwen2'")
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model.eval()
+
+
+LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora(
+    model: torch.nn.Module,
+    out_dir: str,
+    r: int = 4,
+    lora_alpha: int = 8,
+    target_modules: list[str] | None = None,
+    seed: int = 0,
+    std: float = 0.05,
+    use_rslora: bool = False,
+    base_model_name_or_path: str = "tiny-llama",
+) -> str:
+    """Save a PEFT LoRA adapter with random (non-zero) A and B factors for ``model`` to ``out_dir``.
+
+    The model itself is not modified (a deep copy is wrapped).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or ["q_proj", "v_proj"],
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(copy.deepcopy(model), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
+    peft_model.save_pretrained(out_dir)
+    return out_dir

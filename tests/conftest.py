@@ -1,0 +1,53 @@
+"""Test-suite guards: no network, offline hub, deterministic threads; shared tiny-model fixtures."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _NoNetwork(socket.socket):
+    def connect(self, address):  # noqa: D401
+        if isinstance(address, tuple) and address and address[0] in ("127.0.0.1", "localhost", "::1"):
+            return super().connect(address)
+        if self.family == socket.AF_UNIX:
+            return super().connect(address)
+        raise RuntimeError(f"tests must not touch the network (tried to connect to {address!r})")
+
+
+socket.socket = _NoNetwork  # type: ignore[misc]
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    from sst_merge.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture()
+def tiny_llama():
+    from sst_merge.testing import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as a local HF model directory (safetensors)."""
+    from sst_merge.testing import tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
