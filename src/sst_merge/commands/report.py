@@ -1,15 +1,18 @@
-"""`sst-merge report` (being built; see the open issues)."""
+"""`sst-merge report RUN_DIR`: regenerate report.md, summary.csv and plots from results.json alone."""
 
 from __future__ import annotations
 
 import argparse
 
-from sst_merge.errors import SSTMergeError
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("report", help="(not yet available)")
+    p = sub.add_parser("report", help="regenerate the Markdown report, CSV and plots of a run from its results.json")
+    p.add_argument("run_dir", help="directory of a finished `sst-merge run`")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SSTMergeError("'report' is not available yet")
+    from sst_merge.experiments.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0

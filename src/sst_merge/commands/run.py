@@ -1,15 +1,55 @@
-"""`sst-merge run` (being built; see the open issues)."""
+"""`sst-merge run`: run exp1 / exp2 / exp3 (or all) and write results, report and plots."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from sst_merge.errors import SSTMergeError
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by ``sst-merge run`` and ``experiments/run_real_experiments.py``."""
+    p.add_argument("--experiment", default="exp1", choices=["exp1", "exp2", "exp3", "all"])
+    p.add_argument("--model", default="smollm2-135m", help="alias, local model directory or hub id")
+    p.add_argument("--mode", default="minimal", choices=["minimal", "full"])
+    p.add_argument("--config", help="YAML experiment config (applied over the mode's preset)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set sst.fisher=lowrank --set eval.refusal_limit=100",
+    )
+    p.add_argument("-o", "--output", help="run directory (default: runs/<experiment>-<model>-<mode>)")
+    p.add_argument("--force", action="store_true", help="run again into a directory that holds a finished run")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("run", help="(not yet available)")
+    p = sub.add_parser("run", help="run experiments exp1|exp2|exp3|all and write results, report and plots")
+    add_experiment_args(p)
+    return p
+
+
+def default_run_dir(experiment: str, model: str, mode: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in Path(model).name or model)
+    return Path("runs") / f"{experiment}-{safe}-{mode}"
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SSTMergeError("'run' is not available yet")
+    from sst_merge.config import load_yaml
+    from sst_merge.experiments import resolve_config, run_experiment
+    from sst_merge.experiments.report import REPORT_NAME, comparisons_table, models_table
+
+    data = load_yaml(args.config) if args.config else {}
+    data.setdefault("experiment", args.experiment)
+    data.setdefault("model", args.model)
+    cfg = resolve_config(data.pop("mode", args.mode), data, args.overrides)
+    out = Path(args.output) if args.output else default_run_dir(cfg.experiment, cfg.model, cfg.mode)
+    doc = run_experiment(cfg, out, force=args.force, show_progress=not args.quiet)
+    print(models_table(doc))
+    for name, section in doc["experiments"].items():
+        if section.get("comparisons"):
+            print(f"\n{name}:")
+            print(comparisons_table(section["comparisons"]))
+    print(f"\nreport: {out / REPORT_NAME}")
+    return 0

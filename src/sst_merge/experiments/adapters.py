@@ -1,0 +1,33 @@
+"""Find the adapters an experiment needs: the user's paths, or adapters trained (and cached) by ``sst-merge train``."""
+
+from __future__ import annotations
+
+import logging
+
+from sst_merge.experiments.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+
+def _train(cfg: ExperimentConfig, task: str) -> str:
+    from sst_merge.train import train_adapter
+
+    kwargs = {"seed": cfg.seed}
+    if cfg.adapters.train_steps is not None:
+        kwargs["steps"] = cfg.adapters.train_steps
+    log.info("adapter for %r not given: training it (cached after the first time)", task)
+    return str(train_adapter(cfg.model, task, **kwargs))
+
+
+def safety_adapter(cfg: ExperimentConfig) -> str:
+    """Path of the safety adapter (trained on first use when the config names none)."""
+    return cfg.adapters.safety or _train(cfg, "safety")
+
+
+def utility_adapters(cfg: ExperimentConfig, tasks: list[str]) -> dict[str, str]:
+    """Path of each utility task's adapter, in ``tasks`` order (trained on first use when not given)."""
+    out = {}
+    for task in tasks:
+        given = cfg.adapters.utility.get(task)
+        out[task] = given or _train(cfg, task)
+    return out

@@ -1,0 +1,139 @@
+"""Experiment configuration: mode presets → YAML → dotted overrides → a validated model.
+
+``minimal`` is sized for a laptop CPU (the demo); ``full`` evaluates every held-out item and sweeps more points.
+Every resolved value is stored with the results.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from sst_merge.config import apply_overrides, validate
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSettings(_Strict):
+    """What every model in an experiment is evaluated on; one harness, the same items for all."""
+
+    harmful_source: str = Field("harmbench", description="held-out harmful prompts (refusal rate)")
+    benign_source: str = Field("benign", description="benign prompts incl. safe look-alikes (over-refusal)")
+    refusal_limit: int | None = Field(None, ge=1, description="first N harmful prompts (None: all)")
+    over_refusal_limit: int | None = Field(None, ge=1)
+    task_limit: int | None = Field(None, ge=1, description="held-out items per utility task")
+    mmlu_limit: int | None = Field(None, ge=0, description="MMLU questions (0 disables MMLU)")
+    max_new_tokens: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    judge: str = "keyword"
+
+
+class SSTSettings(_Strict):
+    """Parameters of the ``sst`` merge method (see SPEC §5); ``alpha`` is swept in exp3."""
+
+    alpha: float = 1.0
+    fisher: Literal["diagonal", "kfac", "lowrank"] = "diagonal"
+    k: int | None = None
+    fraction: float | None = Field(None, description="default 0.1 when none of k / fraction / threshold is set")
+    threshold: float | None = None
+    eps: float = 1e-3
+    n_samples: int = Field(32, ge=1)
+    utility_fisher: Literal["true", "empirical"] = "true"
+    safety_data: str = "strongreject:fisher"
+    utility_data: str | None = None
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> SSTSettings:
+        chosen = [n for n in ("k", "fraction", "threshold") if getattr(self, n) is not None]
+        if not chosen:
+            self.fraction = 0.1
+        elif len(chosen) > 1:
+            raise ValueError(f"choose exactly one of k, fraction, threshold (got {chosen or 'none'})")
+        return self
+
+
+class SweepSettings(_Strict):
+    """exp3's sweep: the safety weight α for every method, plus SST's own axes."""
+
+    methods: list[str] = ["sst", "task_arithmetic", "ties", "dare_linear", "linear"]
+    alphas: list[float] = [0.25, 0.5, 1.0]
+    density: float = Field(0.5, gt=0, le=1, description="density for ties / dare")
+    sst_k: list[int] = []
+    sst_fisher: list[str] = []
+
+
+class AdapterSettings(_Strict):
+    """Adapters used by the experiment. Empty paths are trained with ``sst-merge train`` (cached)."""
+
+    safety: str | None = None
+    utility: dict[str, str | None] = {}
+    train_steps: int | None = None
+
+
+class ExperimentConfig(_Strict):
+    experiment: Literal["exp1", "exp2", "exp3", "all"] = "exp1"
+    model: str = "smollm2-135m"
+    mode: Literal["minimal", "full"] = "minimal"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+    reference: Literal["utility", "base"] = "utility"
+    utility_metric: Literal["task", "mmlu"] = "task"
+    utility_tasks: list[str] = Field(default_factory=lambda: ["qa"])
+    exp2_ks: list[int] = Field(default_factory=lambda: [2, 4])
+    exp2_tasks: list[str] | None = Field(None, description="utility tasks for exp2 (default: every registered task)")
+    adapters: AdapterSettings = AdapterSettings()
+    eval: EvalSettings = EvalSettings()
+    sst: SSTSettings = SSTSettings()
+    sweep: SweepSettings = SweepSettings()
+    bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
+    cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "minimal": {
+        "eval": {
+            "refusal_limit": 40,
+            "over_refusal_limit": 40,
+            "task_limit": 60,
+            "mmlu_limit": 0,
+            "max_new_tokens": 32,
+        },
+        "sst": {"n_samples": 16},
+        "sweep": {"alphas": [0.5, 1.0], "methods": ["sst", "task_arithmetic", "ties"]},
+        "exp2_ks": [2],
+        "bootstrap": 500,
+    },
+    "full": {
+        "eval": {"mmlu_limit": 500, "max_new_tokens": 64},
+        "sst": {"n_samples": 64},
+        "sweep": {"alphas": [0.25, 0.5, 0.75, 1.0, 1.5], "sst_k": [], "sst_fisher": ["diagonal", "lowrank"]},
+        "bootstrap": 1000,
+    },
+}
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def resolve_config(
+    mode: str = "minimal", data: dict[str, Any] | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Build the resolved config: the mode's preset, then ``data`` (e.g. from YAML), then ``key=value`` overrides."""
+    import copy
+
+    merged: dict[str, Any] = {"mode": mode}
+    _deep_update(merged, copy.deepcopy(PRESETS.get(mode, {})))
+    _deep_update(merged, copy.deepcopy(data or {}))
+    apply_overrides(merged, overrides)
+    if merged.get("mode") != mode and merged.get("mode") in PRESETS:  # a YAML/--set that changes the mode
+        return resolve_config(merged["mode"], data, overrides)
+    return validate(ExperimentConfig, merged, source="experiment config")

@@ -1,0 +1,266 @@
+"""Markdown report, CSV summary and PNG plots, drawn from ``results.json`` alone.
+
+``sst-merge report RUN_DIR`` calls :func:`write_report`; running it twice on the same JSON gives identical tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from sst_merge.io import atomic_write_text
+
+REPORT_NAME = "report.md"
+SUMMARY_NAME = "summary.csv"
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _ci(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "—"
+    ci = m.get("ci95")
+    text = _f(m.get("value"))
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+    elif ci:
+        text += f" [{_f(ci[0])}, {_f(ci[1])}]"
+    return text
+
+
+def metric_columns(doc: dict[str, Any]) -> list[str]:
+    """Metric names in a stable order: refusal, over-refusal, tasks (sorted), MMLU variants."""
+    names = {n for m in doc["models"].values() for n in m["metrics"]}
+    order = ["refusal", "over_refusal"]
+    tail = sorted(n for n in names if n not in order)
+    return [n for n in order if n in names] + tail
+
+
+def models_table(doc: dict[str, Any]) -> str:
+    cols = metric_columns(doc)
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, m in doc["models"].items():
+        cells = [_ci(m["metrics"].get(c)) for c in cols]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    ns = {c: next((m["metrics"][c]["n"] for m in doc["models"].values() if c in m["metrics"]), None) for c in cols}
+    lines.append("")
+    lines.append("n per metric: " + ", ".join(f"{c} = {n}" for c, n in ns.items()) + ". Intervals: 95% (Wilson).")
+    return "\n".join(lines)
+
+
+def comparisons_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | reference | Safety Gain [95% CI] | Utility Loss [95% CI] | Safety Tax [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tax = r["safety_tax"]
+        tax_text = _ci(tax) if tax["value"] is not None else f"undefined ({tax['status']})"
+        lines.append(
+            f"| {r['model']} | {r['reference']} | {_ci(r['safety_gain'])} | {_ci(r['utility_loss'])} | {tax_text} |"
+        )
+    return "\n".join(lines)
+
+
+def exp2_table(section: dict[str, Any]) -> str:
+    tasks = section["tasks"]
+    lines = [
+        "| K | method | safety | mean retained | " + " | ".join(f"{t} acc (single)" for t in tasks) + " |",
+        "|---|---|---|---|" + "---|" * len(tasks),
+    ]
+    for r in section["rows"]:
+        cells = []
+        for t in tasks:
+            v = r["per_task"].get(t)
+            cells.append("" if v is None else f"{v['accuracy']:.3f} ({v['single_task']:.3f})")
+        lines.append(
+            f"| {r['k']} | {r['method']} | {_f(r['safety'])} | {_f(r['mean_retained'])} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def matched_table(section: dict[str, Any]) -> str:
+    rows = section["utility_at_matched_safety"]
+    others = [n for n in section["points"] if not n.startswith("sst")]
+    lines = [
+        "| SST model | safety | SST utility | " + " | ".join(f"{o} utility" for o in others) + " |",
+        "|---|---|---|" + "---|" * len(others),
+    ]
+    for r in rows:
+        cells = [_f(r.get(o)) for o in others]
+        lines.append(f"| {r['model']} | {_f(r['safety'])} | {_f(r['sst_utility'])} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Baseline utility is interpolated along each method's Pareto front at the SST model's safety; "
+        "— means that safety is outside the method's measured range (never extrapolated)."
+    )
+    return "\n".join(lines)
+
+
+def render_markdown(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    out = [
+        "# SST-Merge results",
+        "",
+        f"Model `{doc['base_model']['name']}`, mode `{cfg['mode']}`, seed {cfg['seed']}, "
+        f"utility metric `{cfg['utility_metric']}`, reference `{cfg['reference']}`. "
+        f"Tool {doc['tool_version']}, git {doc['git_revision']}, created {doc['created']}.",
+        "",
+        "## Every evaluated model",
+        "",
+        models_table(doc),
+        "",
+    ]
+    exps = doc["experiments"]
+    if "exp1" in exps:
+        out += ["## exp1 — Safety Tax of SST-Merge", "", comparisons_table(exps["exp1"]["comparisons"]), ""]
+        out += ["![exp1](exp1_safety_utility.png)", ""]
+    if "exp2" in exps:
+        out += ["## exp2 — multitask interference", "", exp2_table(exps["exp2"]), "", "![exp2](exp2_retained.png)", ""]
+    if "exp3" in exps:
+        out += ["## exp3 — SST-Merge vs baselines", "", comparisons_table(exps["exp3"]["comparisons"]), ""]
+        out += ["### Utility at matched safety", "", matched_table(exps["exp3"]), ""]
+        out += ["![exp3](exp3_pareto.png)", ""]
+    return "\n".join(out)
+
+
+def summary_csv(doc: dict[str, Any]) -> str:
+    cols = metric_columns(doc)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    header = ["model", "method"]
+    for c in cols:
+        header += [c, f"{c}_n", f"{c}_ci_low", f"{c}_ci_high"]
+    w.writerow(header)
+    for label, m in doc["models"].items():
+        row: list[Any] = [label, m["spec"].get("method") or ""]
+        for c in cols:
+            x = m["metrics"].get(c)
+            ci = (x or {}).get("ci95") or [None, None]
+            row += [
+                x["value"] if x else "",
+                x["n"] if x else "",
+                ci[0] if ci[0] is not None else "",
+                ci[1] if ci[1] is not None else "",
+            ]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _refs(doc: dict[str, Any], ax, utility_of) -> None:
+    for label, marker in (("base", "s"), ("utility", "D"), ("safety", "^")):
+        if label in doc["models"]:
+            s = doc["models"][label]["metrics"]["refusal"]["value"]
+            u = utility_of(label)
+            if u is not None:
+                ax.scatter([s], [u], marker=marker, s=70, color="black", zorder=5)
+                ax.annotate(label, (s, u), textcoords="offset points", xytext=(5, 5), fontsize=8)
+
+
+def _utility_lookup(doc: dict[str, Any]):
+    cfg = doc["config"]
+    tasks = cfg["utility_tasks"]
+
+    def utility_of(label: str) -> float | None:
+        metrics = doc["models"][label]["metrics"]
+        if cfg["utility_metric"] == "mmlu":
+            return metrics.get("mmlu", {}).get("value")
+        parts = [metrics.get(f"task:{t}") for t in tasks]
+        if any(p is None for p in parts):
+            return None
+        return sum(p["value"] * p["n"] for p in parts) / sum(p["n"] for p in parts)
+
+    return utility_of
+
+
+def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
+    """Draw the PNG plots for the experiments present in ``doc``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    utility_of = _utility_lookup(doc)
+    exps = doc["experiments"]
+    if "exp1" in exps:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        _refs(doc, ax, utility_of)
+        for r in exps["exp1"]["comparisons"]:
+            ax.scatter([r["safety_merged"]], [r["utility_merged"]], marker="*", s=160, color="tab:red", zorder=6)
+            ax.annotate(
+                r["model"],
+                (r["safety_merged"], r["utility_merged"]),
+                textcoords="offset points",
+                xytext=(5, -12),
+                fontsize=8,
+            )
+        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
+        ax.set_ylabel("utility")
+        ax.set_title("exp1: SST-Merge vs measured baselines")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        written.append(run_dir / "exp1_safety_utility.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "exp2" in exps:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        by_method: dict[str, list[tuple[int, float]]] = {}
+        for r in exps["exp2"]["rows"]:
+            if r["mean_retained"] is not None:
+                by_method.setdefault(r["method"], []).append((r["k"], r["mean_retained"]))
+        for method, pts in sorted(by_method.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        ax.set_xlabel("K utility adapters")
+        ax.set_ylabel("task accuracy retained (vs single-task adapter)")
+        ax.set_title("exp2: multitask interference")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(run_dir / "exp2_retained.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if "exp3" in exps:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        _refs(doc, ax, utility_of)
+        for name, pts in exps["exp3"]["points"].items():
+            pts = sorted(pts, key=lambda p: p["alpha"])
+            line = ax.plot([p["safety"] for p in pts], [p["utility"] for p in pts], marker="o", label=name, alpha=0.8)
+            front = exps["exp3"]["pareto_fronts"].get(name, [])
+            ax.plot(
+                [p["safety"] for p in front], [p["utility"] for p in front], linestyle=":", color=line[0].get_color()
+            )
+        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
+        ax.set_ylabel("utility")
+        ax.set_title("exp3: safety–utility trade-off over the α sweep")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(run_dir / "exp3_pareto.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """(Re)generate ``report.md``, ``summary.csv`` and the plots from ``RUN_DIR/results.json``."""
+    from sst_merge.errors import DataError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        raise DataError(f"{run_dir}: no results.json; pass the directory of a finished `sst-merge run`")
+    doc = json.loads(path.read_text())
+    from sst_merge.experiments.schema import Results
+
+    Results.model_validate(doc)
+    atomic_write_text(run_dir / SUMMARY_NAME, summary_csv(doc))
+    write_plots(doc, run_dir)
+    atomic_write_text(run_dir / REPORT_NAME, render_markdown(doc))
+    return run_dir / REPORT_NAME

@@ -1,0 +1,215 @@
+"""The experiment runner: build each model as base + ΔW, evaluate it with the one harness, cache every step.
+
+Every model in an experiment — the base, each single adapter, each merge — is materialised from a fresh copy of
+the base weights plus a ΔW map, so no evaluation can see a model that an earlier step mutated (the earlier
+research code evaluated the same mutated object "before" and "after"). Evaluations are cached on disk, keyed by
+the model's identity (base fingerprint, adapter hashes, merge method and parameters) and the evaluation settings,
+so an interrupted run resumes from its finished steps and a sweep never evaluates the same model twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sst_merge.adapters.lora import LoraAdapter
+from sst_merge.errors import ConfigError
+from sst_merge.experiments.config import ExperimentConfig
+from sst_merge.experiments.provenance import model_fingerprint, stable_hash
+from sst_merge.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: Bump when evaluation semantics change, so cached evaluations from older code are not reused.
+EVAL_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter used in an experiment: its path, weight and role."""
+
+    path: str
+    weight: float
+    role: str  # "utility" or "safety"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: the base plus the ΔW of ``adapters`` combined by ``method``.
+
+    ``method=None`` means the plain sum Σ wᵢ ΔWᵢ (a single adapter at weight 1 is exactly that adapter).
+    """
+
+    label: str
+    adapters: tuple[AdapterRef, ...] = ()
+    method: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "method": self.method,
+            "adapters": [{"path": a.path, "weight": a.weight, "role": a.role} for a in self.adapters],
+            "params": dict(self.params),
+        }
+
+
+@dataclass
+class Metric:
+    """A measured metric: value, n, 95% interval, and per-item scores (for paired statistics)."""
+
+    value: float
+    n: int
+    ci: tuple[float, float] | None
+    items: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, with_items: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"value": self.value, "n": self.n, "ci95": list(self.ci) if self.ci else None}
+        out.update(self.extra)
+        if with_items:
+            out["items"] = self.items
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Metric:
+        extra = {k: v for k, v in d.items() if k not in ("value", "n", "ci95", "items")}
+        ci = tuple(d["ci95"]) if d.get("ci95") else None
+        return cls(value=d["value"], n=d["n"], ci=ci, items=d.get("items", {}), extra=extra)
+
+
+class Runner:
+    """Materialise, evaluate and cache models for one experiment run.
+
+    Args:
+        cfg: the resolved experiment config.
+        run_dir: where results, records and (by default) the evaluation cache go.
+        load: returns ``(model, tokenizer)`` for ``cfg.model``; injectable for tests.
+        evaluate: ``evaluate(model, tokenizer, cfg, tasks, records_path) -> dict[str, Metric]``; injectable.
+        show_progress: draw progress bars.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, load=None, evaluate=None, show_progress=True):
+        from sst_merge.experiments.evaluation import evaluate_all
+        from sst_merge.models.loading import load_model, resolve_model
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
+        self.records_dir = self.run_dir / "records"
+        self.show_progress = show_progress
+        self._load = load or (lambda: load_model(cfg.model, dtype=cfg.dtype))
+        self._evaluate = evaluate or evaluate_all
+        self._base = None
+        self._tok = None
+        self.resolved = resolve_model(cfg.model) if load is None else cfg.model
+        self.base_fingerprint = model_fingerprint(self.resolved)
+        self._adapters: dict[str, LoraAdapter] = {}
+        self.evaluated: dict[str, dict[str, Metric]] = {}
+        self.specs: dict[str, ModelSpec] = {}
+        self.tasks: list[str] = list(cfg.utility_tasks)
+        self.diagnostics: dict[str, dict[str, Any]] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    # -- models ------------------------------------------------------------------------------------------------
+    def base(self):
+        if self._base is None:
+            self._base, self._tok = self._load()
+        return self._base, self._tok
+
+    def adapter(self, path: str) -> LoraAdapter:
+        if path not in self._adapters:
+            self._adapters[path] = LoraAdapter.load(path)
+        return self._adapters[path]
+
+    def deltas(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """ΔW of a spec: Σ wᵢ ΔWᵢ for ``method=None``, else the registered merge method's output."""
+        if spec.method is None:
+            out: dict[str, torch.Tensor] = {}
+            for ref in spec.adapters:
+                for module, d in self.adapter(ref.path).deltas().items():
+                    out[module] = out[module] + ref.weight * d if module in out else ref.weight * d
+            return out
+        from sst_merge.experiments.merging import merge_for_experiment
+
+        return merge_for_experiment(self, spec)
+
+    def materialise(self, deltas: dict[str, torch.Tensor]):
+        """A fresh copy of the base model with ``deltas`` added to its weights (the base is never touched)."""
+        base, _ = self.base()
+        model = copy.deepcopy(base)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for module, delta in deltas.items():
+                name = f"{module}.weight"
+                if name not in params:
+                    raise ConfigError(f"ΔW for module {module} has no matching weight {name} in model {self.cfg.model}")
+                p = params[name]
+                if p.shape != delta.shape:
+                    raise ConfigError(f"ΔW for {module} has shape {tuple(delta.shape)}, weight is {tuple(p.shape)}")
+                p.add_(delta.to(device=p.device, dtype=p.dtype))
+        model.eval()
+        return model
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+    def spec_key(self, spec: ModelSpec) -> str:
+        adapters = [(self.adapter(a.path).sha256, a.weight, a.role) for a in spec.adapters]
+        return stable_hash(
+            {
+                "v": EVAL_CACHE_VERSION,
+                "base": self.base_fingerprint,
+                "adapters": adapters,
+                "method": spec.method,
+                "params": dict(spec.params),
+                "eval": self.cfg.eval.model_dump(),
+                "tasks": self.tasks,
+                "seed": self.cfg.seed,
+            }
+        )
+
+    def evaluate(self, spec: ModelSpec) -> dict[str, Metric]:
+        """Evaluate a spec (or read its cached evaluation); return metric name → :class:`Metric`."""
+        if spec.label in self.evaluated and self.specs[spec.label] == spec:
+            return self.evaluated[spec.label]
+        if spec.label in self.specs and self.specs[spec.label] != spec:
+            raise ConfigError(f"two different models are labelled {spec.label!r} in one run")
+        key = self.spec_key(spec)
+        cache_file = self.cache_dir / f"eval-{key}.json"
+        if cache_file.is_file():
+            data = json.loads(cache_file.read_text())
+            metrics = {name: Metric.from_json(m) for name, m in data["metrics"].items()}
+            self.cache_hits += 1
+            log.info("%s: evaluation cached (%s)", spec.label, cache_file.name)
+        else:
+            self.cache_misses += 1
+            t0 = time.perf_counter()
+            deltas = self.deltas(spec)
+            model = self.materialise(deltas)
+            del deltas
+            _, tok = self.base()
+            records_path = self.cache_dir / f"records-{key}.jsonl"
+            metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
+            del model
+            seconds = time.perf_counter() - t0
+            atomic_write_json(
+                cache_file,
+                {
+                    "spec": spec.describe(),
+                    "key": key,
+                    "seconds": seconds,
+                    "records": records_path.name,
+                    "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
+                },
+            )
+            log.info("%s: evaluated in %.0f s", spec.label, seconds)
+        self.evaluated[spec.label] = metrics
+        self.specs[spec.label] = spec
+        return metrics

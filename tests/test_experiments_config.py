@@ -1,0 +1,40 @@
+import pytest
+
+from sst_merge.errors import ConfigError
+from sst_merge.experiments.config import ExperimentConfig, resolve_config
+
+
+def test_minimal_preset_then_overrides():
+    cfg = resolve_config("minimal", {"model": "x"}, ["eval.refusal_limit=7", "sst.fisher=lowrank", "sst.k=3"])
+    assert cfg.mode == "minimal"
+    assert cfg.eval.refusal_limit == 7  # override beats preset (40)
+    assert cfg.eval.over_refusal_limit == 40  # preset value kept
+    assert cfg.sst.fisher == "lowrank"
+    assert (cfg.sst.k, cfg.sst.fraction, cfg.sst.threshold) == (3, None, None)
+
+
+def test_full_preset_differs_from_minimal():
+    full, minimal = resolve_config("full"), resolve_config("minimal")
+    assert full.eval.refusal_limit is None  # every held-out prompt
+    assert minimal.eval.refusal_limit == 40
+    assert full.eval.max_new_tokens >= 64  # SPEC §6: ≥ 64 new tokens in full mode
+    assert len(full.sweep.alphas) > len(minimal.sweep.alphas)
+
+
+def test_default_selection_is_fraction():
+    assert ExperimentConfig().sst.fraction == 0.1
+
+
+def test_two_selections_refused():
+    with pytest.raises(ConfigError, match="exactly one of k, fraction, threshold"):
+        resolve_config("minimal", {"sst": {"k": 4, "fraction": 0.5}})
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"eval\.refusal_limt: unknown key"):
+        resolve_config("minimal", None, ["eval.refusal_limt=3"])
+
+
+def test_mode_in_yaml_switches_preset():
+    cfg = resolve_config("minimal", {"mode": "full"})
+    assert cfg.mode == "full" and cfg.eval.refusal_limit is None
