@@ -1,15 +1,44 @@
-"""`sst-merge merge` (being built; see the open issues)."""
+"""`sst-merge merge CONFIG.yaml -o OUT_DIR [--force] [--set key=value ...] [--allow-pickle]`."""
 
 from __future__ import annotations
 
 import argparse
-
-from sst_merge.errors import SSTMergeError
+import os
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("merge", help="(not yet available)")
+    p = sub.add_parser(
+        "merge",
+        help="merge LoRA adapters (task_arithmetic, linear, ties, dare_*, sst) into a PEFT adapter or a full model",
+        description="Merge the adapters of a YAML config in ΔW space and write a PEFT adapter or a full model.",
+    )
+    p.add_argument("config", help="merge config (YAML); see examples/*.yaml")
+    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set params.density=0.3 --set adapters.1.weight=0.5",
+    )
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickle (.bin) adapter weights; they can run code"
+    )
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SSTMergeError("'merge' is not available yet")
+    from sst_merge.merge.api import load_config, merge
+
+    config = load_config(args.config, args.overrides)
+    out = merge(
+        config,
+        args.output,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        show_progress=os.environ.get("TQDM_DISABLE") != "1",
+    )
+    print(out)
+    return 0

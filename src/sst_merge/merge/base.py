@@ -67,9 +67,12 @@ class MergeMethod:
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
-    #: Whether the result is a fixed linear combination of the adapters' ΔW (then a PEFT output is exact by
-    #: concatenating factors); see :meth:`linear_coefficients`.
+    #: One line shown by ``sst-merge list``.
     description: ClassVar[str] = ""
+
+    def check(self, params: MethodParams, ctx: MergeContext) -> None:
+        """Refuse inputs this method cannot merge (raise :class:`~sst_merge.errors.ConfigError`); called before any
+        heavy work. The default accepts everything."""
 
     def linear_coefficients(self, params: MethodParams, ctx: MergeContext) -> list[float] | None:
         """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""

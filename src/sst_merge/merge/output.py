@@ -1,0 +1,172 @@
+"""Write a merge's output directory: a PEFT adapter or a full model, plus metadata and a model card.
+
+Files in every output:
+
+* ``README.md`` — model card: method, parameters, inputs with content hashes, tool version.
+* ``merge_config.json`` — the resolved merge config (re-runnable with ``sst-merge merge``).
+* ``merge_metadata.json`` — the same facts machine-readable, per-module rank and relative Frobenius error of a
+  truncated PEFT output, and the method's diagnostics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sst_merge import __version__
+from sst_merge.adapters.lora import CONFIG_NAME
+from sst_merge.adapters.lowrank import concat_factors, svd_factors
+from sst_merge.adapters.save import save_lora
+from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
+from sst_merge.models.loading import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+def write_output(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Path) -> dict[str, Any]:
+    """Write the output of ``plan`` (a :class:`~sst_merge.merge.api.MergePlan`) into ``out_dir``; return metadata.
+
+    ``deltas`` is the merged ΔW; it may be ``None`` only for an exact PEFT output (factors are concatenated).
+    """
+    out = plan.config.output
+    if out.format == "peft":
+        modules = _write_peft(plan, deltas, out_dir)
+    else:
+        assert deltas is not None, "a full output needs the merged ΔW"
+        modules = _write_full(plan, deltas, out_dir)
+    meta = _metadata(plan, modules)
+    atomic_write_json(out_dir / "merge_config.json", plan.config.model_dump(mode="json"))
+    atomic_write_json(out_dir / "merge_metadata.json", meta)
+    atomic_write_text(out_dir / "README.md", model_card(meta))
+    return meta
+
+
+def _write_peft(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Path) -> dict[str, dict[str, Any]]:
+    ctx, out = plan.context, plan.config.output
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    stats: dict[str, dict[str, Any]] = {}
+    embedding = set().union(*(a.embedding_modules for a in ctx.adapters))
+    if deltas is None:
+        coeffs = plan.method.linear_coefficients(plan.params, ctx)
+        for m in ctx.modules:
+            have = [(a, c) for a, c in zip(ctx.adapters, coeffs, strict=True) if m in a.factors]
+            factors[m] = concat_factors([a.factors[m] for a, _ in have], [c * a.scale(m) for a, c in have])
+            stats[m] = {"rank": int(factors[m][0].shape[0]), "rel_frobenius_error": 0.0}
+    else:
+        for m in tqdm(sorted(deltas), desc="truncated SVD", disable=not ctx.show_progress, leave=False):
+            A, B, err = svd_factors(deltas[m], rank=out.rank, energy=out.energy)
+            factors[m] = (A, B)
+            stats[m] = {"rank": int(A.shape[0]), "rel_frobenius_error": err}
+    dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
+    save_lora(out_dir, factors, base_model=plan.config.base_model, embedding_modules=embedding, dtype=dtype)
+    return stats
+
+
+def _base_dtype(base_model: str) -> torch.dtype:
+    from transformers import AutoConfig
+
+    from sst_merge.models import resolve_model
+
+    dtype = getattr(AutoConfig.from_pretrained(resolve_model(base_model)), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, getattr(torch, dtype, None))
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def _write_full(plan: Any, deltas: dict[str, torch.Tensor], out_dir: Path) -> dict[str, dict[str, Any]]:
+    from sst_merge.models import load_model
+
+    out, base = plan.config.output, plan.config.base_model
+    dtype = _base_dtype(base) if out.dtype == "auto" else DTYPES[out.dtype]
+    # A fresh fp32 copy: ΔW is added in fp32 and the sum cast once, and no caller's model is modified.
+    model, tok = load_model(base, dtype="float32")
+    stats: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for m, d in tqdm(deltas.items(), desc="add ΔW", disable=not plan.context.show_progress, leave=False):
+            weight = model.get_submodule(m).weight
+            weight.add_(d.to(weight.dtype))
+            stats[m] = {"delta_frobenius_norm": float(torch.linalg.matrix_norm(d))}
+    model.to(dtype)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return stats
+
+
+def _metadata(plan: Any, modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ctx, cfg = plan.context, plan.config
+    inputs = []
+    for spec, a in zip(cfg.adapters, ctx.adapters, strict=True):
+        inputs.append(
+            {
+                "path": spec.path,
+                "weight": spec.weight,
+                "role": spec.role,
+                "r": a.r,
+                "lora_alpha": a.lora_alpha,
+                "use_rslora": a.use_rslora,
+                "base_model_name_or_path": a.base_model,
+                "weights_sha256": a.sha256,
+                "config_sha256": sha256_file(a.path / CONFIG_NAME),
+            }
+        )
+    errors = [s["rel_frobenius_error"] for s in modules.values() if "rel_frobenius_error" in s]
+    ranks = [s["rank"] for s in modules.values() if "rank" in s]
+    out = cfg.output
+    summary: dict[str, Any] = {"format": out.format, "dtype": out.dtype, "modules": len(modules)}
+    if out.format == "peft":
+        summary |= {
+            "exact": out.rank is None and out.energy is None,
+            "rank": out.rank,
+            "energy": out.energy,
+            "max_rank": max(ranks),
+            "max_rel_frobenius_error": max(errors),
+            "mean_rel_frobenius_error": sum(errors) / len(errors),
+        }
+    return {
+        "tool": "sst-merge",
+        "version": __version__,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "method": cfg.method,
+        "params": plan.params.model_dump(mode="json", by_alias=True),
+        "base_model": cfg.base_model,
+        "inputs": inputs,
+        "output": summary,
+        "modules": modules,
+        "diagnostics": ctx.diagnostics,
+    }
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """Render the model card (README.md) of an output from its metadata."""
+    out = meta["output"]
+    lines = [
+        f"# Merged with sst-merge ({meta['method']})",
+        "",
+        f"Made by sst-merge {meta['version']} on {meta['created_utc']} with `sst-merge merge`.",
+        "",
+        f"* **Method:** `{meta['method']}`",
+        f"* **Parameters:** `{json.dumps(meta['params'], sort_keys=True)}`",
+        f"* **Base model:** `{meta['base_model']}`",
+        f"* **Output:** {out['format']}",
+    ]
+    if out["format"] == "peft":
+        if out["exact"]:
+            lines.append(f"  — exact (LoRA factors concatenated, rank up to {out['max_rank']})")
+        else:
+            how = f"rank {out['rank']}" if out["rank"] is not None else f"energy {out['energy']}"
+            lines.append(
+                f"  — truncated SVD at {how} (max rank {out['max_rank']}); relative Frobenius error per module: "
+                f"max {out['max_rel_frobenius_error']:.4g}, mean {out['mean_rel_frobenius_error']:.4g} "
+                "(all modules in merge_metadata.json)"
+            )
+    lines += ["", "## Inputs", "", "| role | weight | adapter | r | weights sha256 |", "|---|---|---|---|---|"]
+    for i in meta["inputs"]:
+        lines.append(f"| {i['role']} | {i['weight']} | `{i['path']}` | {i['r']} | `{i['weights_sha256']}` |")
+    lines += ["", "The resolved config is in `merge_config.json`; re-run with `sst-merge merge merge_config.json`.", ""]
+    return "\n".join(lines)
