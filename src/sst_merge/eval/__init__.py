@@ -1,0 +1,34 @@
+"""Evaluation (SPEC §6) and the Safety Tax statistics (SPEC §7).
+
+>>> from sst_merge.eval import evaluate, evaluate_model
+>>> res = evaluate(model, tok, ["refusal", "mmlu"], limit=50)
+>>> res["tasks"]["refusal"]["metrics"]["refusal_rate"]     # {"value", "n", "ci95", ...}
+
+Tasks are registered in :data:`TASKS` (one file per evaluator); judges in :mod:`sst_merge.eval.judges`; the pure
+statistics in :mod:`sst_merge.eval.stats`.
+"""
+
+from sst_merge.eval import mmlu, mmlu_cloze, over_refusal, refusal, task_accuracy  # noqa: F401  (registration)
+from sst_merge.eval.base import TASKS, EvalSettings, Evaluator, get_evaluator, register_task
+from sst_merge.eval.harness import (
+    DEFAULT_TASKS,
+    evaluate,
+    evaluate_model,
+    load_with_adapters,
+    strip_records,
+    write_records,
+)
+
+__all__ = [
+    "DEFAULT_TASKS",
+    "TASKS",
+    "EvalSettings",
+    "Evaluator",
+    "evaluate",
+    "evaluate_model",
+    "get_evaluator",
+    "load_with_adapters",
+    "register_task",
+    "strip_records",
+    "write_records",
+]

@@ -1,0 +1,28 @@
+"""Refusal judges: decide whether a model's response refuses.
+
+Every judge returns one verdict per response: ``"refusal"``, ``"compliance"`` or ``"empty"`` (nothing generated;
+counted and flagged separately, never as a refusal). Judges are named by a spec string:
+
+* ``keyword`` — :class:`~sst_merge.eval.judges.keyword.KeywordJudge`, the default;
+* ``hf:MODEL`` or ``hf:MODEL#LABEL`` — :class:`~sst_merge.eval.judges.classifier.ClassifierJudge`, any Hugging Face
+  sequence-classification model (a local directory or, where reachable, a hub id); ``LABEL`` names the label that
+  means "refusal" when it cannot be read from the model's ``id2label``.
+"""
+
+from __future__ import annotations
+
+from sst_merge.eval.judges import classifier, keyword  # noqa: F401  (importing registers them)
+from sst_merge.eval.judges.base import JUDGES, VERDICTS, Judge
+from sst_merge.eval.judges.classifier import ClassifierJudge
+from sst_merge.eval.judges.keyword import KeywordJudge
+
+
+def get_judge(spec: str | Judge) -> Judge:
+    """Build a judge from its spec string (``keyword``, ``hf:MODEL[#LABEL]``) or return a judge object as is."""
+    if isinstance(spec, Judge):
+        return spec
+    scheme, sep, arg = spec.partition(":")
+    return JUDGES.get(scheme)(arg if sep else None)
+
+
+__all__ = ["JUDGES", "VERDICTS", "ClassifierJudge", "Judge", "KeywordJudge", "get_judge"]

@@ -1,0 +1,137 @@
+"""Log-likelihood scoring with left-padded batches (pure model calls; no data loading, no judging).
+
+Tokenisation follows lm-evaluation-harness (``lm_eval.api.model.LM._encode_pair`` and ``HFLM.tok_encode``): the
+tokenizer's default special tokens, trailing context whitespace moved into the continuation, the whole string
+encoded and split at the context's length. Left padding needs explicit ``position_ids`` (a padded row would
+otherwise start at position ``n_pad``), and ``logits_to_keep`` asks the model for only the last positions'
+logits instead of a ``(B, T, V)`` tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def encode(tok, text: str) -> list[int]:
+    """Encode like lm-eval's ``HFLM.tok_encode``: the tokenizer's default special tokens, unless BOS is written."""
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos):
+        return tok.encode(text, add_special_tokens=False)
+    return tok.encode(text)
+
+
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Return ``(context_ids, continuation_ids)`` exactly as lm-eval's ``_encode_pair`` does for causal models."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = encode(tok, context + continuation)
+    ctx = encode(tok, context)
+    return ctx, whole[len(ctx) :]
+
+
+def model_device(model) -> torch.device:
+    """The device of the input embeddings (the first shard under ``device_map='auto'``)."""
+    return model.get_input_embeddings().weight.device
+
+
+def max_length(model, default: int = 2048) -> int:
+    n = getattr(model.config, "max_position_embeddings", None)
+    return int(n) if n else default
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids``, ``attention_mask`` and matching ``position_ids``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s) :] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens get 0..len-1 whatever the padding
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+
+
+def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, keep: int) -> torch.Tensor:
+    """Return fp32 logits of the last ``keep`` positions of each left-padded sequence, shape ``(B, keep, V)``."""
+    batch = left_pad(seqs, pad_id, model_device(model))
+    try:
+        out = model(**batch, use_cache=False, logits_to_keep=keep)
+    except TypeError:  # an architecture without logits_to_keep: slice the full logits instead
+        out = model(**batch, use_cache=False)
+    return out.logits[:, -keep:, :].float()
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    model,
+    contexts: Sequence[Sequence[int]],
+    candidate_ids: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    desc: str = "scoring",
+) -> torch.Tensor:
+    """Log-probabilities of ``candidate_ids`` as the next token after each context: one forward per context.
+
+    Returns:
+        ``(N, C)`` fp32 tensor, rows in the order of ``contexts``.
+    """
+    limit = max_length(model)
+    seqs = [list(c)[-limit:] for c in contexts]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: less padding per batch
+    cand = torch.tensor(list(candidate_ids), dtype=torch.long)
+    out = torch.empty((len(seqs), len(cand)), dtype=torch.float32)
+    for idx in tqdm(_batches(order, batch_size), desc=desc, disable=not show_progress, leave=False):
+        logits = last_logits(model, [seqs[i] for i in idx], pad_id, keep=1)[:, -1, :]  # (B, V)
+        logp = torch.log_softmax(logits, dim=-1)
+        out[idx] = logp[:, cand.to(logp.device)].cpu()
+    return out
+
+
+@torch.inference_mode()
+def continuation_logliks(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    desc: str = "scoring",
+) -> list[tuple[float, bool]]:
+    """Sum of log-probabilities of each continuation given its context, and whether it is the greedy path.
+
+    The model sees ``(context + continuation)[:-1]`` (left-truncated to the model's length, as lm-eval does); the
+    continuation's tokens are the last ones, so ``logits_to_keep`` = the longest continuation in the batch.
+    """
+    limit = max_length(model)
+    inputs, conts = [], []
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("an empty continuation has no log-likelihood")
+        inputs.append((list(ctx) + list(cont))[-(limit + 1) :][:-1])
+        conts.append(list(cont))
+    order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(inputs)
+    for idx in tqdm(_batches(order, batch_size), desc=desc, disable=not show_progress, leave=False):
+        keep = max(len(conts[i]) for i in idx)
+        logp = torch.log_softmax(last_logits(model, [inputs[i] for i in idx], pad_id, keep), dim=-1)  # (B, K, V)
+        for row, i in enumerate(idx):
+            c = torch.tensor(conts[i], dtype=torch.long, device=logp.device)
+            lp = logp[row, keep - len(c) :, :]  # (len(c), V): positions predicting each continuation token
+            total = lp.gather(-1, c[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == c).all().item())
+            results[i] = (total, greedy)
+    return results

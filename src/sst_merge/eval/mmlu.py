@@ -1,0 +1,149 @@
+"""MMLU, letter format (SPEC §6), exactly as lm-evaluation-harness's ``mmlu`` task (0-shot) defines it.
+
+Prompt: ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n{question}\\nA. …\\nB. …
+\\nC. …\\nD. …\\nAnswer:"`` (subject with ``_`` → space, question stripped); the prediction is the argmax of the
+log-probabilities of the continuations ``" A"``, ``" B"``, ``" C"``, ``" D"``. When each continuation is one token
+that leaves the context's tokens unchanged (true for BPE tokenizers such as SmolLM2's), that is the next-token
+distribution at the prompt's last position: one forward per question, keeping only the last position's logits.
+Otherwise the scorer falls back to full continuation log-likelihoods (the same numbers, more compute).
+Reported: micro accuracy (Wilson interval, stderr) and macro accuracy (mean of per-subject accuracies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+from sst_merge.errors import DataError
+from sst_merge.eval.base import EvalSettings, Evaluator, register_task
+from sst_merge.eval.generation import pad_id
+from sst_merge.eval.loglik import continuation_logliks, encode_pair, next_token_logprobs
+from sst_merge.eval.stats import Z95, mean_stderr, rate_metric
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def normalise_item(it: dict[str, Any]) -> dict[str, Any]:
+    """Check an MMLU-style item and return it with ``answer`` as an int index and ``subject`` spelled out."""
+    choices = it["choices"]
+    if not isinstance(choices, list | tuple) or len(choices) < 2:
+        raise DataError(f"MMLU item {it.get('id')!r}: 'choices' must be a list of at least 2 strings")
+    ans = it["answer"]
+    if isinstance(ans, str):
+        ans = LETTERS.index(ans.strip().upper()) if ans.strip().upper() in LETTERS else int(ans)
+    if not 0 <= int(ans) < len(choices):
+        raise DataError(f"MMLU item {it.get('id')!r}: answer {it['answer']!r} is not one of {len(choices)} choices")
+    return {**it, "answer": int(ans), "subject": str(it.get("subject", "")).replace("_", " ")}
+
+
+def letter_prompt(item: dict[str, Any]) -> str:
+    """lm-eval's ``mmlu`` description + ``doc_to_text`` for one question (0-shot)."""
+    lines = [item["question"].strip()]
+    lines += [f"{LETTERS[i]}. {c}" for i, c in enumerate(item["choices"])]
+    return (
+        f"The following are multiple choice questions (with answers) about {item['subject']}.\n\n"
+        + "\n".join(lines)
+        + "\nAnswer:"
+    )
+
+
+def argmax_first(values: list[float]) -> int:
+    """Index of the largest value, the first one on ties (``numpy.argmax``, as lm-eval uses)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def score_choices(
+    model, tok, contexts: list[str], continuations: list[list[str]], settings: EvalSettings, desc: str
+) -> list[list[float]]:
+    """Log-likelihood of every continuation of every context, with the one-forward shortcut where exact."""
+    pairs = [[encode_pair(tok, ctx, c) for c in conts] for ctx, conts in zip(contexts, continuations, strict=True)]
+    single = all(len(cont) == 1 and ctx_ids == pairs[q][0][0] for q, row in enumerate(pairs) for ctx_ids, cont in row)
+    same_choices = all(len(c) == len(continuations[0]) for c in continuations)
+    if single and same_choices:
+        # every question has the same candidate tokens only if the continuations are the same strings
+        cand_rows = [[cont[0] for _, cont in row] for row in pairs]
+        if all(r == cand_rows[0] for r in cand_rows):
+            lp = next_token_logprobs(
+                model,
+                [row[0][0] for row in pairs],
+                cand_rows[0],
+                pad_id=pad_id(tok),
+                batch_size=settings.batch_size,
+                show_progress=settings.show_progress,
+                desc=desc,
+            )
+            return lp.tolist()
+    flat = [p for row in pairs for p in row]
+    lls = continuation_logliks(
+        model, flat, pad_id=pad_id(tok), batch_size=settings.batch_size, show_progress=settings.show_progress, desc=desc
+    )
+    out, k = [], 0
+    for row in pairs:
+        out.append([ll for ll, _ in lls[k : k + len(row)]])
+        k += len(row)
+    return out
+
+
+def accuracy_metrics(records: list[dict[str, Any]], key: str = "score") -> dict[str, Any]:
+    """Micro accuracy (Wilson) and macro accuracy over subjects (mean of subject means, stderr pooled)."""
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for r in records:
+        by_subject[r["subject"]].append(r[key])
+    subj_acc = {s: sum(v) / len(v) for s, v in by_subject.items()}
+    ses = [mean_stderr(v) for v in by_subject.values() if len(v) > 1]
+    k = len(by_subject)
+    macro = sum(subj_acc.values()) / k
+    # stderr of a mean of k independent subject means; undefined when a subject has a single question
+    macro_se = math.sqrt(sum(se * se for se in ses)) / k if len(ses) == k else None
+    return {
+        "micro": rate_metric([r[key] for r in records]),
+        "macro": {
+            "value": macro,
+            "n": len(records),
+            "n_subjects": k,
+            "stderr": macro_se,
+            "ci95": None if macro_se is None else [macro - Z95 * macro_se, macro + Z95 * macro_se],
+            "interval": "normal",
+            "higher_is_better": True,
+        },
+        "per_subject": {s: {"acc": subj_acc[s], "n": len(by_subject[s])} for s in sorted(by_subject)},
+    }
+
+
+@register_task
+class MMLULetterEval(Evaluator):
+    """MMLU accuracy, letter format (lm-eval ``mmlu``)."""
+
+    name = "mmlu"
+    default_source = "mmlu"
+    required_fields = ("question", "choices", "answer")
+    description = "MMLU letter format, lm-eval prompt, argmax over ' A'..' D' (micro + macro accuracy)"
+
+    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+        items = [normalise_item(it) for it in items]
+        contexts = [letter_prompt(it) for it in items]
+        conts = [[f" {LETTERS[i]}" for i in range(len(it["choices"]))] for it in items]
+        lls = score_choices(model, tokenizer, contexts, conts, settings, desc="mmlu")
+        records = []
+        for it, ll in zip(items, lls, strict=True):
+            pred = argmax_first(ll)
+            records.append(
+                {
+                    "id": it["id"],
+                    "subject": it["subject"],
+                    "logprobs": ll,
+                    "pred": pred,
+                    "answer": it["answer"],
+                    "score": int(pred == it["answer"]),
+                }
+            )
+        acc = accuracy_metrics(records)
+        return {
+            "task": self.task_name,
+            "primary": "acc",
+            "metrics": {"acc": acc["micro"], "acc_macro": acc["macro"]},
+            "per_subject": acc["per_subject"],
+            "n": len(records),
+            "records": records,
+        }

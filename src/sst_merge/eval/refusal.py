@@ -1,0 +1,79 @@
+"""Refusal rate on harmful prompts (SPEC §6): the safety score ``S``.
+
+Greedy answers through the chat template (left-padded batches sorted by length), judged on the generated text only.
+``refusal_rate`` counts ``"refusal"`` verdicts over all items; empty responses are neither refusals nor
+compliance — they are counted in ``empty_rate`` and flagged per item.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sst_merge.eval.base import EvalSettings, Evaluator, register_task
+from sst_merge.eval.generation import generate_greedy
+from sst_merge.eval.stats import rate_metric
+
+log = logging.getLogger(__name__)
+
+
+def judged_generation(
+    model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings, desc: str
+) -> list[dict[str, Any]]:
+    """Generate, judge and return one record per item (``id, prompt, response, verdict, refused, empty``)."""
+    prompts = [it["prompt"] for it in items]
+    gens = generate_greedy(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        show_progress=settings.show_progress,
+        desc=desc,
+    )
+    verdicts = settings.judge.judge(prompts, [g["response"] for g in gens])
+    records = []
+    for it, g, v in zip(items, gens, verdicts, strict=True):
+        records.append(
+            {
+                "id": it["id"],
+                "prompt": it["prompt"],
+                **{k: it[k] for k in ("category", "kind") if k in it},
+                "response": g["response"],
+                "n_new_tokens": g["n_new_tokens"],
+                "verdict": v,
+                "empty": v == "empty",
+                "score": int(v == "refusal"),
+            }
+        )
+    n_empty = sum(r["empty"] for r in records)
+    if n_empty:
+        log.warning(
+            "%s: %d of %d responses are empty (counted as not refused, see empty_rate)", desc, n_empty, len(records)
+        )
+    return records
+
+
+@register_task
+class RefusalEval(Evaluator):
+    """Fraction of harmful prompts the model refuses (higher is safer)."""
+
+    name = "refusal"
+    default_source = "harmbench"
+    needs_judge = True
+    description = "refusal rate on harmful prompts (default: HarmBench test, standard behaviours)"
+
+    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+        records = judged_generation(model, tokenizer, items, settings, desc="refusal")
+        scores = [r["score"] for r in records]
+        return {
+            "task": self.task_name,
+            "primary": "refusal_rate",
+            "metrics": {
+                "refusal_rate": rate_metric(scores, higher_is_better=True),
+                "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
+            },
+            "n": len(records),
+            "judge": settings.judge.name,
+            "records": records,
+        }
