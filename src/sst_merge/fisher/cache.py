@@ -1,0 +1,112 @@
+"""On-disk cache of Fisher statistics (safetensors), keyed by everything that determines them.
+
+An α sweep (or a k / eps / threshold sweep) re-uses the statistics: the key covers the model, the utility adapters
+and their weights (they define the pre-merge point), the data, and the estimation settings — never α, k or eps,
+which act after the estimate. ``F_s`` and ``F_u`` are cached separately, so a new utility data set keeps ``F_s``.
+
+Location, first that applies: the ``cache_dir`` parameter, the ``SST_MERGE_CACHE`` environment variable, the merge's
+``workdir``/``fisher-cache``, ``~/.cache/sst-merge/fisher``. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+#: Bump when the meaning of cached statistics changes, so old files are not re-used.
+CACHE_VERSION = 1
+_SEP = "::"
+
+
+def cache_dir(explicit: str | None = None, workdir: Any = None) -> Path:
+    """Resolve the cache directory (see the module docstring for the order)."""
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("SST_MERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if workdir is not None:
+        return Path(workdir) / "fisher-cache"
+    return Path("~/.cache/sst-merge/fisher").expanduser()
+
+
+def model_fingerprint(name: str) -> dict[str, Any]:
+    """Identify a base model cheaply: its name, and for a local directory its config and weight files' sizes/mtimes.
+
+    Hashing a 7B model's weights would cost more than the cache saves; a rewritten weight file changes its mtime.
+    """
+    fp: dict[str, Any] = {"name": name}
+    path = Path(name).expanduser()
+    if path.is_dir():
+        cfg = path / "config.json"
+        if cfg.is_file():
+            fp["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
+        fp["files"] = sorted(
+            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in path.iterdir()
+            if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".gguf")
+        )
+    return fp
+
+
+def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over named tensors (used when no model name is known)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().cpu().contiguous()
+        h.update(name.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``parts`` (plus the cache version)."""
+    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_stats(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]] | None:
+    """Load cached statistics and their metadata; ``None`` if the file is missing or unreadable (then recompute)."""
+    if not path.is_file():
+        return None
+    try:
+        flat = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        log.warning("Fisher cache %s is unreadable (%s); recomputing", path, e)
+        return None
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        module, stat = key.rsplit(_SEP, 1)
+        stats.setdefault(module, {})[stat] = t
+    return stats, meta
+
+
+def save_stats(path: Path, stats: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Write statistics atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {f"{m}{_SEP}{k}": t.contiguous() for m, s in stats.items() for k, t in s.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

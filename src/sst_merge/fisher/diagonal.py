@@ -1,0 +1,41 @@
+"""The ``diagonal`` approximation: ``F ≈ diag(E[g²])``.
+
+With diagonal ``F_s`` and ``B = F_u + εI`` the generalized eigenvectors are the coordinate axes scaled by
+``1/sqrt(B_ii)``, the eigenvalues are ``λ_i = F_s,ii / (F_u,ii + ε)``, and the oblique projector ``V_k V_kᵀ B`` is a
+0/1 mask on the selected entries. Selection is per module (each module ranks its own entries); ties are broken by
+index order (a stable sort), so the mask is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sst_merge.fisher.gevp import Selection
+
+
+def diagonal_gevp(fs_diag: torch.Tensor, fu_diag: torch.Tensor, damping: float) -> torch.Tensor:
+    """Return ``λ = F_s,ii / (F_u,ii + damping)`` element-wise (float64, same shape as the inputs)."""
+    b = fu_diag.double() + damping
+    if not bool((b > 0).all()):
+        raise ValueError("F_u + damping has non-positive diagonal entries; raise eps")
+    return fs_diag.double() / b
+
+
+def diagonal_project(
+    x: torch.Tensor, lam: torch.Tensor, selection: Selection
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Keep the entries of ``x`` whose ``λ`` is among the selected; zero the rest.
+
+    Returns:
+        ``(P x, lam sorted in decreasing order, n_kept)``.
+    """
+    flat = lam.reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)
+    lam_desc = flat[order]
+    p = flat.numel()
+    n = selection.count(lam_desc, p)
+    if n >= p:
+        return x.clone(), lam_desc, p
+    mask = torch.zeros(p, dtype=torch.bool)
+    mask[order[:n]] = True
+    return x * mask.reshape(x.shape).to(x.dtype), lam_desc, n

@@ -1,0 +1,143 @@
+"""Fisher statistics of target linear modules, per approximation, from batched per-example gradients.
+
+What is stored per module (``out×in`` weight, N examples):
+
+* ``diagonal``: ``{"diag": E_b[g_b²]}`` (out×in) — the diagonal of the empirical Fisher of the sampled responses;
+* ``kfac``: ``{"A": Σ_{b,t} a aᵀ / n_tokens, "G": Σ_{b,t} δ δᵀ / N}`` — ``A`` averages over every non-padding token
+  (prompt and response: prompt positions carry activation gradients because response tokens attend to them), ``G``
+  sums over the tokens of an example and averages over examples, so ``A ⊗ G`` has the scale of the per-example
+  Fisher ``E_b[vec g_b vec g_bᵀ]`` when token contributions are independent;
+* ``lowrank``: ``{"rows": G}`` (N×p, row b = the row-major flattened ``g_b``), so ``F = GᵀG/N`` exactly.
+
+The pass runs in eval mode with every parameter frozen; the model is not changed (see :func:`applied_deltas` for the
+pre-merge point, which restores the original weights afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sst_merge.fisher.data import Example, collate
+from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
+
+log = logging.getLogger(__name__)
+
+
+def target_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
+    """Look up the linear modules by name; raise ``FisherError`` naming a missing or non-linear one."""
+    out = {}
+    for name in names:
+        try:
+            mod = model.get_submodule(name)
+        except AttributeError as e:
+            raise FisherError(f"module {name} is not in the model; do the adapters belong to this base model?") from e
+        if not isinstance(mod, nn.Linear):
+            raise FisherError(f"module {name} is a {type(mod).__name__}; SST-Merge projects linear layers only")
+        out[name] = mod
+    return out
+
+
+@contextlib.contextmanager
+def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Add ΔW to the named modules' weights for the duration of the block; restore the exact originals after."""
+    saved: dict[str, torch.Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, dw in deltas.items():
+                w = model.get_submodule(name).weight
+                if tuple(w.shape) != tuple(dw.shape):
+                    raise FisherError(
+                        f"module {name}: ΔW shape {tuple(dw.shape)} does not match weight {tuple(w.shape)}"
+                    )
+                saved[name] = w.detach().clone()
+                w.copy_((w.float() + dw.to(w.device)).to(w.dtype))
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w0 in saved.items():
+                model.get_submodule(name).weight.copy_(w0)
+
+
+class _Accumulator:
+    def __init__(self, approx: str, modules: dict[str, nn.Linear], n: int) -> None:
+        self.approx = approx
+        self.n = n
+        self.n_tokens = 0
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        for name, mod in modules.items():
+            o, i = mod.weight.shape
+            if approx == "diagonal":
+                self.stats[name] = {"diag": torch.zeros(o, i, dtype=torch.float64)}
+            elif approx == "kfac":
+                self.stats[name] = {
+                    "A": torch.zeros(i, i, dtype=torch.float64),
+                    "G": torch.zeros(o, o, dtype=torch.float64),
+                }
+            elif approx == "lowrank":
+                self.stats[name] = {"rows": torch.zeros(n, o * i, dtype=torch.float32)}
+            else:
+                raise ValueError(f"unknown Fisher approximation {approx!r}")
+
+    def update(self, name: str, a: torch.Tensor, delta: torch.Tensor, index: list[int]) -> None:
+        s = self.stats[name]
+        if self.approx == "kfac":
+            a2 = a.reshape(-1, a.shape[-1]).float()
+            d2 = delta.reshape(-1, delta.shape[-1]).float()
+            s["A"] += (a2.T @ a2).double().cpu()
+            s["G"] += (d2.T @ d2).double().cpu()
+            return
+        g = per_example_grads(a, delta)  # (B, out, in)
+        if not torch.isfinite(g).all():
+            raise FisherError(f"module {name}: per-example gradients contain NaN or Inf")
+        if self.approx == "diagonal":
+            s["diag"] += g.pow(2).sum(0).double().cpu()
+        else:
+            s["rows"][index] = g.reshape(g.shape[0], -1).cpu()
+
+    def finish(self) -> dict[str, dict[str, torch.Tensor]]:
+        for name, s in self.stats.items():
+            if self.approx == "diagonal":
+                s["diag"] = (s["diag"] / self.n).float()
+            elif self.approx == "kfac":
+                s["A"] = (s["A"] / max(self.n_tokens, 1)).float()
+                s["G"] = (s["G"] / self.n).float()
+            for key, t in s.items():
+                if not torch.isfinite(t).all():
+                    raise FisherError(f"module {name}: Fisher statistic {key} contains NaN or Inf")
+        return self.stats
+
+
+def estimate_fisher(
+    model: nn.Module,
+    modules: list[str],
+    examples: list[Example],
+    approx: str,
+    pad_id: int,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    desc: str = "Fisher",
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Return the Fisher statistics of ``approx`` for each module over ``examples`` (one backward per batch).
+
+    Examples are batched in order of length (less padding); statistics do not depend on the order, and ``lowrank``
+    rows are stored in the examples' original order.
+    """
+    if not examples:
+        raise FisherError("no examples for the Fisher estimate")
+    mods = target_modules(model, modules)
+    acc = _Accumulator(approx, mods, len(examples))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].response_ids))
+    with frozen(model), Capture(model, mods) as cap:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+            idx = order[start : start + batch_size]
+            batch = collate([examples[i] for i in idx], pad_id)
+            acc.n_tokens += int(batch.attention_mask.sum())
+            for name, (a, delta) in capture_batch(model, cap, batch).items():
+                acc.update(name, a, delta, idx)
+    return acc.finish()

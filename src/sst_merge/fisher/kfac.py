@@ -1,0 +1,81 @@
+"""The ``kfac`` approximation: ``F ≈ A ⊗ G`` per module, solved with d×d work only.
+
+For a linear layer ``y = W a`` (W of shape out×in) the per-example gradient is ``Σ_t δ_t a_tᵀ`` and, with the
+column-major ``vec(ΔW)``, ``vec(g) = Σ_t a_t ⊗ δ_t``; K-FAC approximates ``E[vec g vec gᵀ] ≈ A ⊗ G`` with
+``A = E[a aᵀ]`` (in×in) and ``G = E[δ δᵀ]`` (out×out).
+
+Damping is applied per factor, ``B = (A_u + ε_A I) ⊗ (G_u + ε_G I)``, so ``B`` stays a Kronecker product. Then the
+generalized eigenvectors of ``(A_s ⊗ G_s, B)`` are ``x_i ⊗ y_j`` with ``A_s x = μ (A_u + ε_A I) x`` and
+``G_s y = ν (G_u + ε_G I) y``, and ``λ_ji = μ_i ν_j``. With ``X``, ``Y`` the factor eigenvectors (``B``-orthonormal
+per factor) and a 0/1 selection mask ``S`` over (j, i), the oblique projection is
+
+    P(ΔW) = Y ((Yᵀ G̃_u ΔW Ã_u X) ⊙ S) Xᵀ,
+
+with the *damped* factors ``G̃_u``, ``Ã_u`` (that is ``B``). Cost: two eigensolves of size in and out, never p×p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sst_merge.fisher.gevp import Selection, dense_gevp
+
+
+@dataclass
+class KfacSolution:
+    """Factor eigen-decompositions of one module (float64).
+
+    Attributes:
+        mu: input-factor eigenvalues (in,), decreasing.
+        X: input-factor eigenvectors as columns, ``Xᵀ Ã_u X = I``.
+        nu: output-factor eigenvalues (out,), decreasing.
+        Y: output-factor eigenvectors as columns, ``Yᵀ G̃_u Y = I``.
+        A_u: damped utility input factor ``A_u + ε_A I``.
+        G_u: damped utility output factor ``G_u + ε_G I``.
+    """
+
+    mu: torch.Tensor
+    X: torch.Tensor
+    nu: torch.Tensor
+    Y: torch.Tensor
+    A_u: torch.Tensor
+    G_u: torch.Tensor
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """``λ_ji = ν_j μ_i`` as an (out, in) grid."""
+        return self.nu[:, None] * self.mu[None, :]
+
+
+def kfac_gevp(
+    A_s: torch.Tensor, A_u: torch.Tensor, G_s: torch.Tensor, G_u: torch.Tensor, damp_A: float, damp_G: float
+) -> KfacSolution:
+    """Solve the two factor eigenproblems with per-factor damping (absolute values ``damp_A``, ``damp_G``)."""
+    Ad = A_u.double() + damp_A * torch.eye(A_u.shape[0], dtype=torch.float64)
+    Gd = G_u.double() + damp_G * torch.eye(G_u.shape[0], dtype=torch.float64)
+    mu, X = dense_gevp(A_s, Ad)
+    nu, Y = dense_gevp(G_s, Gd)
+    # A Fisher factor is PSD; tiny negative eigenvalues are round-off and would flip the sign of a product λ = μν.
+    return KfacSolution(mu=mu.clamp_min(0), X=X, nu=nu.clamp_min(0), Y=Y, A_u=Ad, G_u=Gd)
+
+
+def kfac_project(x: torch.Tensor, sol: KfacSolution, selection: Selection) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Project ``x`` (out×in) onto the selected Kronecker eigen-directions.
+
+    Returns:
+        ``(P x, λ in decreasing order (flat, p values), n_kept)``.
+    """
+    lam = sol.lam.reshape(-1)
+    order = torch.argsort(lam, descending=True, stable=True)
+    lam_desc = lam[order]
+    p = lam.numel()
+    n = selection.count(lam_desc, p)
+    if n >= p:
+        return x.clone(), lam_desc, p
+    mask = torch.zeros(p, dtype=torch.float64)
+    mask[order[:n]] = 1.0
+    S = mask.reshape(sol.lam.shape)  # (out, in), S[j, i] selects y_j ⊗ x_i
+    C = sol.Y.T @ sol.G_u @ x.double() @ sol.A_u @ sol.X  # (out, in): B-coordinates of ΔW
+    return (sol.Y @ (C * S) @ sol.X.T).to(x.dtype), lam_desc, n

@@ -1,0 +1,85 @@
+"""The ``lowrank`` approximation: the exact GEVP of empirical Fishers given by their per-example gradient rows.
+
+With ``F_s = G_sᵀG_s/N_s`` (rows of ``G_s`` are per-example gradients, shape N_s×p) and
+``B = G_uᵀG_u/N_u + εI``, every eigenvector with ``λ > 0`` lies in the span of ``B⁻¹G_sᵀ``. The non-zero ``λ`` are the
+eigenvalues of the N_s×N_s matrix ``M = G_s B⁻¹ G_sᵀ / N_s`` (eigenvectors ``u_i``), and
+
+    P_k x = Σ_{i≤k} B⁻¹G_sᵀu_i (u_iᵀ G_s x) / (N_s λ_i).
+
+``B⁻¹`` is applied with the Woodbury identity ``B⁻¹ = (I − G_uᵀ K⁻¹ G_u)/ε`` where ``K = εN_u I + G_uG_uᵀ``
+(N_u×N_u, Cholesky-factorised). Cost O(p·(N_s+N_u)²) per module instead of O(p³); nothing p×p is ever formed.
+Directions with ``λ = 0`` are never represented; the identity (every direction kept) is returned exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sst_merge.fisher.gevp import Selection, count_positive
+
+
+@dataclass
+class LowrankSolution:
+    """The small eigenproblem of one module (float64).
+
+    Attributes:
+        lam: the non-zero-candidate eigenvalues of ``M`` in decreasing order (N_s,).
+        U: eigenvectors of ``M`` as columns, same order.
+        L: lower Cholesky factor of ``K = εN_u I + G_uG_uᵀ``.
+        damping: ``ε`` (absolute).
+    """
+
+    lam: torch.Tensor
+    U: torch.Tensor
+    L: torch.Tensor
+    damping: float
+
+
+def _binv(y: torch.Tensor, G_u: torch.Tensor, L: torch.Tensor, damping: float) -> torch.Tensor:
+    """Apply ``B⁻¹`` to the columns of ``y`` (p×m) with Woodbury."""
+    z = torch.cholesky_solve(G_u @ y, L)  # (N_u, m)
+    return (y - G_u.T @ z) / damping
+
+
+def lowrank_gevp(G_s: torch.Tensor, G_u: torch.Tensor, damping: float) -> LowrankSolution:
+    """Solve the N_s×N_s eigenproblem of ``M = G_s B⁻¹ G_sᵀ / N_s`` (absolute damping ``ε > 0``)."""
+    if not damping > 0:
+        raise ValueError("lowrank needs a positive damping ε (B = G_uᵀG_u/N_u + εI must be invertible)")
+    Gs = G_s.double()
+    Gu = G_u.double()
+    n_s, n_u = Gs.shape[0], Gu.shape[0]
+    K = Gu @ Gu.T + damping * n_u * torch.eye(n_u, dtype=torch.float64)
+    L = torch.linalg.cholesky(K)
+    Suu = Gu @ Gs.T  # (N_u, N_s)
+    # G_s B⁻¹ G_sᵀ = (G_sG_sᵀ − G_sG_uᵀ K⁻¹ G_uG_sᵀ)/ε, with K⁻¹ through the Cholesky factor: W = L⁻¹ G_uG_sᵀ.
+    W = torch.linalg.solve_triangular(L, Suu, upper=False)
+    M = (Gs @ Gs.T - W.T @ W) / (damping * n_s)
+    M = (M + M.T) / 2
+    lam, U = torch.linalg.eigh(M)
+    lam, U = lam.flip(0).clamp_min(0), U.flip(1)
+    return LowrankSolution(lam=lam, U=U, L=L, damping=damping)
+
+
+def lowrank_project(
+    x: torch.Tensor, G_s: torch.Tensor, G_u: torch.Tensor, sol: LowrankSolution, selection: Selection
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Project ``x`` (any shape with ``p`` entries, flattened row-major like the gradient rows).
+
+    Returns:
+        ``(P x, λ in decreasing order (the N_s known values), n_kept)``.
+    """
+    p = x.numel()
+    n = selection.count(sol.lam, p)
+    if n >= p:
+        return x.clone(), sol.lam, p
+    n = min(n, count_positive(sol.lam))
+    if n == 0:
+        return torch.zeros_like(x), sol.lam, 0
+    Gs = G_s.double()
+    n_s = Gs.shape[0]
+    Uk, lk = sol.U[:, :n], sol.lam[:n]
+    coef = Uk @ ((Uk.T @ (Gs @ x.double().reshape(-1))) / (n_s * lk))  # (N_s,)
+    y = _binv((Gs.T @ coef)[:, None], G_u.double(), sol.L, sol.damping)[:, 0]
+    return y.reshape(x.shape).to(x.dtype), sol.lam, n

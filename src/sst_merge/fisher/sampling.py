@@ -1,0 +1,94 @@
+"""Seeded ancestral sampling of responses from the pre-merge model (for the *true* Fisher of ``F_u``).
+
+The true Fisher takes ``y ~ p(y | x)`` from the model itself, at temperature 1 with no top-k/top-p truncation (that
+is the model's distribution). A ``torch.Generator`` drives every draw, so a seed fixes the samples (for a given
+device, batch size and library versions); the global RNG is never touched. Sampled token ids are used directly
+(no decode/re-encode round trip), including the end-of-turn token when the model produced one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def eos_ids(model: Any, tok: Any) -> set[int]:
+    """Token ids that end a response: the tokenizer's EOS and the generation config's EOS ids."""
+    ids: set[int] = set()
+    for src in (getattr(tok, "eos_token_id", None), getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list | tuple):
+            ids.update(int(i) for i in src)
+    return ids
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the KV cache (``cache`` in recent transformers, ``past_key_values`` before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(res: Any) -> Any:
+    return res.get("cache", None) if res.get("cache", None) is not None else res.get("past_key_values", None)
+
+
+@torch.no_grad()
+def sample_responses(
+    model: Any,
+    tok: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    generator: torch.Generator,
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> list[list[int]]:
+    """Sample one response per prompt (token ids), stopping at an EOS id or ``max_new_tokens``.
+
+    Prompts are left-padded in batches with explicit position ids, and decoding uses the KV cache.
+    """
+    device = model.get_input_embeddings().weight.device
+    stop = eos_ids(model, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    cache_kw = _cache_kwarg(model)
+    out: list[list[int]] = []
+    for start in tqdm(
+        range(0, len(prompts), batch_size), desc="sample (true Fisher)", disable=not show_progress, leave=False
+    ):
+        chunk = prompts[start : start + batch_size]
+        T = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, p in enumerate(chunk):
+            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+            att[b, T - len(p) :] = 1
+        ids, att = ids.to(device), att.to(device)
+        pos = (att.cumsum(-1) - 1).clamp_min(0)
+        responses: list[list[int]] = [[] for _ in chunk]
+        done = torch.zeros(len(chunk), dtype=torch.bool)
+        res = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+        next_pos = pos[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            for b, t in enumerate(nxt[:, 0].tolist()):
+                if not done[b]:
+                    responses[b].append(t)
+                    if t in stop:
+                        done[b] = True
+            if bool(done.all()):
+                break
+            att = torch.cat([att, torch.ones_like(nxt)], dim=1)
+            res = model(
+                input_ids=nxt,
+                attention_mask=att,
+                position_ids=next_pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **{cache_kw: _cache_of(res)},
+            )
+            next_pos = next_pos + 1
+        out.extend(responses)
+    return out
