@@ -176,7 +176,15 @@ class LoraAdapter:
         return {m: self.delta(m) for m in self.factors}
 
     def check_extra(self) -> None:
-        """Refuse ``modules_to_save`` tensors: they are absolute weights, not deltas, and cannot be summed."""
+        """Refuse non-LoRA tensors: ``modules_to_save`` copies and saved base layers are absolute weights, not
+        deltas, and summing them over adapters would add the base several times."""
+        base_copies = sorted(k for k in self.extra if ".base_layer." in k)
+        if base_copies:
+            raise AdapterError(
+                f"adapter {self.path}: carries a copy of base layer {base_copies[0]} (PEFT save_embedding_layers), "
+                "an absolute weight that may differ from the base model (resized vocabulary); re-save the adapter "
+                "with save_embedding_layers=False if the vocabulary is unchanged"
+            )
         if self.extra:
             names = sorted(self.extra)[:3]
             raise AdapterError(

@@ -1,0 +1,131 @@
+"""`sst-merge merge` and `sst-merge list` through the CLI entry point (in-process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sst_merge.cli import main
+from sst_merge.testing import random_lora, tiny_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    m = tiny_model("llama")
+    u = random_lora(m, str(d / "utility"), r=4, seed=1, base_model_name_or_path=str(tiny_model_dir))
+    s = random_lora(m, str(d / "safety"), r=2, seed=2, base_model_name_or_path=str(tiny_model_dir))
+    config = {
+        "base_model": str(tiny_model_dir),
+        "method": "ties",
+        "adapters": [{"path": u, "weight": 1.0, "role": "utility"}, {"path": s, "weight": 0.5, "role": "safety"}],
+        "params": {"density": 0.3, "lambda": 1.0, "seed": 0},
+        "output": {"format": "peft", "rank": 4},
+    }
+    path = d / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_merge_writes_output_and_prints_path(setup, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", str(setup), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    meta = json.loads((out / "merge_metadata.json").read_text())
+    assert meta["method"] == "ties" and meta["params"]["density"] == 0.3
+    assert {m["rank"] for m in meta["modules"].values()} == {4}
+
+
+def test_set_overrides_change_the_merge(setup, tmp_path):
+    out = tmp_path / "merged"
+    argv = [
+        "-q",
+        "merge",
+        str(setup),
+        "-o",
+        str(out),
+        "--set",
+        "method=dare_ties",
+        "--set",
+        "params.density=0.7",
+        "--set",
+        "adapters.1.weight=2",
+        "--set",
+        "output.format=peft",
+        "--set",
+        "output.rank=null",
+        "--set",
+        "output.energy=0.95",
+    ]
+    assert main(argv) == 0
+    meta = json.loads((out / "merge_metadata.json").read_text())
+    assert meta["method"] == "dare_ties" and meta["params"]["density"] == 0.7
+    assert meta["inputs"][1]["weight"] == 2 and meta["output"]["energy"] == 0.95
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "params.density=1.5"], "density: Input should be less than or equal to 1"),
+        (["--set", "method=slerp"], "unknown merge method 'slerp'"),
+        (["--set", "params.alpha=0.5"], "params of method ties: alpha: unknown key"),
+        (["--set", "adapters.0.path=/nonexistent/adapter"], "/nonexistent/adapter: directory not found"),
+        (["--set", "output.rank=null"], "set output.rank"),
+        (["--set", "adapters.5.weight=1"], "adapters.5 is not a valid list index"),
+    ],
+)
+def test_bad_input_exit_2_one_line_nothing_written(setup, tmp_path, capsys, extra, message):
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", str(setup), "-o", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sst-merge merge: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_without_force(setup, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", str(setup), "-o", str(out)]) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert main(["-q", "merge", str(setup), "-o", str(out), "--set", "params.density=0.9"]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+    assert main(["-q", "merge", str(setup), "-o", str(out), "--set", "params.density=0.9", "--force"]) == 0
+    assert (out / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_missing_and_bad_yaml(tmp_path, capsys):
+    assert main(["merge", str(tmp_path / "nope.yaml"), "-o", str(tmp_path / "o")]) == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: [ties\n")
+    assert main(["merge", str(bad), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "file not found" in err and "invalid YAML" in err
+
+
+def test_list_prints_methods(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("merge methods:")
+    for name in ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"]:
+        assert f"  {name} " in out
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("merge_*.yaml")), ids=lambda p: p.name)
+def test_example_configs_validate(example):
+    from sst_merge.config import validate
+    from sst_merge.merge import get_method
+    from sst_merge.merge.api import load_config
+
+    config = load_config(example)
+    validate(get_method(config.method).Params, config.params)
+
+
+def test_there_is_an_example_per_builtin_method():
+    methods = {yaml.safe_load(p.read_text())["method"] for p in EXAMPLES.glob("merge_*.yaml")}
+    assert {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"} <= methods
