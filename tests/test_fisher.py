@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from sst_merge.errors import DataError
+from sst_merge.errors import ConfigError, DataError
 from sst_merge.fisher.data import Example, collate, encode_example, encode_prompt, load_items, subsample, truncate
 from sst_merge.fisher.estimate import applied_deltas, estimate_fisher, target_modules
 from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
@@ -188,16 +188,18 @@ def test_load_items(tmp_path):
     assert len(load_items(str(p), need_response=False, what="utility_data")) == 2
     with pytest.raises(DataError, match="item 1 has no non-empty 'response'"):
         load_items(str(p), need_response=True, what="safety_data")
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match="safety_data: .*does not exist"):
         load_items(str(tmp_path / "missing.jsonl"), True, "safety_data")
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match="line 1"):
+    with pytest.raises(DataError, match="safety_data"):
         load_items(str(bad), True, "safety_data")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(DataError, match="no items"):
         load_items(str(empty), True, "safety_data")
+    with pytest.raises(ConfigError, match="utility_data"):
+        load_items("no-such-source", False, "utility_data")
     items = [{"prompt": str(i)} for i in range(10)]
     assert subsample(items, 4, 0, "x") == subsample(items, 4, 0, "x") != subsample(items, 4, 1, "x")
     assert len(subsample(items, 20, 0, "x")) == 10

@@ -10,12 +10,11 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from sst_merge.errors import DataError
+from sst_merge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -29,40 +28,20 @@ class Example:
 
 
 def load_items(source: str, need_response: bool, what: str) -> list[dict[str, Any]]:
-    """Load items from a JSONL file or a named source; check the fields before any heavy work.
+    """Load items from a local file or a named source; check the fields before any heavy work.
 
     Args:
-        source: a ``.jsonl`` path, or a name known to :func:`sst_merge.data.load_source`.
+        source: a ``.jsonl`` (or ``.json``/``.csv``/``.parquet``) path, or a name known to
+            :func:`sst_merge.data.load_source`.
         need_response: whether every item must carry a ``response``.
         what: the parameter name, for error messages (``safety_data`` ...).
     """
-    path = Path(source).expanduser()
-    if path.is_file():
-        items = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{what} {path}: line {lineno} is not valid JSON ({e.msg}); fix the file") from e
-                if not isinstance(obj, dict):
-                    raise DataError(f"{what} {path}: line {lineno} is not a JSON object with a 'prompt' field")
-                items.append(obj)
-    elif path.suffix in (".jsonl", ".json") or "/" in source:
-        raise DataError(f"{what} {source}: file not found; pass an existing JSONL file or a named data source")
-    else:
-        try:
-            from sst_merge.data import load_source  # type: ignore[attr-defined]
-        except ImportError as e:
-            raise DataError(
-                f"{what} {source!r}: not a file, and named data sources are not available in this install; "
-                "pass a JSONL file with prompt/response fields"
-            ) from e
-        items = list(load_source(source))
-    if not items:
-        raise DataError(f"{what} {source}: no items; the Fisher needs at least one example")
+    from sst_merge.data import load_source
+
+    try:
+        items = load_source(source)
+    except (DataError, ConfigError) as e:
+        raise type(e)(f"{what}: {e}") from e
     for i, it in enumerate(items):
         if not isinstance(it.get("prompt"), str) or not it["prompt"]:
             raise DataError(f"{what} {source}: item {i} has no non-empty 'prompt' string")
