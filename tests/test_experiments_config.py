@@ -5,12 +5,13 @@ from sst_merge.experiments.config import ExperimentConfig, resolve_config
 
 
 def test_minimal_preset_then_overrides():
-    cfg = resolve_config("minimal", {"model": "x"}, ["eval.refusal_limit=7", "sst.fisher=lowrank", "sst.k=3"])
+    cfg = resolve_config("minimal", {"model": "x"}, ["eval.refusal_limit=7", "sst.fisher=kfac", "sst.k=3"])
     assert cfg.mode == "minimal"
     assert cfg.eval.refusal_limit == 7  # override beats preset (40)
     assert cfg.eval.over_refusal_limit == 40  # preset value kept
-    assert cfg.sst.fisher == "lowrank"
-    assert (cfg.sst.k, cfg.sst.fraction, cfg.sst.threshold) == (3, None, None)
+    assert cfg.sst["fisher"] == "kfac"
+    assert cfg.sst["k"] == 3 and "fraction" not in cfg.sst and "threshold" not in cfg.sst
+    assert cfg.sst["n_samples"] == 16  # the minimal preset's value, merged over the defaults
 
 
 def test_full_preset_differs_from_minimal():
@@ -22,12 +23,17 @@ def test_full_preset_differs_from_minimal():
 
 
 def test_default_selection_is_fraction():
-    assert ExperimentConfig().sst.fraction == 0.1
+    assert ExperimentConfig().sst["fraction"] == 0.1
 
 
 def test_two_selections_refused():
-    with pytest.raises(ConfigError, match="exactly one of k, fraction, threshold"):
+    with pytest.raises(ConfigError, match="sst"):
         resolve_config("minimal", {"sst": {"k": 4, "fraction": 0.5}})
+
+
+def test_unknown_sst_parameter_refused():
+    with pytest.raises(ConfigError, match="alhpa"):
+        resolve_config("minimal", None, ["sst.alhpa=0.5"])
 
 
 def test_unknown_key_is_named():

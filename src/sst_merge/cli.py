@@ -34,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    logger = logging.getLogger("sst_merge")
+    logger.setLevel(level)
+    if not any(getattr(h, "_sst_merge_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._sst_merge_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
     if quiet:
         import os
 

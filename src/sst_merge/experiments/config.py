@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sst_merge.config import apply_overrides, validate
 
@@ -26,33 +26,18 @@ class EvalSettings(_Strict):
     over_refusal_limit: int | None = Field(None, ge=1)
     task_limit: int | None = Field(None, ge=1, description="held-out items per utility task")
     mmlu_limit: int | None = Field(None, ge=0, description="MMLU questions (0 disables MMLU)")
+    mmlu_source: str = "mmlu"
+    task_data: dict[str, str] = Field(
+        default_factory=dict, description="task name → local file of eval items (default: the task's generated split)"
+    )
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     judge: str = "keyword"
 
 
-class SSTSettings(_Strict):
-    """Parameters of the ``sst`` merge method (see SPEC §5); ``alpha`` is swept in exp3."""
-
-    alpha: float = 1.0
-    fisher: Literal["diagonal", "kfac", "lowrank"] = "diagonal"
-    k: int | None = None
-    fraction: float | None = Field(None, description="default 0.1 when none of k / fraction / threshold is set")
-    threshold: float | None = None
-    eps: float = 1e-3
-    n_samples: int = Field(32, ge=1)
-    utility_fisher: Literal["true", "empirical"] = "true"
-    safety_data: str = "strongreject:fisher"
-    utility_data: str | None = None
-
-    @model_validator(mode="after")
-    def _one_selection(self) -> SSTSettings:
-        chosen = [n for n in ("k", "fraction", "threshold") if getattr(self, n) is not None]
-        if not chosen:
-            self.fraction = 0.1
-        elif len(chosen) > 1:
-            raise ValueError(f"choose exactly one of k, fraction, threshold (got {chosen or 'none'})")
-        return self
+#: Defaults of the ``sst`` method inside experiments (SPEC §5); Fisher data default to the embedded splits.
+SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "fraction": 0.1, "n_samples": 32}
+_SELECTIONS = ("k", "fraction", "threshold")
 
 
 class SweepSettings(_Strict):
@@ -86,10 +71,24 @@ class ExperimentConfig(_Strict):
     exp2_tasks: list[str] | None = Field(None, description="utility tasks for exp2 (default: every registered task)")
     adapters: AdapterSettings = AdapterSettings()
     eval: EvalSettings = EvalSettings()
-    sst: SSTSettings = SSTSettings()
+    sst: dict[str, Any] = Field(
+        default_factory=lambda: dict(SST_DEFAULTS),
+        description="parameters of the sst merge method (validated by its Params); alpha is swept in exp3",
+    )
     sweep: SweepSettings = SweepSettings()
     bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
     cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
+
+    @field_validator("sst")
+    @classmethod
+    def _valid_sst(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from sst_merge.merge.sst import SSTParams
+
+        merged = {**SST_DEFAULTS, **v}
+        if any(key in v for key in ("k", "fraction", "threshold")):  # the user's selection replaces the default
+            merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
+        SSTParams.model_validate(merged)  # raises ValueError naming the bad key; wrapped by validate()
+        return merged
 
 
 PRESETS: dict[str, dict[str, Any]] = {

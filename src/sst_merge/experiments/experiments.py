@@ -37,16 +37,49 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
 
 
 def sst_params(runner: Runner, alpha: float | None = None, **override: Any) -> tuple[tuple[str, Any], ...]:
-    """The ``sst`` method's parameters from the experiment config (``alpha`` and sweep axes overridable)."""
-    p = runner.cfg.sst.model_dump(exclude_none=True)
-    p.update(override)
+    """The ``sst`` method's parameters from the experiment config (``alpha`` and sweep axes overridable).
+
+    Fisher data default to the embedded splits (:func:`fisher_data`) unless the config names its own.
+    """
+    p = dict(runner.cfg.sst)
     if "k" in override:
-        p.pop("fraction", None)
-        p.pop("threshold", None)
+        for key in ("fraction", "threshold"):
+            p.pop(key, None)
+    p.update(override)
     if alpha is not None:
         p["alpha"] = alpha
     p["seed"] = runner.cfg.seed
+    if not p.get("safety_data") or not p.get("utility_data"):
+        safety, utility = fisher_data(runner)
+        p["safety_data"] = p.get("safety_data") or safety
+        p["utility_data"] = p.get("utility_data") or utility
     return tuple(sorted(p.items()))
+
+
+def fisher_data(runner: Runner) -> tuple[str, str]:
+    """Write (once) and return the JSONL files SST's Fisher statistics are estimated on.
+
+    Safety: the StrongREJECT prompts held out for Fisher estimation (disjoint from the safety adapter's training
+    prompts and from every HarmBench evaluation prompt), each with a refusal. Utility: the utility tasks'
+    *training* items (never their evaluation items).
+    """
+    import json
+
+    from sst_merge.io import atomic_write_text
+    from sst_merge.tasks import get_task
+    from sst_merge.tasks.safety import safety_splits
+
+    cfg = runner.cfg
+    out = runner.cache_dir / "fisher-data"
+    safety_path = out / f"safety-seed{cfg.seed}.jsonl"
+    utility_path = out / f"utility-{'+'.join(cfg.utility_tasks)}-seed{cfg.seed}.jsonl"
+    if not safety_path.is_file():
+        items = safety_splits(seed=cfg.seed)["fisher"]
+        atomic_write_text(safety_path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    if not utility_path.is_file():
+        items = [it for t in cfg.utility_tasks for it in get_task(t).split(seed=cfg.seed)["train"]]
+        atomic_write_text(utility_path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    return str(safety_path), str(utility_path)
 
 
 def baseline_params(runner: Runner, method: str) -> tuple[tuple[str, Any], ...]:
@@ -84,7 +117,7 @@ def exp1(runner: Runner) -> dict[str, Any]:
         ModelSpec("base"),
         ModelSpec("utility", tuple(utility)),
         ModelSpec("safety", (AdapterRef(safety, 1.0, "safety"),)),
-        merged_spec(runner, "sst", utility, safety, cfg.sst.alpha),
+        merged_spec(runner, "sst", utility, safety, cfg.sst["alpha"]),
     ]
     metrics = {s.label: runner.evaluate(s) for s in specs}
     ref = "utility" if cfg.reference == "utility" else "base"
@@ -116,7 +149,7 @@ def exp2(runner: Runner) -> dict[str, Any]:
         chosen = tasks[:k]
         utility = [AdapterRef(paths[t], 1.0, "utility") for t in chosen]
         for method in cfg.sweep.methods:
-            spec = merged_spec(runner, method, utility, safety, cfg.sst.alpha if method == "sst" else 1.0)
+            spec = merged_spec(runner, method, utility, safety, cfg.sst["alpha"] if method == "sst" else 1.0)
             spec = ModelSpec(f"K={k}:{spec.label}", spec.adapters, spec.method, spec.params)
             m = runner.evaluate(spec)
             per_task = {}
@@ -162,7 +195,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
     comparisons = []
     variants: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in cfg.sweep.methods]
     variants += [("sst", {"k": k}) for k in cfg.sweep.sst_k]
-    variants += [("sst", {"fisher": f}) for f in cfg.sweep.sst_fisher if f != cfg.sst.fisher]
+    variants += [("sst", {"fisher": f}) for f in cfg.sweep.sst_fisher if f != cfg.sst["fisher"]]
     for method, kw in variants:
         series = method + "".join(f"[{k}={v}]" for k, v in kw.items())
         for alpha in cfg.sweep.alphas:

@@ -10,6 +10,7 @@ so an interrupted run resumes from its finished steps and a sweep never evaluate
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -106,7 +107,7 @@ class Runner:
         self.records_dir = self.run_dir / "records"
         self.show_progress = show_progress
         self._load = load or (lambda: load_model(cfg.model, dtype=cfg.dtype))
-        self._evaluate = evaluate or evaluate_all
+        self._evaluate = evaluate or functools.partial(evaluate_all, show_progress=show_progress)
         self._base = None
         self._tok = None
         self.resolved = resolve_model(cfg.model) if load is None else cfg.model

@@ -1,0 +1,62 @@
+"""Evaluate one materialised model on everything an experiment measures, with the one harness.
+
+Refusal on held-out harmful prompts, over-refusal on benign prompts, held-out accuracy on each utility task and
+(optionally) MMLU — the same items, decoding and judge for every model of the run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sst_merge.experiments.config import ExperimentConfig
+from sst_merge.experiments.runner import Metric
+
+
+def evaluation_plan(cfg: ExperimentConfig, tasks: list[str]) -> list[tuple[str, int | None, Any]]:
+    """``(task spec, limit, data)`` for every measurement of one model."""
+    e = cfg.eval
+    plan: list[tuple[str, int | None, Any]] = [
+        ("refusal", e.refusal_limit, e.harmful_source),
+        ("over_refusal", e.over_refusal_limit, e.benign_source),
+    ]
+    plan += [(f"task:{t}", e.task_limit, e.task_data.get(t)) for t in tasks]
+    if e.mmlu_limit != 0:
+        plan.append(("mmlu", e.mmlu_limit, e.mmlu_source))
+    return plan
+
+
+def evaluate_all(
+    model, tokenizer, cfg: ExperimentConfig, tasks: list[str], records_path: Path, show_progress: bool = True
+) -> dict[str, Metric]:
+    """Run the plan on ``model``; write per-item records to ``records_path``; return task → :class:`Metric`."""
+    from sst_merge.eval import evaluate
+    from sst_merge.eval.harness import write_records
+
+    results: dict[str, Any] = {}
+    for task, limit, data in evaluation_plan(cfg, tasks):
+        res = evaluate(
+            model,
+            tokenizer,
+            [task],
+            limit=limit,
+            judge=cfg.eval.judge,
+            batch_size=cfg.eval.batch_size,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            data={task: data} if data is not None else None,
+            show_progress=show_progress,
+        )
+        results.update(res["tasks"])
+    write_records(records_path, {"tasks": results})
+    metrics = {}
+    for name, res in results.items():
+        primary = res["metrics"][res["primary"]]
+        others = {k: v["value"] for k, v in res["metrics"].items() if k != res["primary"]}
+        metrics[name] = Metric(
+            value=primary["value"],
+            n=primary["n"],
+            ci=tuple(primary["ci95"]) if primary.get("ci95") else None,
+            items={str(r["id"]): float(r["score"]) for r in res["records"]},
+            extra={"metric": res["primary"], **({"other": others} if others else {})},
+        )
+    return metrics

@@ -1,0 +1,230 @@
+"""exp1–exp3 end to end on the tiny in-process model, with hand-made data files (no packages, no network)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import yaml
+
+from sst_merge.cli import main
+from sst_merge.experiments import resolve_config, run_experiment
+from sst_merge.experiments.report import write_report
+from sst_merge.experiments.runner import AdapterRef, ModelSpec, Runner
+from sst_merge.experiments.schema import Results
+from sst_merge.testing import random_lora, tiny_model
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("exp")
+    base = tiny_model()
+    adapters = {
+        name: random_lora(base, str(d / name), r=2, seed=i + 1, base_model_name_or_path=str(tiny_model_dir))
+        for i, name in enumerate(["toy_a", "toy_b", "safety"])
+    }
+    harmful = _jsonl(d / "harmful.jsonl", [{"id": f"h{i}", "prompt": f"harm {i}"} for i in range(5)])
+    benign = _jsonl(d / "benign.jsonl", [{"id": f"b{i}", "prompt": f"hello {i}"} for i in range(5)])
+    tasks = {
+        t: _jsonl(d / f"{t}.jsonl", [{"id": f"{t}{i}", "prompt": f"{t} {i}?", "answer": str(i)} for i in range(4)])
+        for t in ("toy_a", "toy_b")
+    }
+    fs = _jsonl(d / "fs.jsonl", [{"prompt": f"bad {i}", "response": "I cannot help with that."} for i in range(4)])
+    fu = _jsonl(d / "fu.jsonl", [{"prompt": f"q {i}", "response": f"a {i}"} for i in range(4)])
+    data = {
+        "model": str(tiny_model_dir),
+        "utility_tasks": ["toy_a"],
+        "exp2_tasks": ["toy_a", "toy_b"],
+        "exp2_ks": [1, 2],
+        "adapters": {"safety": adapters["safety"], "utility": {"toy_a": adapters["toy_a"], "toy_b": adapters["toy_b"]}},
+        "eval": {
+            "harmful_source": harmful,
+            "benign_source": benign,
+            "task_data": tasks,
+            "refusal_limit": None,
+            "over_refusal_limit": None,
+            "task_limit": None,
+            "mmlu_limit": 0,
+            "max_new_tokens": 3,
+            "batch_size": 4,
+        },
+        "sst": {
+            "fisher": "diagonal",
+            "n_samples": 4,
+            "batch_size": 4,
+            "max_new_tokens": 3,
+            "max_length": 64,
+            "safety_data": fs,
+            "utility_data": fu,
+        },
+        "sweep": {"alphas": [0.5, 1.0], "methods": ["sst", "task_arithmetic", "ties"]},
+        "bootstrap": 50,
+    }
+    return d, data
+
+
+def test_exp1_cli_end_to_end(setup, tmp_path, caplog):
+    d, data = setup
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert main(["run", "--experiment", "exp1", "--config", str(cfg_path), "-o", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    Results.model_validate(doc)
+    assert list(doc["models"]) == ["base", "utility", "safety", "sst(alpha=1)"]
+    sst_spec = doc["models"]["sst(alpha=1)"]["spec"]
+    assert sst_spec["method"] == "sst" and sst_spec["params"]["fisher"] == "diagonal"
+    cmp = doc["experiments"]["exp1"]["comparisons"][0]
+    assert cmp["reference"] == "utility"
+    # The tiny random model never refuses, so there is no safety gain and the tax is undefined (never 0 or inf).
+    assert cmp["safety_gain"]["value"] <= 0
+    assert cmp["safety_tax"]["value"] is None and cmp["safety_tax"]["status"] == "no safety gain"
+    text = caplog.text
+    for line in (
+        "Baseline (pre-merge) metrics:",
+        "  Baseline Safety (Refusal Rate): ",
+        "  Baseline Utility (Accuracy): ",
+    ):
+        assert line in text
+    assert "Safety Tax: undefined (no safety gain)" in text
+    # One record per model × item: 5 harmful + 5 benign + 4 task items.
+    records = (out / "records.jsonl").read_text().splitlines()
+    assert len(records) == 4 * (5 + 5 + 4)
+    assert {json.loads(r)["model"] for r in records} == set(doc["models"])
+    for metric in doc["models"]["base"]["metrics"].values():
+        assert metric["n"] > 0 and metric["ci95"] is not None
+    assert (out / "exp1_safety_utility.png").stat().st_size > 0
+
+
+def test_report_regenerates_identical_tables(setup, tmp_path):
+    d, data = setup
+    out = tmp_path / "run"
+    run_experiment(resolve_config("minimal", data), out, show_progress=False)
+    before = {n: (out / n).read_text() for n in ("report.md", "summary.csv")}
+    (out / "report.md").unlink()
+    write_report(out)
+    assert {n: (out / n).read_text() for n in before} == before
+
+
+def test_finished_run_is_not_overwritten(setup, tmp_path):
+    d, data = setup
+    out = tmp_path / "run"
+    run_experiment(resolve_config("minimal", data), out, show_progress=False)
+    assert main(["run", "--config", str(_yaml(tmp_path, data)), "-o", str(out)]) == 2
+
+
+def _yaml(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_interrupted_run_resumes_without_recomputing(setup, tmp_path):
+    from sst_merge.experiments.evaluation import evaluate_all
+
+    d, data = setup
+    cfg = resolve_config("minimal", data)
+    out = tmp_path / "run"
+    calls = []
+
+    def dies_after_first(*args):
+        if calls:
+            raise KeyboardInterrupt  # the run is killed during its second evaluation
+        calls.append(1)
+        return evaluate_all(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, out, evaluate=dies_after_first, show_progress=False)
+    assert not (out / "results.json").exists()
+
+    counted = []
+
+    def counting(*args):
+        counted.append(1)
+        return evaluate_all(*args)
+
+    doc = run_experiment(cfg, out, evaluate=counting, show_progress=False)
+    assert len(doc["models"]) == 4
+    assert len(counted) == 3  # the base model's finished evaluation was read back, not recomputed
+    assert doc["cache"] == {"hits": 1, "misses": 3}
+
+
+def test_failed_merge_aborts_the_experiment(setup, tmp_path, monkeypatch):
+    from sst_merge.fisher.grads import FisherError
+    from sst_merge.merge.sst import SSTMerge
+
+    d, data = setup
+    evaluated = []
+
+    def boom(self, params, ctx):
+        raise FisherError("simulated failure of the Fisher step")
+
+    monkeypatch.setattr(SSTMerge, "merge", boom)
+    from sst_merge.experiments.evaluation import evaluate_all
+
+    def spy(model, tok, cfg, tasks, path):
+        evaluated.append(path)
+        return evaluate_all(model, tok, cfg, tasks, path)
+
+    out = tmp_path / "run"
+    with pytest.raises(FisherError, match="simulated"):
+        run_experiment(resolve_config("minimal", data), out, evaluate=spy, show_progress=False)
+    assert not (out / "results.json").exists()
+    assert len(evaluated) == 3  # base, utility, safety — no stand-in model was evaluated as the merge
+
+
+def test_materialise_never_touches_the_base(setup, tmp_path):
+    d, data = setup
+    runner = Runner(resolve_config("minimal", data), tmp_path / "run", show_progress=False)
+    base, _ = runner.base()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    spec = ModelSpec("utility", (AdapterRef(data["adapters"]["utility"]["toy_a"], 1.0, "utility"),))
+    merged = runner.materialise(runner.deltas(spec))
+    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_exp2_and_exp3_end_to_end(setup, tmp_path):
+    d, data = setup
+    out = tmp_path / "run"
+    cfg = resolve_config("minimal", {**data, "experiment": "all"})
+    doc = run_experiment(cfg, out, show_progress=False)
+    Results.model_validate(doc)
+    exp2 = doc["experiments"]["exp2"]
+    assert sorted({(r["k"], r["method"]) for r in exp2["rows"]}) == sorted(
+        (k, m) for k in (1, 2) for m in ("sst", "task_arithmetic", "ties")
+    )
+    for r in exp2["rows"]:
+        assert set(r["per_task"]) == ({"toy_a"} if r["k"] == 1 else {"toy_a", "toy_b"})
+    exp3 = doc["experiments"]["exp3"]
+    assert set(exp3["points"]) == {"sst", "task_arithmetic", "ties"}
+    assert all(len(p) == 2 for p in exp3["points"].values())  # two alphas each
+    assert len(exp3["utility_at_matched_safety"]) == 2
+    assert len(exp3["comparisons"]) == 6
+    for name in ("exp2_retained.png", "exp3_pareto.png", "report.md", "summary.csv"):
+        assert (out / name).stat().st_size > 0
+    # Models shared between experiments (the utility reference of exp1 and exp3, the K=1 single-task adapter) are
+    # evaluated once: one evaluation per distinct model, however many labels it has.
+    keys = {m["cache_key"] for m in doc["models"].values()}
+    assert doc["cache"]["misses"] == len(keys) < len(doc["models"])
+
+
+def test_legacy_entry_point_accepts_research_flags():
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "experiments/run_real_experiments.py", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0
+    for flag in ("--mode", "--model", "--experiment"):
+        assert flag in r.stdout
