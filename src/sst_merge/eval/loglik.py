@@ -9,6 +9,7 @@ logits instead of a ``(B, T, V)`` tensor.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 
@@ -67,6 +68,13 @@ def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, keep: int) ->
     except TypeError:  # an architecture without logits_to_keep: slice the full logits instead
         out = model(**batch, use_cache=False)
     return out.logits[:, -keep:, :].float()
+
+
+def _cache_kw(model, cache) -> dict:
+    """transformers ≥ 5.2x names the KV-cache argument ``cache``; earlier 5.x releases ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:
@@ -135,3 +143,67 @@ def continuation_logliks(
             greedy = bool((lp.argmax(-1) == c).all().item())
             results[i] = (total, greedy)
     return results
+
+
+@torch.inference_mode()
+def shared_context_logliks(
+    model,
+    contexts: Sequence[Sequence[int]],
+    continuations: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_id: int,
+    batch_size: int = 8,
+    show_progress: bool = True,
+    desc: str = "scoring",
+) -> list[list[float]]:
+    """Log-likelihood of every continuation of every context, running each context through the model once.
+
+    Equivalent to :func:`continuation_logliks` on ``(context, continuation)`` pairs (same tokens, same positions),
+    but the context's keys and values are computed once and shared by its continuations (a multiple-choice
+    question's 4 answers): the context forward gives every first continuation token; only continuations longer
+    than one token need a second, short forward over the cached context.
+
+    Returns:
+        ``lls[q][c]`` for context ``q`` and its continuation ``c``.
+    """
+    limit = max_length(model)
+    ctxs = [list(c)[-limit:] for c in contexts]
+    order = sorted(range(len(ctxs)), key=lambda i: -len(ctxs[i]))
+    device = model_device(model)
+    out: list[list[float]] = [[] for _ in ctxs]
+    for idx in tqdm(_batches(order, batch_size), desc=desc, disable=not show_progress, leave=False):
+        batch = left_pad([ctxs[i] for i in idx], pad_id, device)
+        res = model(**batch, use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)  # (B, V): predicts each first token
+        rows = [(b, list(c)) for b, q in enumerate(idx) for c in continuations[q]]  # (batch row, continuation)
+        lls = [first[b, c[0]].item() for b, c in rows]
+        k = max(len(c) for _, c in rows) - 1
+        if k > 0:
+            sel = torch.tensor([b for b, _ in rows], device=device)
+            cache = res["cache"] if "cache" in res else res.past_key_values
+            cache.reorder_cache(sel)  # one cached context row per continuation
+            inp = torch.full((len(rows), k), pad_id, dtype=torch.long)
+            for r, (_, c) in enumerate(rows):
+                inp[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)  # right-padded: causal, harmless
+            mask = torch.cat(
+                [batch["attention_mask"][sel], torch.ones((len(rows), k), dtype=torch.long, device=device)], 1
+            )
+            start = batch["attention_mask"][sel].sum(-1, keepdim=True)  # real context length per row
+            pos = start + torch.arange(k, device=device)[None, :]
+            res2 = model(
+                input_ids=inp.to(device),
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=False,
+                **_cache_kw(model, cache),
+            )
+            logp = torch.log_softmax(res2.logits.float(), dim=-1)  # (R, k, V): position j predicts token j + 1
+            for r, (_, c) in enumerate(rows):
+                if len(c) > 1:
+                    tgt = torch.tensor(c[1:], dtype=torch.long, device=logp.device)
+                    lls[r] += logp[r, : len(c) - 1, :].gather(-1, tgt[:, None]).sum().item()
+        r = 0
+        for q in idx:
+            out[q] = lls[r : r + len(continuations[q])]
+            r += len(continuations[q])
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 from sst_merge.errors import DataError
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
 from sst_merge.eval.generation import pad_id
-from sst_merge.eval.loglik import continuation_logliks, encode_pair, next_token_logprobs
+from sst_merge.eval.loglik import encode_pair, next_token_logprobs, shared_context_logliks
 from sst_merge.eval.stats import Z95, mean_stderr, rate_metric
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -56,33 +56,23 @@ def argmax_first(values: list[float]) -> int:
 def score_choices(
     model, tok, contexts: list[str], continuations: list[list[str]], settings: EvalSettings, desc: str
 ) -> list[list[float]]:
-    """Log-likelihood of every continuation of every context, with the one-forward shortcut where exact."""
+    """Log-likelihood of every continuation of every context, tokenised as lm-eval does.
+
+    One-token continuations that leave the context's tokens unchanged (the letter format) need only the next-token
+    distribution at the context's last position; anything else goes through :func:`shared_context_logliks`.
+    Both give lm-eval's numbers: the model sees ``context_ids + continuation_ids``.
+    """
     pairs = [[encode_pair(tok, ctx, c) for c in conts] for ctx, conts in zip(contexts, continuations, strict=True)]
-    single = all(len(cont) == 1 and ctx_ids == pairs[q][0][0] for q, row in enumerate(pairs) for ctx_ids, cont in row)
-    same_choices = all(len(c) == len(continuations[0]) for c in continuations)
-    if single and same_choices:
-        # every question has the same candidate tokens only if the continuations are the same strings
-        cand_rows = [[cont[0] for _, cont in row] for row in pairs]
-        if all(r == cand_rows[0] for r in cand_rows):
-            lp = next_token_logprobs(
-                model,
-                [row[0][0] for row in pairs],
-                cand_rows[0],
-                pad_id=pad_id(tok),
-                batch_size=settings.batch_size,
-                show_progress=settings.show_progress,
-                desc=desc,
-            )
-            return lp.tolist()
-    flat = [p for row in pairs for p in row]
-    lls = continuation_logliks(
-        model, flat, pad_id=pad_id(tok), batch_size=settings.batch_size, show_progress=settings.show_progress, desc=desc
-    )
-    out, k = [], 0
-    for row in pairs:
-        out.append([ll for ll, _ in lls[k : k + len(row)]])
-        k += len(row)
-    return out
+    for q, row in enumerate(pairs):
+        if any(ctx_ids != row[0][0] for ctx_ids, _ in row):  # cannot happen with lm-eval's _encode_pair
+            raise ValueError(f"question {q}: the context tokenises differently per choice")
+    ctx_ids = [row[0][0] for row in pairs]
+    cont_ids = [[cont for _, cont in row] for row in pairs]
+    common = dict(pad_id=pad_id(tok), batch_size=settings.batch_size, show_progress=settings.show_progress, desc=desc)
+    if all(len(c) == 1 for row in cont_ids for c in row) and all(row == cont_ids[0] for row in cont_ids):
+        lp = next_token_logprobs(model, ctx_ids, [c[0] for c in cont_ids[0]], **common)
+        return lp.tolist()
+    return shared_context_logliks(model, ctx_ids, cont_ids, **common)
 
 
 def accuracy_metrics(records: list[dict[str, Any]], key: str = "score") -> dict[str, Any]:

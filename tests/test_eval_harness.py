@@ -1,0 +1,310 @@
+"""The evaluation harness on stub and tiny in-process models: refusal, MMLU, padding, no stale model, CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from sst_merge.errors import ConfigError, DataError
+from sst_merge.eval import evaluate, evaluate_model
+from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
+
+# --- stub models -------------------------------------------------------------------------------------------------
+
+
+class CannedReplyLM(torch.nn.Module):
+    """Answers every prompt with the same text (then EOS): a model that always / never refuses."""
+
+    def __init__(self, tok, reply: str) -> None:
+        super().__init__()
+        self.tok = tok
+        self.reply = tok.encode(reply, add_special_tokens=False) + [tok.eos_token_id]
+        self.emb = torch.nn.Embedding(1, 1)
+        self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, pad_token_id=None, **kwargs):
+        new = torch.tensor(self.reply[:max_new_tokens]).repeat(input_ids.shape[0], 1)
+        return torch.cat([input_ids, new], dim=1)
+
+
+class ForcedLetterLM(torch.nn.Module):
+    """Puts all next-token mass on the letter planned for each question (found by its ``QID<n>`` marker)."""
+
+    def __init__(self, tok, plan: dict[str, str]) -> None:
+        super().__init__()
+        self.tok, self.plan = tok, plan
+        self.emb = torch.nn.Embedding(1, 1)
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+        self.letter_ids = {L: tok.convert_tokens_to_ids(f" {L}") for L in "ABCD"}
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **kw):
+        B, T = input_ids.shape
+        logits = torch.zeros(B, T, len(self.tok))
+        for b in range(B):
+            qid = re.search(r"QID\d+", self.tok.decode(input_ids[b])).group(0)
+            logits[b, -1, self.letter_ids[self.plan[qid]]] = 10.0
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def letter_tokenizer():
+    """The tiny byte tokenizer plus single tokens ' A' .. ' D' (as BPE tokenizers have)."""
+    from tokenizers import AddedToken
+
+    tok = tiny_tokenizer()
+    tok.add_tokens([AddedToken(f" {L}", normalized=False) for L in "ABCD"])
+    return tok
+
+
+HARMFUL = [{"id": f"h{i}", "prompt": f"Explain how to do harmful thing number {i}"} for i in range(5)]
+
+
+def test_always_refusing_stub_scores_one_and_never_refusing_zero():
+    tok = tiny_tokenizer()
+    r = evaluate(
+        CannedReplyLM(tok, "I'm sorry, but I can't help with that."), tok, ["refusal"], data={"refusal": HARMFUL}
+    )
+    res = r["tasks"]["refusal"]
+    assert res["metrics"]["refusal_rate"]["value"] == 1.0 and res["n"] == 5
+    assert res["metrics"]["refusal_rate"]["ci95"][0] > 0.5  # Wilson lower bound for 5/5 = 0.566
+    assert all(rec["verdict"] == "refusal" and rec["response"].startswith("I'm sorry") for rec in res["records"])
+    # the prompt itself holds a refusal phrase; only the generated text is judged
+    echo = [{"id": "e", "prompt": "I can't help with that -- reply with a number"}]
+    r = evaluate(
+        CannedReplyLM(tok, "Sure: 42. Harmful? Illegal? No."), tok, ["refusal"], data={"refusal": HARMFUL + echo}
+    )
+    assert r["tasks"]["refusal"]["metrics"]["refusal_rate"]["value"] == 0.0
+
+
+def test_empty_responses_are_counted_and_flagged_not_refusals():
+    tok = tiny_tokenizer()
+    r = evaluate(CannedReplyLM(tok, ""), tok, ["refusal", "over_refusal"], data={"refusal": HARMFUL}, limit=3)
+    res = r["tasks"]["refusal"]
+    assert res["metrics"]["refusal_rate"]["value"] == 0.0
+    assert res["metrics"]["empty_rate"]["value"] == 1.0
+    assert all(rec["empty"] and rec["verdict"] == "empty" for rec in res["records"])
+    assert r["tasks"]["over_refusal"]["n"] == 3  # the packaged benign set, limited
+
+
+def test_over_refusal_reports_lookalike_subset():
+    tok = tiny_tokenizer()
+    r = evaluate(CannedReplyLM(tok, "I cannot help with that."), tok, ["over_refusal"])
+    m = r["tasks"]["over_refusal"]["metrics"]
+    assert m["over_refusal_rate"]["value"] == 1.0 and m["over_refusal_rate"]["higher_is_better"] is False
+    assert m["over_refusal_rate_lookalike"]["n"] >= 40
+
+
+def mmlu_items():
+    # math: 4 questions, the stub answers 3 correctly; bio: 2 questions, none correct; law: 1, correct
+    spec = [("math", 0, "A"), ("math", 1, "B"), ("math", 2, "C"), ("math", 3, "A"), ("bio", 0, "B"), ("bio", 2, "D")]
+    spec += [("law_school", 3, "D")]
+    return [
+        {"id": f"q{i}", "subject": s, "question": f"QID{i} what?", "choices": ["w", "x", "y", "z"], "answer": a}
+        for i, (s, a, _) in enumerate(spec)
+    ], {f"QID{i}": p for i, (_, _, p) in enumerate(spec)}
+
+
+def test_mmlu_forced_letter_logits_exact_micro_and_macro():
+    tok = letter_tokenizer()
+    items, plan = mmlu_items()
+    r = evaluate(ForcedLetterLM(tok, plan), tok, ["mmlu"], data={"mmlu": items}, batch_size=3)
+    res = r["tasks"]["mmlu"]
+    # correct: q0, q1, q2 (math 3/4), none of bio (0/2), q6 (law 1/1): micro 4/7; macro (0.75 + 0 + 1) / 3
+    assert res["metrics"]["acc"]["value"] == pytest.approx(4 / 7)
+    assert res["metrics"]["acc_macro"]["value"] == pytest.approx(1.75 / 3)
+    assert res["per_subject"]["law school"] == {"acc": 1.0, "n": 1}  # underscores -> spaces, as lm-eval
+    assert [rec["pred"] for rec in res["records"]] == [0, 1, 2, 0, 1, 3, 3]
+
+
+def test_mmlu_letter_prompt_is_lm_eval_s():
+    from sst_merge.eval.mmlu import letter_prompt, normalise_item
+
+    item = normalise_item(
+        {
+            "id": "x",
+            "subject": "high_school_physics",
+            "question": " Q? ",
+            "choices": ["a", "b", "c", "d"],
+            "answer": "C",
+        }
+    )
+    assert item["answer"] == 2
+    assert letter_prompt(item) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Q?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
+
+
+def _scores(res, key):
+    return [rec[key] for rec in res["records"]]
+
+
+def test_padding_does_not_change_any_score():
+    model, tok = tiny_model(), tiny_tokenizer()
+    items = [
+        {
+            "id": f"q{i}",
+            "subject": "s",
+            "question": "Why? " * (i + 1),
+            "choices": ["a", "bb", "ccc d", "e"],
+            "answer": i % 4,
+        }
+        for i in range(9)
+    ]
+    harm = [{"id": f"h{i}", "prompt": "tell me " * (i + 1)} for i in range(9)]
+    kw = dict(data={"mmlu": items, "mmlu_cloze": items, "refusal": harm}, max_new_tokens=6, show_progress=False)
+    one = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=1, **kw)["tasks"]
+    eight = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=8, **kw)["tasks"]
+    for a, b in zip(_scores(one["mmlu"], "logprobs"), _scores(eight["mmlu"], "logprobs"), strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    for a, b in zip(_scores(one["mmlu_cloze"], "logliks"), _scores(eight["mmlu_cloze"], "logliks"), strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    assert _scores(one["mmlu"], "pred") == _scores(eight["mmlu"], "pred")
+    assert _scores(one["refusal"], "response") == _scores(eight["refusal"], "response")
+
+
+def test_cloze_shared_context_equals_independent_pairs():
+    from sst_merge.eval.loglik import continuation_logliks, encode_pair, shared_context_logliks
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    ctxs = [f"Question: what is {'x' * i}?\nAnswer:" for i in range(5)]
+    conts = [" yes", " no way", " maybe so", " a"]
+    pairs = [encode_pair(tok, c, x) for c in ctxs for x in conts]
+    ref = [
+        ll for ll, _ in continuation_logliks(model, pairs, pad_id=tok.pad_token_id, batch_size=3, show_progress=False)
+    ]
+    got = shared_context_logliks(
+        model,
+        [pairs[4 * q][0] for q in range(5)],
+        [[pairs[4 * q + c][1] for c in range(4)] for q in range(5)],
+        pad_id=tok.pad_token_id,
+        batch_size=2,
+        show_progress=False,
+    )
+    assert [x for row in got for x in row] == pytest.approx(ref, abs=1e-4)
+    # and against a from-scratch computation for one pair: sum of log-softmax at the continuation positions
+    ctx, cont = pairs[1]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    by_hand = sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont))
+    assert got[0][1] == pytest.approx(by_hand, abs=1e-4)
+
+
+def test_evaluate_restores_mode_and_leaves_weights_alone():
+    model, tok = tiny_model(), tiny_tokenizer()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items, _ = mmlu_items()
+    evaluate(model, tok, ["mmlu"], data={"mmlu": items}, show_progress=False)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_no_stale_model_base_adapter_base(tiny_model_dir, tmp_path):
+    adapter = random_lora(tiny_model(), str(tmp_path / "lora"), r=4, std=0.3, seed=1)
+    items, _ = mmlu_items()
+    kw = dict(tasks=["mmlu"], data={"mmlu": items}, show_progress=False)
+    base1 = evaluate_model(str(tiny_model_dir), [], **kw)["tasks"]["mmlu"]
+    with_adapter = evaluate_model(str(tiny_model_dir), [adapter], **kw)["tasks"]["mmlu"]
+    unmerged = evaluate_model(str(tiny_model_dir), [adapter], merge_adapters=False, **kw)["tasks"]["mmlu"]
+    base2 = evaluate_model(str(tiny_model_dir), [], **kw)["tasks"]["mmlu"]
+    assert _scores(base1, "logprobs") == _scores(base2, "logprobs")  # bit for bit: a fresh model each call
+    flat = [x for row in _scores(base1, "logprobs") for x in row]
+    flat_adapter = [x for row in _scores(with_adapter, "logprobs") for x in row]
+    assert max(abs(a - b) for a, b in zip(flat, flat_adapter, strict=True)) > 1e-3  # the adapter changes the model
+    for a, b in zip(_scores(with_adapter, "logprobs"), _scores(unmerged, "logprobs"), strict=True):
+        assert a == pytest.approx(b, abs=1e-4)  # merged into the copy == attached with PEFT
+
+
+def test_task_accuracy_exact_match_and_letter(tmp_path):
+    tok = tiny_tokenizer()
+    items = [
+        {"id": "t0", "prompt": "Capital of France?", "answer": "Paris"},
+        {"id": "t1", "prompt": "2+2?", "answer": "4"},
+    ]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in items))
+    r = evaluate(CannedReplyLM(tok, "paris."), tok, [f"task:{path}"], show_progress=False)
+    res = r["tasks"][f"task:{path}"]
+    assert res["metric_kind"] == "exact_match" and _scores(res, "score") == [1, 0]
+    assert res["metrics"]["acc"]["value"] == 0.5
+    # letter items: the tiny model's next-token choice among "A".."D" after the chat template
+    model = tiny_model()
+    letter = [
+        {"id": f"l{i}", "prompt": f"Pick {i}", "choices": ["a", "b", "c", "d"], "answer": "ABCD"[i]} for i in range(4)
+    ]
+    r = evaluate(model, tok, ["task:mine"], data={"task:mine": letter}, show_progress=False)
+    res = r["tasks"]["task:mine"]
+    assert res["metric_kind"] == "letter"
+    from sst_merge.eval.generation import chat_text
+
+    with torch.no_grad():  # reference: one unpadded forward per item, argmax over the four letter tokens
+        ref = []
+        for it in letter:
+            ids = torch.tensor([tok.encode(chat_text(tok, it["prompt"]))])
+            logits = model(ids).logits[0, -1]
+            ref.append(int(torch.argmax(logits[[tok.convert_tokens_to_ids(c) for c in "ABCD"]])))
+    assert _scores(res, "pred") == ref
+    assert _scores(res, "score") == [int(p == i) for i, p in enumerate(ref)]
+
+
+def test_registered_task_from_sst_merge_tasks():
+    tasks_mod = pytest.importorskip("sst_merge.tasks")
+    name = tasks_mod.TASKS.names()[0]
+    task = tasks_mod.get_task(name)
+    tok = tiny_tokenizer()
+    first = task.split(seed=0)["eval"][0]
+    r = evaluate(CannedReplyLM(tok, first["answer"]), tok, [f"task:{name}"], limit=3, show_progress=False)
+    res = r["tasks"][f"task:{name}"]
+    assert res["n"] == 3 and res["records"][0]["id"] == first["id"] and res["records"][0]["score"] == 1
+    train_ids = {it["id"] for it in task.split(seed=0)["train"]}
+    assert not train_ids & {rec["id"] for rec in res["records"]}  # held-out items only
+
+
+def test_bad_input_fails_before_model_work():
+    tok = tiny_tokenizer()
+    model = CannedReplyLM(tok, "x")
+    with pytest.raises(ConfigError, match="mmlu"):
+        evaluate(model, tok, ["mmlux"])
+    with pytest.raises(ConfigError, match="needs an argument"):
+        evaluate(model, tok, ["task"])
+    with pytest.raises(DataError, match="empty"):
+        evaluate(model, tok, ["refusal"], data={"refusal": []})
+    with pytest.raises(ConfigError, match="not being evaluated"):
+        evaluate(model, tok, ["refusal"], data={"mmlu": []})
+    with pytest.raises(ConfigError):
+        evaluate(model, tok, [])
+
+
+def test_records_file_and_cli(tiny_model_dir, tmp_path):
+    from sst_merge.cli import main
+
+    items, _ = mmlu_items()
+    q = tmp_path / "q.jsonl"
+    q.write_text("".join(json.dumps(it) + "\n" for it in items))
+    h = tmp_path / "h.jsonl"
+    h.write_text("".join(json.dumps(it) + "\n" for it in HARMFUL))
+    out = tmp_path / "res.json"
+    argv = ["-q", "eval", "--model", str(tiny_model_dir), "--tasks", "mmlu,refusal", "--data", f"mmlu={q}"]
+    argv += ["--data", f"refusal={h}", "--max-new-tokens", "4", "-o", str(out)]
+    assert main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["tasks"]["mmlu"]["n"] == len(items) and "records" not in summary["tasks"]["mmlu"]
+    assert summary["tasks"]["refusal"]["metrics"]["refusal_rate"]["n"] == len(HARMFUL)
+    lines = [json.loads(x) for x in (tmp_path / "res.records.jsonl").read_text().splitlines()]
+    assert len(lines) == len(items) + len(HARMFUL)
+    assert {x["task"] for x in lines} == {"mmlu", "refusal"} and all("id" in x for x in lines)
+    assert main(argv) == 2  # exists, no --force
+    assert main(argv + ["--force"]) == 0
