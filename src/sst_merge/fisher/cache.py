@@ -4,8 +4,9 @@ An α sweep (or a k / eps / threshold sweep) re-uses the statistics: the key cov
 and their weights (they define the pre-merge point), the data, and the estimation settings — never α, k or eps,
 which act after the estimate. ``F_s`` and ``F_u`` are cached separately, so a new utility data set keeps ``F_s``.
 
-Location, first that applies: the ``cache_dir`` parameter, the ``SST_MERGE_CACHE`` environment variable, the merge's
-``workdir``/``fisher-cache``, ``~/.cache/sst-merge/fisher``. Files are written atomically.
+Location, first that applies: the ``cache_dir`` parameter, the merge's ``workdir``/``fisher-cache``,
+``$SST_MERGE_CACHE/fisher`` (the project's cache root, as for the embedded model), ``~/.cache/sst-merge/fisher`` (under
+``$XDG_CACHE_HOME`` when set). Files are written atomically.
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def cache_dir(explicit: str | None = None, workdir: Any = None) -> Path:
     """Resolve the cache directory (see the module docstring for the order)."""
     if explicit:
         return Path(explicit).expanduser()
-    env = os.environ.get("SST_MERGE_CACHE")
-    if env:
-        return Path(env).expanduser()
     if workdir is not None:
         return Path(workdir) / "fisher-cache"
-    return Path("~/.cache/sst-merge/fisher").expanduser()
+    env = os.environ.get("SST_MERGE_CACHE")
+    if env:
+        return Path(env).expanduser() / "fisher"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "sst-merge" / "fisher"
 
 
 def model_fingerprint(name: str) -> dict[str, Any]:

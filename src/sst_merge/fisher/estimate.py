@@ -127,12 +127,20 @@ def estimate_fisher(
 
     Examples are batched in order of length (less padding); statistics do not depend on the order, and ``lowrank``
     rows are stored in the examples' original order.
+
+    Under ``torch.distributed`` (initialised by the caller, e.g. ``torchrun`` or ``accelerate launch``) every rank
+    passes the same ``examples``, processes the ones with ``index % world_size == rank``, and the sums are
+    all-reduced, so every rank returns the statistics of all examples.
     """
     if not examples:
         raise FisherError("no examples for the Fisher estimate")
     mods = target_modules(model, modules)
     acc = _Accumulator(approx, mods, len(examples))
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].response_ids))
+    dist = distributed()
+    mine = (
+        range(len(examples)) if dist is None else shard_indices(len(examples), dist.get_rank(), dist.get_world_size())
+    )
+    order = sorted(mine, key=lambda i: len(examples[i].prompt_ids) + len(examples[i].response_ids))
     with frozen(model), Capture(model, mods) as cap:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
             idx = order[start : start + batch_size]
@@ -140,4 +148,31 @@ def estimate_fisher(
             acc.n_tokens += int(batch.attention_mask.sum())
             for name, (a, delta) in capture_batch(model, cap, batch).items():
                 acc.update(name, a, delta, idx)
+    if dist is not None:
+        _all_reduce(acc, dist)
     return acc.finish()
+
+
+def distributed():
+    """``torch.distributed`` when a process group is initialised, else ``None``."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
+    """The example indices a rank processes (round-robin, so lengths spread evenly)."""
+    return list(range(rank, n, world_size))
+
+
+def _all_reduce(acc: _Accumulator, dist) -> None:
+    """Sum every statistic (and the token count) over ranks; ``lowrank`` rows are disjoint, so the sum gathers them."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    for s in acc.stats.values():
+        for key, t in s.items():
+            buf = t.to(device)
+            dist.all_reduce(buf)
+            s[key] = buf.cpu()
+    n_tok = torch.tensor([acc.n_tokens], dtype=torch.float64, device=device)
+    dist.all_reduce(n_tok)
+    acc.n_tokens = int(n_tok.item())
