@@ -62,6 +62,24 @@ def evaluate(
     Raises:
         ConfigError: unknown task or judge. DataError: missing or empty data — both before any model work.
     """
+    evaluators, items = prepare(tasks, data, limit, batch_size, max_new_tokens)
+    return _run(
+        model,
+        tokenizer,
+        evaluators,
+        items,
+        data=data or {},
+        limit=limit,
+        judge=judge,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        records_path=records_path,
+        show_progress=show_progress,
+    )
+
+
+def prepare(tasks, data, limit, batch_size, max_new_tokens):
+    """Check the arguments, build the evaluators and load their items — everything that can fail before the model."""
     if batch_size < 1 or max_new_tokens < 1:
         raise ConfigError(f"batch_size and max_new_tokens must be ≥ 1 (got {batch_size}, {max_new_tokens})")
     if not tasks:
@@ -72,9 +90,14 @@ def evaluate(
     if unknown:
         raise ConfigError(f"data given for task(s) not being evaluated: {', '.join(sorted(unknown))}")
     items = {e.task_name: e.load_items(data.get(e.task_name), limit) for e in evaluators}
+    return evaluators, items
+
+
+def _run(
+    model, tokenizer, evaluators, items, *, data, limit, judge, batch_size, max_new_tokens, records_path, show_progress
+):
     judge_obj = get_judge(judge) if any(e.needs_judge for e in evaluators) else None
     settings = EvalSettings(batch_size, max_new_tokens, judge_obj, show_progress)
-
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
@@ -101,7 +124,7 @@ def evaluate(
     out = {
         "tasks": results,
         "settings": {
-            "tasks": list(tasks),
+            "tasks": [e.task_name for e in evaluators],
             "limit": limit,
             "judge": judge_obj.name if judge_obj else None,
             "batch_size": batch_size,
@@ -187,14 +210,15 @@ def evaluate_model(
 
     ``kwargs`` go to :func:`evaluate`. The result gains a ``model`` entry naming the base model and adapters.
     """
-    # Validate tasks, judge spec and data before the (slow) model load.
-    for t in tasks:
-        get_evaluator(t)
+    # Resolve tasks and load their items before the (slow) model load: bad names or data fail fast.
+    opts = {"limit": None, "judge": "keyword", "batch_size": 8, "max_new_tokens": 64, "records_path": None}
+    opts |= {"show_progress": True, "data": None} | kwargs
+    evaluators, items = prepare(tasks, opts["data"], opts["limit"], opts["batch_size"], opts["max_new_tokens"])
     model, tok = load_with_adapters(
         model_name_or_path, adapters, dtype=dtype, merge_adapters=merge_adapters, device_map=device_map
     )
     try:
-        result = evaluate(model, tok, list(tasks), **kwargs)
+        result = _run(model, tok, evaluators, items, **{**opts, "data": opts["data"] or {}})
     finally:
         del model
         gc.collect()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from sst_merge.errors import ConfigError
 from sst_merge.eval.judges.base import JUDGES, Judge
 
 #: How far into the response a refusal phrase may start (characters, after normalisation).
@@ -110,4 +111,6 @@ class KeywordJudge(Judge):
 
 @JUDGES.register("keyword")
 def _keyword_factory(arg: str | None) -> Judge:
+    if arg:
+        raise ConfigError(f"judge 'keyword' takes no argument (got keyword:{arg})")
     return KeywordJudge()
