@@ -160,9 +160,9 @@ def test_padding_does_not_change_any_score():
             "choices": ["a", "bb", "ccc d", "e"],
             "answer": i % 4,
         }
-        for i in range(9)
+        for i in range(8)
     ]
-    harm = [{"id": f"h{i}", "prompt": "tell me " * (i + 1)} for i in range(9)]
+    harm = [{"id": f"h{i}", "prompt": "tell me " * (i + 1)} for i in range(8)]
     kw = dict(data={"mmlu": items, "mmlu_cloze": items, "refusal": harm}, max_new_tokens=6, show_progress=False)
     one = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=1, **kw)["tasks"]
     eight = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=8, **kw)["tasks"]

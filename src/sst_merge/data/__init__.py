@@ -9,4 +9,10 @@ Named sources are registered in :data:`SOURCES`; adding one is one decorated fun
 from sst_merge.data.files import read_local
 from sst_merge.data.sources import SOURCES, load_source, package_file
 
-__all__ = ["SOURCES", "load_source", "package_file", "read_local"]
+
+def source_rows() -> list[tuple[str, str]]:
+    """(name, description) of every registered data source, for ``sst-merge list``."""
+    return [(n, SOURCES.get(n).description) for n in SOURCES.names()]
+
+
+__all__ = ["SOURCES", "load_source", "package_file", "read_local", "source_rows"]

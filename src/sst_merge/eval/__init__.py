@@ -19,7 +19,23 @@ from sst_merge.eval.harness import (
     write_records,
 )
 
+
+def task_rows() -> list[tuple[str, str]]:
+    """(name, description) of every registered evaluation task, for ``sst-merge list``."""
+    return [(n + (":NAME" if TASKS.get(n).needs_arg else ""), TASKS.get(n).description) for n in TASKS.names()]
+
+
+def judge_rows() -> list[tuple[str, str]]:
+    """(spec, description) of the refusal judges, for ``sst-merge list``."""
+    return [
+        ("keyword", "refusal phrases near the start of the response (default)"),
+        ("hf:MODEL[#LABEL]", "a Hugging Face sequence-classification model (local directory or hub id)"),
+    ]
+
+
 __all__ = [
+    "judge_rows",
+    "task_rows",
     "DEFAULT_TASKS",
     "TASKS",
     "EvalSettings",
