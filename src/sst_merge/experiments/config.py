@@ -66,7 +66,7 @@ class ExperimentConfig(_Strict):
     seed: int = 0
     reference: Literal["utility", "base"] = "utility"
     utility_metric: Literal["task", "mmlu"] = "task"
-    utility_tasks: list[str] = Field(default_factory=lambda: ["qa"])
+    utility_tasks: list[str] = Field(default_factory=lambda: ["passage_qa"])
     exp2_ks: list[int] = Field(default_factory=lambda: [2, 4])
     exp2_tasks: list[str] | None = Field(None, description="utility tasks for exp2 (default: every registered task)")
     adapters: AdapterSettings = AdapterSettings()
