@@ -181,16 +181,26 @@ def test_failed_merge_aborts_the_experiment(setup, tmp_path, monkeypatch):
     assert len(evaluated) == 3  # base, utility, safety — no stand-in model was evaluated as the merge
 
 
-def test_materialise_never_touches_the_base(setup, tmp_path):
+def test_each_model_is_evaluated_from_the_untouched_base(setup, tmp_path):
     d, data = setup
     runner = Runner(resolve_config("minimal", data), tmp_path / "run", show_progress=False)
     base, _ = runner.base()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     spec = ModelSpec("utility", (AdapterRef(data["adapters"]["utility"]["toy_a"], 1.0, "utility"),))
-    merged = runner.materialise(runner.deltas(spec))
-    changed = [k for k, v in merged.state_dict().items() if not torch.equal(v, before[k])]
-    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
-    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with runner.materialised(runner.deltas(spec)) as model:
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+    with pytest.raises(RuntimeError, match="inside"):
+        with runner.materialised(runner.deltas(spec)):
+            raise RuntimeError("an evaluation failing inside")
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # restored bit for bit
+    # base → utility → base: the second base evaluation equals the first (no stale, mutated model).
+    first = runner._evaluate(base, runner.base()[1], runner.cfg, ["toy_a"], tmp_path / "r1.jsonl")
+    with runner.materialised(runner.deltas(spec)) as model:
+        runner._evaluate(model, runner.base()[1], runner.cfg, ["toy_a"], tmp_path / "r2.jsonl")
+    again = runner._evaluate(base, runner.base()[1], runner.cfg, ["toy_a"], tmp_path / "r3.jsonl")
+    assert (tmp_path / "r1.jsonl").read_text() == (tmp_path / "r3.jsonl").read_text()
+    assert {k: m.items for k, m in first.items()} == {k: m.items for k, m in again.items()}
 
 
 def test_exp2_and_exp3_end_to_end(setup, tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,15 +13,15 @@ if TYPE_CHECKING:
 def merge_for_experiment(runner: Runner, spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Run ``spec``'s merge and return its ΔW. Diagnostics (e.g. SST's λ spectra) go to ``runner.diagnostics``.
 
-    The merge method gets a *copy* of the base model, so nothing it does (e.g. applying the utility ΔW to reach
-    the pre-merge point for Fisher estimation) can leak into another evaluation. A failed merge raises; the
-    experiment stops — no unmerged model is ever evaluated in its place.
+    The merge method gets the run's base model; what it applies to it (the utility ΔW, to reach the pre-merge
+    point for Fisher estimation) it restores exactly, which :func:`merge_for_experiment` checks on the touched
+    weights' fingerprint. A failed merge raises; the experiment stops — no unmerged model is ever evaluated in
+    its place.
     """
     from sst_merge.merge.api import prepare, run_plan
 
-    def load():
-        base, tok = runner.base()
-        return copy.deepcopy(base), tok
+    base, tok = runner.base()
+    before = _checksum(base)
 
     config = {
         "base_model": runner.cfg.model,
@@ -31,9 +30,19 @@ def merge_for_experiment(runner: Runner, spec: ModelSpec) -> dict[str, torch.Ten
         "params": dict(spec.params),
         "output": {"format": "full"},
     }
-    plan = prepare(config, load_model=load, show_progress=runner.show_progress)
+    plan = prepare(config, load_model=lambda: (base, tok), show_progress=runner.show_progress)
     plan.context.workdir = runner.cache_dir
-    deltas = run_plan(plan)
+    try:
+        deltas = run_plan(plan)
+    finally:
+        if _checksum(base) != before:
+            raise RuntimeError(f"merge {spec.label} left the base model modified; refusing to evaluate anything else")
     if plan.context.diagnostics:
         runner.diagnostics[spec.label] = plan.context.diagnostics
     return deltas
+
+
+def _checksum(model) -> list[float]:
+    """Per-parameter sums: any change to the weights changes them (used to prove the base was restored)."""
+    with torch.no_grad():
+        return [float(p.detach().double().sum()) for p in model.parameters()]

@@ -1,15 +1,15 @@
 """The experiment runner: build each model as base + ΔW, evaluate it with the one harness, cache every step.
 
-Every model in an experiment — the base, each single adapter, each merge — is materialised from a fresh copy of
-the base weights plus a ΔW map, so no evaluation can see a model that an earlier step mutated (the earlier
-research code evaluated the same mutated object "before" and "after"). Evaluations are cached on disk, keyed by
+Every model in an experiment — the base, each single adapter, each merge — is the base weights plus a ΔW map,
+applied for its evaluation and then restored bit for bit, so no evaluation can see a model that an earlier step
+mutated (the earlier research code evaluated the same mutated object "before" and "after"). Evaluations are cached on disk, keyed by
 the model's identity (base fingerprint, adapter hashes, merge method and parameters) and the evaluation settings,
 so an interrupted run resumes from its finished steps and a sweep never evaluates the same model twice.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import json
 import logging
@@ -143,22 +143,25 @@ class Runner:
 
         return merge_for_experiment(self, spec)
 
-    def materialise(self, deltas: dict[str, torch.Tensor]):
-        """A fresh copy of the base model with ``deltas`` added to its weights (the base is never touched)."""
+    @contextlib.contextmanager
+    def materialised(self, deltas: dict[str, torch.Tensor]):
+        """The base model with ``deltas`` added to its weights for the duration of the block.
+
+        The touched weights are saved before and copied back after (bit-exact, also when the block raises), so
+        the next model starts from the untouched base — no copy of the whole model is needed, which keeps
+        memory flat for big models spread over devices.
+        """
+        from sst_merge.fisher.estimate import applied_deltas
+
         base, _ = self.base()
-        model = copy.deepcopy(base)
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for module, delta in deltas.items():
-                name = f"{module}.weight"
-                if name not in params:
-                    raise ConfigError(f"ΔW for module {module} has no matching weight {name} in model {self.cfg.model}")
-                p = params[name]
-                if p.shape != delta.shape:
-                    raise ConfigError(f"ΔW for {module} has shape {tuple(delta.shape)}, weight is {tuple(p.shape)}")
-                p.add_(delta.to(device=p.device, dtype=p.dtype))
-        model.eval()
-        return model
+        params = dict(base.named_parameters())
+        for module in deltas:
+            name = f"{module}.weight"
+            if name not in params:
+                raise ConfigError(f"ΔW for module {module} has no matching weight {name} in model {self.cfg.model}")
+        with applied_deltas(base, deltas) as model:
+            model.eval()
+            yield model
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def spec_key(self, spec: ModelSpec) -> str:
@@ -193,12 +196,11 @@ class Runner:
             self.cache_misses += 1
             t0 = time.perf_counter()
             deltas = self.deltas(spec)
-            model = self.materialise(deltas)
-            del deltas
             _, tok = self.base()
             records_path = self.cache_dir / f"records-{key}.jsonl"
-            metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
-            del model
+            with self.materialised(deltas) as model:
+                metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
+            del deltas
             seconds = time.perf_counter() - t0
             atomic_write_json(
                 cache_file,
