@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sst_merge import distributed as ddp
+from sst_merge.distributed import shard_indices  # noqa: F401  (re-exported: merge/sst.py shards sampling with it)
 from sst_merge.fisher.data import Example, collate
 from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
 
@@ -136,43 +138,34 @@ def estimate_fisher(
         raise FisherError("no examples for the Fisher estimate")
     mods = target_modules(model, modules)
     acc = _Accumulator(approx, mods, len(examples))
-    dist = distributed()
-    mine = (
-        range(len(examples)) if dist is None else shard_indices(len(examples), dist.get_rank(), dist.get_world_size())
-    )
+    mine = shard_indices(len(examples), ddp.rank(), ddp.world_size()) if ddp.active() else range(len(examples))
     order = sorted(mine, key=lambda i: len(examples[i].prompt_ids) + len(examples[i].response_ids))
-    with frozen(model), Capture(model, mods) as cap:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
-            idx = order[start : start + batch_size]
-            batch = collate([examples[i] for i in idx], pad_id)
-            acc.n_tokens += int(batch.attention_mask.sum())
-            for name, (a, delta) in capture_batch(model, cap, batch).items():
-                acc.update(name, a, delta, idx)
-    if dist is not None:
-        _all_reduce(acc, dist)
+
+    def accumulate() -> None:
+        with frozen(model), Capture(model, mods) as cap:
+            for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not show_progress, leave=False):
+                idx = order[start : start + batch_size]
+                batch = collate([examples[i] for i in idx], pad_id)
+                acc.n_tokens += int(batch.attention_mask.sum())
+                for name, (a, delta) in capture_batch(model, cap, batch).items():
+                    acc.update(name, a, delta, idx)
+
+    # A rank that fails here tells the others before the all-reduce, so no rank waits on it forever.
+    ddp.gather_checked(desc, accumulate)
+    if ddp.active():
+        _all_reduce(acc)
     return acc.finish()
 
 
 def distributed():
-    """``torch.distributed`` when a process group is initialised, else ``None``."""
+    """``torch.distributed`` when a process group of more than one rank is initialised, else ``None``."""
     import torch.distributed as dist
 
-    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+    return dist if ddp.active() else None
 
 
-def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
-    """The example indices a rank processes (round-robin, so lengths spread evenly)."""
-    return list(range(rank, n, world_size))
-
-
-def _all_reduce(acc: _Accumulator, dist) -> None:
+def _all_reduce(acc: _Accumulator) -> None:
     """Sum every statistic (and the token count) over ranks; ``lowrank`` rows are disjoint, so the sum gathers them."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    for s in acc.stats.values():
-        for key, t in s.items():
-            buf = t.to(device)
-            dist.all_reduce(buf)
-            s[key] = buf.cpu()
-    n_tok = torch.tensor([acc.n_tokens], dtype=torch.float64, device=device)
-    dist.all_reduce(n_tok)
+    acc.stats = ddp.all_reduce_tensors(acc.stats)
+    n_tok = ddp.all_reduce_tensors({"n": torch.tensor([acc.n_tokens], dtype=torch.float64)})["n"]
     acc.n_tokens = int(n_tok.item())
