@@ -35,14 +35,28 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
-from sst_merge.fisher.data import collate, encode_example
-from sst_merge.fisher.estimate import estimate_fisher
-from sst_merge.fisher.gevp import Selection, dense_gevp, oblique_projector
-from sst_merge.fisher.grads import response_nll
-from sst_merge.fisher.kfac import kfac_gevp, kfac_project
-from sst_merge.fisher.lowrank import lowrank_gevp, lowrank_project
+def _early_threads(argv: list[str]) -> str:
+    """``--threads`` read before numpy/torch load, so BLAS (scipy's eigh) and torch use the same thread count."""
+    for i, a in enumerate(argv):
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--threads="):
+            return a.split("=", 1)[1]
+    return "1"
+
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = _early_threads(sys.argv)
+
+import torch  # noqa: E402
+
+from sst_merge.fisher.data import collate, encode_example  # noqa: E402
+from sst_merge.fisher.estimate import estimate_fisher  # noqa: E402
+from sst_merge.fisher.gevp import Selection, dense_gevp, oblique_projector  # noqa: E402
+from sst_merge.fisher.grads import batch_nll, response_nll  # noqa: E402
+from sst_merge.fisher.kfac import kfac_gevp, kfac_project  # noqa: E402
+from sst_merge.fisher.lowrank import lowrank_gevp, lowrank_project  # noqa: E402
 
 REFUSAL = "I'm sorry, but I can't help with that. It could cause real harm, so I won't provide it."
 
@@ -82,8 +96,12 @@ def items(n: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return safety, utility
 
 
-def loop_grads(model, tok, exs, modules) -> tuple[dict[str, torch.Tensor], float]:
-    """The plain loop: one forward + autograd.grad per example; fills N×p buffers like the vectorised path."""
+def loop_grads(model, tok, exs, modules, response_head: bool = False) -> tuple[dict[str, torch.Tensor], float]:
+    """The plain loop: one forward + autograd.grad per example; fills N×p buffers like the vectorised path.
+
+    ``response_head`` computes the loss with our :func:`batch_nll` (output head on response positions only) instead
+    of the model's full forward, to separate the batching effect from that saving.
+    """
     ws = [model.get_submodule(m).weight for m in modules]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -93,7 +111,10 @@ def loop_grads(model, tok, exs, modules) -> tuple[dict[str, torch.Tensor], float
     t0 = time.perf_counter()
     for b, ex in enumerate(exs):
         batch = collate([ex], tok.pad_token_id)
-        loss = response_nll(model(input_ids=batch.input_ids, use_cache=False).logits, batch)
+        if response_head:
+            loss = batch_nll(model, batch)
+        else:
+            loss = response_nll(model(input_ids=batch.input_ids, use_cache=False).logits, batch)
         grads = torch.autograd.grad(loss, ws)
         for m, g in zip(modules, grads, strict=True):
             rows[m][b] = g.reshape(-1)
@@ -133,6 +154,8 @@ def part_gevp(name, rows_s, rows_u, kf_s, kf_u, shape, block, eps, k) -> dict:
     (_, tk_proj) = timed(kfac_project, tau, ksol, Selection(k=k))
     res["full_kfac_s"] = tk_sol + tk_proj
     res["full_dense_B_bytes_fp64"] = 8 * p * p
+    if block is None:
+        return res
 
     # sub-block where dense eigh is feasible: W[:r, :c]
     r, c = block
@@ -182,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=16, help="examples per Fisher")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP stalls on a shared CPU)")
+    ap.add_argument("--grad-threads", type=int, nargs="+", default=[1], help="torch threads for part 1 (one run each)")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--block", type=int, nargs=2, default=[48, 48], help="sub-block rows cols for dense eigh")
@@ -207,27 +231,38 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # ---- part 1 ----
-    estimate_fisher(model, modules, ex_s[: args.batch_size], "lowrank", pad, args.batch_size, False)  # warm-up
-    vec, t_vec = timed(estimate_fisher, model, modules, ex_s, "lowrank", pad, args.batch_size, False)
-    loop, t_loop = loop_grads(model, tok, ex_s, modules)
-    max_rel = max(rel_diff(vec[m]["rows"], loop[m]) for m in modules)
-    del loop
-    grads = {
-        "n": len(ex_s),
-        "batch_size": args.batch_size,
-        "modules": len(modules),
-        "weights": p_total,
-        "vectorised_s": t_vec,
-        "loop_s": t_loop,
-        "speedup": t_loop / t_vec,
-        "per_example_vectorised_s": t_vec / len(ex_s),
-        "per_example_loop_s": t_loop / len(ex_s),
-        "max_rel_diff": max_rel,
-    }
-    print(
-        f"per-example grads: vectorised {t_vec:.2f} s, loop {t_loop:.2f} s → {t_loop / t_vec:.2f}× "
-        f"(max rel diff {max_rel:.2e})"
-    )
+    grads: list[dict] = []
+    vec: dict = {}
+    for threads in args.grad_threads:
+        torch.set_num_threads(threads)
+        estimate_fisher(model, modules, ex_s[: args.batch_size], "lowrank", pad, args.batch_size, False)  # warm-up
+        vec, t_vec = timed(estimate_fisher, model, modules, ex_s, "lowrank", pad, args.batch_size, False)
+        loop, t_loop = loop_grads(model, tok, ex_s, modules)
+        max_rel = max(rel_diff(vec[m]["rows"], loop[m]) for m in modules)
+        del loop
+        loop_rh, t_loop_rh = loop_grads(model, tok, ex_s, modules, response_head=True)
+        del loop_rh
+        grads.append(
+            {
+                "threads": threads,
+                "n": len(ex_s),
+                "batch_size": args.batch_size,
+                "modules": len(modules),
+                "weights": p_total,
+                "vectorised_s": t_vec,
+                "loop_s": t_loop,
+                "loop_response_head_s": t_loop_rh,
+                "speedup": t_loop / t_vec,
+                "speedup_vs_loop_response_head": t_loop_rh / t_vec,
+                "max_rel_diff": max_rel,
+            }
+        )
+        print(
+            f"per-example grads ({threads} thread(s)): vectorised {t_vec:.2f} s, loop {t_loop:.2f} s → "
+            f"{t_loop / t_vec:.2f}×; loop with the response-only head {t_loop_rh:.2f} s → {t_loop_rh / t_vec:.2f}× "
+            f"(max rel diff {max_rel:.2e})"
+        )
+    torch.set_num_threads(args.threads)
 
     # ---- part 2 ----
     pair = [f"model.layers.{args.layer}.self_attn.q_proj", f"model.layers.{args.layer}.self_attn.v_proj"]
@@ -235,14 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     kf_s = estimate_fisher(model, pair, ex_s, "kfac", pad, args.batch_size, False)
     kf_u = estimate_fisher(model, pair, ex_u, "kfac", pad, args.batch_size, False)
     gevp = []
-    for m in pair:
+    for j, m in enumerate(pair):
         shape = tuple(model.get_submodule(m).weight.shape)
-        r = part_gevp(m, vec[m]["rows"], low_u[m]["rows"], kf_s[m], kf_u[m], shape, tuple(args.block), args.eps, args.k)
+        block = tuple(args.block) if j == 0 else None  # the dense comparison once (it dominates the run time)
+        r = part_gevp(m, vec[m]["rows"], low_u[m]["rows"], kf_s[m], kf_u[m], shape, block, args.eps, args.k)
         gevp.append(r)
         print(
             f"{m} {shape[0]}×{shape[1]} (p={r['p']}): lowrank {r['full_lowrank_s'] * 1e3:.1f} ms, "
             f"kfac {r['full_kfac_s'] * 1e3:.1f} ms; dense B would need {r['full_dense_B_bytes_fp64'] / 2**30:.0f} GiB"
         )
+        if block is None:
+            continue
         print(
             f"  block {args.block[0]}×{args.block[1]} (p={r['block']['p']}): dense eigh {r['block_dense_eigh_s']:.2f} s "
             f"vs lowrank {r['block_lowrank_s'] * 1e3:.1f} ms → {r['block_lowrank_speedup']:.0f}× "

@@ -10,7 +10,16 @@ import torch
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.fisher.data import Example, collate, encode_example, encode_prompt, load_items, subsample, truncate
 from sst_merge.fisher.estimate import applied_deltas, estimate_fisher, target_modules
-from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
+from sst_merge.fisher.grads import (
+    Capture,
+    FisherError,
+    batch_nll,
+    capture_batch,
+    frozen,
+    per_example_grads,
+    plain_head,
+    response_nll,
+)
 from sst_merge.fisher.sampling import sample_responses
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
@@ -88,6 +97,28 @@ def test_prompt_and_padding_carry_no_gradient(tiny_llama, tiny_tok):
     ours = per_example_grads(a, delta)[0]
     assert not torch.allclose(ours, g_full, atol=1e-3)
     assert torch.allclose(ours, reference_grad(tiny_llama, ex, [name])[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_head_on_response_positions_gives_the_full_forward_loss(arch, tiny_tok):
+    from sst_merge.testing import tiny_model
+
+    model = tiny_model(arch)
+    batch = collate(examples(tiny_tok), tiny_tok.pad_token_id)
+    assert plain_head(model)
+    with torch.no_grad():
+        short = batch_nll(model, batch)
+        full = batch_nll(model, batch, head_on_response_only=False)
+        ref = response_nll(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch)
+    assert torch.allclose(short, full, rtol=1e-5) and torch.allclose(full, ref)
+
+
+def test_hooked_output_head_runs_on_every_position(tiny_llama, tiny_tok):
+    exs = examples(tiny_tok)
+    with frozen(tiny_llama), Capture(tiny_llama, target_modules(tiny_llama, ["lm_head"])) as cap:
+        a, delta = capture_batch(tiny_llama, cap, collate(exs, tiny_tok.pad_token_id))["lm_head"]
+    ref = reference_grad(tiny_llama, exs[1], ["lm_head"])["lm_head"]
+    assert torch.allclose(per_example_grads(a, delta)[1], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_response_mask_covers_exactly_the_response(tiny_tok):

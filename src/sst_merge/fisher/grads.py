@@ -39,6 +39,39 @@ def response_nll(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     return F.cross_entropy(picked.float(), targets, reduction="sum")
 
 
+#: Architectures whose logits are exactly ``lm_head(final hidden state)`` (no soft-capping or scaling after the head),
+#: so the head can be applied to the response positions only. Others run the model's own forward.
+PLAIN_HEAD_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "mixtral", "phi3", "olmo", "olmo2", "smollm3"})
+
+
+def plain_head(model: nn.Module) -> bool:
+    """Whether :func:`batch_nll` may apply the output head to the response positions only."""
+    cfg = getattr(model, "config", None)
+    return (
+        getattr(cfg, "model_type", None) in PLAIN_HEAD_TYPES
+        and getattr(cfg, "final_logit_softcapping", None) is None
+        and hasattr(model, "get_decoder")
+        and model.get_output_embeddings() is not None
+    )
+
+
+def batch_nll(model: nn.Module, batch: Batch, head_on_response_only: bool = True) -> torch.Tensor:
+    """Return ``Σ_b −log p(response_b | prompt_b)`` for a right-padded batch.
+
+    For plain-head architectures (and ``head_on_response_only``) the output head runs on the response positions
+    only: the prompt positions' logits (B·T·V floats, most of a batch for long prompts and large vocabularies) are
+    never formed; the value is the same.
+    """
+    device = model.get_input_embeddings().weight.device
+    ids, att = batch.input_ids.to(device), batch.attention_mask.to(device)
+    if not (head_on_response_only and plain_head(model)):
+        return response_nll(model(input_ids=ids, attention_mask=att, use_cache=False).logits, batch)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # (B, T, H)
+    target_mask = batch.response_mask[:, 1:].bool().to(device)  # (B, T-1)
+    logits = model.get_output_embeddings()(hidden[:, :-1][target_mask])  # (n_response_tokens, V)
+    return F.cross_entropy(logits.float(), ids[:, 1:][target_mask], reduction="sum")
+
+
 class Capture:
     """Hooks that record each target module's input ``a`` and output gradient ``δ`` for one forward/backward."""
 
@@ -102,13 +135,11 @@ def capture_batch(model: nn.Module, cap: Capture, batch: Batch) -> dict[str, tup
     ``a`` is (B, T, in) and ``δ`` is (B, T, out), in the model's dtype and device. Raises :class:`FisherError` on a
     non-finite loss or a module that received no gradient.
     """
-    device = model.get_input_embeddings().weight.device
     cap.clear()
+    # a hooked output head must see (B, T, H) inputs, so it then runs on every position
+    head_hooked = any(mod is model.get_output_embeddings() for mod in cap.modules.values())
     with torch.enable_grad():
-        out = model(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False
-        )
-        loss = response_nll(out.logits, batch)
+        loss = batch_nll(model, batch, head_on_response_only=not head_hooked)
         if not torch.isfinite(loss):
             raise FisherError(f"the Fisher loss is {loss.item()} (not finite); check the model weights and the data")
         loss.backward()
