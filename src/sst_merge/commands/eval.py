@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--device-map",
+        default=None,
+        choices=["auto"],
+        help="auto: spread a big model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+    )
     p.add_argument("-o", "--output", required=True, help="results JSON; per-item records go to OUT.records.jsonl")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     return p
@@ -53,6 +59,7 @@ def records_path_for(output: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sst_merge import distributed as ddp
     from sst_merge.errors import ConfigError, OutputExistsError
     from sst_merge.eval import evaluate_model, strip_records
     from sst_merge.io import atomic_write_json
@@ -69,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not task or not source:
             raise ConfigError(f"--data {d!r}: expected TASK=SOURCE, e.g. refusal=strongreject_small")
         data[task] = source
+    # Under torchrun / accelerate launch each rank scores its shard of every task; rank 0 writes the output.
+    ddp.init_from_env()
     result = evaluate_model(
         args.model,
         args.adapter,
         tasks,
         dtype=args.dtype,
+        device_map=ddp.replica_device_map(getattr(args, "device_map", None)),
         limit=args.limit,
         judge=args.judge,
         batch_size=args.batch_size,
@@ -82,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         data=data or None,
     )
+    if not ddp.is_main():
+        return 0
     summary = strip_records(result)
     summary["records_file"] = records.name
     atomic_write_json(out, summary)

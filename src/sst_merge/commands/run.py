@@ -20,6 +20,12 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set sst.fisher=lowrank --set eval.refusal_limit=100",
     )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (same as --set dtype=)")
+    p.add_argument(
+        "--device-map",
+        choices=["auto"],
+        help="auto: spread a big model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+    )
     p.add_argument("-o", "--output", help="run directory (default: runs/<experiment>-<model>-<mode>)")
     p.add_argument("--force", action="store_true", help="run again into a directory that holds a finished run")
 
@@ -43,9 +49,17 @@ def run(args: argparse.Namespace) -> int:
     data = load_yaml(args.config) if args.config else {}
     data.setdefault("experiment", args.experiment)
     data.setdefault("model", args.model)
+    for key in ("dtype", "device_map"):  # explicit flags win over the YAML (like --set)
+        if getattr(args, key, None):
+            data[key] = getattr(args, key)
     cfg = resolve_config(data.pop("mode", args.mode), data, args.overrides)
     out = Path(args.output) if args.output else default_run_dir(cfg.experiment, cfg.model, cfg.mode)
+    from sst_merge import distributed as ddp
+
+    ddp.init_from_env()  # torchrun / accelerate launch: every rank runs the experiment on its shard of the items
     doc = run_experiment(cfg, out, force=args.force, show_progress=not args.quiet)
+    if not ddp.is_main():
+        return 0
     print(models_table(doc))
     for name, section in doc["experiments"].items():
         if section.get("comparisons"):

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sst_merge import distributed as ddp
 from sst_merge.errors import OutputExistsError
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.results import RESULTS_NAME, write_results
@@ -55,24 +56,28 @@ def run_experiment(
     from sst_merge.experiments.experiments import EXPERIMENTS
 
     run_dir = Path(run_dir)
-    if (run_dir / RESULTS_NAME).exists() and not force:
-        raise OutputExistsError(
-            f"{run_dir} already holds a finished run; pass --force to run again (cached evaluations are reused) "
-            "or choose another output directory"
-        )
-    names = experiments_of(cfg)
-    for name in names:
-        EXPERIMENTS.get(name)  # unknown names fail before any heavy work
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if (run_dir / "cache").is_dir() and any((run_dir / "cache").iterdir()):
-        log.info("resuming in %s: finished evaluations are read from its cache", run_dir)
-    atomic_write_json(run_dir / "config.resolved.json", cfg.model_dump(mode="json"))
-    runner = Runner(cfg, run_dir, load=load, evaluate=evaluate, show_progress=show_progress)
-    runner.tasks = run_tasks(cfg, names)
-    sections: dict[str, Any] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        log.info("== %s ==", name)
-        sections[name] = EXPERIMENTS.get(name)(runner)
-        sections[name]["seconds"] = round(time.perf_counter() - t0, 1)
-    return write_results(runner, sections, run_dir)
+    # Under torchrun every rank runs this; a failure on any rank stops all of them before results are written.
+    with ddp.all_or_nothing("experiment"):
+        if (run_dir / RESULTS_NAME).exists() and not force:
+            raise OutputExistsError(
+                f"{run_dir} already holds a finished run; pass --force to run again (cached evaluations are reused) "
+                "or choose another output directory"
+            )
+        names = experiments_of(cfg)
+        for name in names:
+            EXPERIMENTS.get(name)  # unknown names fail before any heavy work
+        if ddp.is_main():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if (run_dir / "cache").is_dir() and any((run_dir / "cache").iterdir()):
+                log.info("resuming in %s: finished evaluations are read from its cache", run_dir)
+            atomic_write_json(run_dir / "config.resolved.json", cfg.model_dump(mode="json"))
+        runner = Runner(cfg, run_dir, load=load, evaluate=evaluate, show_progress=show_progress and ddp.is_main())
+        runner.tasks = run_tasks(cfg, names)
+        sections: dict[str, Any] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            log.info("== %s ==", name)
+            sections[name] = EXPERIMENTS.get(name)(runner)
+            sections[name]["seconds"] = round(time.perf_counter() - t0, 1)
+    # Every rank finished every step: rank 0 writes the results and report; the other ranks get its document.
+    return ddp.gather_checked("results", lambda: write_results(runner, sections, run_dir) if ddp.is_main() else None)[0]

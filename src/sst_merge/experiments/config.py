@@ -63,6 +63,10 @@ class ExperimentConfig(_Strict):
     model: str = "smollm2-135m"
     mode: Literal["minimal", "full"] = "minimal"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device_map: Literal["auto"] | None = Field(
+        None,
+        description="auto: spread the model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+    )
     seed: int = 0
     reference: Literal["utility", "base"] = "utility"
     utility_metric: Literal["task", "mmlu"] = "task"

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from sst_merge import distributed as ddp
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
 from sst_merge.experiments.config import ExperimentConfig
@@ -106,7 +108,10 @@ class Runner:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.run_dir / "cache"
         self.records_dir = self.run_dir / "records"
         self.show_progress = show_progress
-        self._load = load or (lambda: load_model(cfg.model, dtype=cfg.dtype))
+        device_map = getattr(cfg, "device_map", None)
+        self._load = load or (
+            lambda: load_model(cfg.model, dtype=cfg.dtype, device_map=ddp.replica_device_map(device_map))
+        )
         self._evaluate = evaluate or functools.partial(evaluate_all, show_progress=show_progress)
         self._base = None
         self._tok = None
@@ -187,8 +192,13 @@ class Runner:
             raise ConfigError(f"two different models are labelled {spec.label!r} in one run")
         key = self.spec_key(spec)
         cache_file = self.cache_dir / f"eval-{key}.json"
-        if cache_file.is_file():
-            data = json.loads(cache_file.read_text())
+        # Rank 0 decides whether the evaluation is cached and shares what it read, so every rank takes the same
+        # branch (the evaluation itself is a collective) even where ranks do not share a file system.
+        data = ddp.gather_checked(
+            f"cache:{spec.label}",
+            lambda: json.loads(cache_file.read_text()) if ddp.is_main() and cache_file.is_file() else None,
+        )[0]
+        if data is not None:
             metrics = {name: Metric.from_json(m) for name, m in data["metrics"].items()}
             self.cache_hits += 1
             log.info("%s: evaluation cached (%s)", spec.label, cache_file.name)
@@ -198,20 +208,25 @@ class Runner:
             deltas = self.deltas(spec)
             _, tok = self.base()
             records_path = self.cache_dir / f"records-{key}.jsonl"
-            with self.materialised(deltas) as model:
-                metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
+            with contextlib.ExitStack() as stack:
+                # Every rank ends with the full records; only rank 0 writes them into the run's cache.
+                scratch = None if ddp.is_main() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                target = records_path if scratch is None else scratch / records_path.name
+                with self.materialised(deltas) as model:
+                    metrics = self._evaluate(model, tok, self.cfg, self.tasks, target)
             del deltas
             seconds = time.perf_counter() - t0
-            atomic_write_json(
-                cache_file,
-                {
-                    "spec": spec.describe(),
-                    "key": key,
-                    "seconds": seconds,
-                    "records": records_path.name,
-                    "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
-                },
-            )
+            if ddp.is_main():
+                atomic_write_json(
+                    cache_file,
+                    {
+                        "spec": spec.describe(),
+                        "key": key,
+                        "seconds": seconds,
+                        "records": records_path.name,
+                        "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
+                    },
+                )
             log.info("%s: evaluated in %.0f s", spec.label, seconds)
         self.evaluated[spec.label] = metrics
         self.specs[spec.label] = spec
