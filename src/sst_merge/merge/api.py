@@ -10,7 +10,7 @@ Relative paths (adapters, base model) are resolved against the current directory
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -202,6 +202,7 @@ def prepare(
     allow_pickle: bool = False,
     load_model: Callable[[], tuple[Any, Any]] | None = None,
     show_progress: bool = True,
+    workdir: str | Path | None = None,
 ) -> MergePlan:
     """Validate everything about a merge before heavy work: method, params, adapters, output.
 
@@ -211,6 +212,7 @@ def prepare(
         load_model: returns ``(model, tokenizer)`` of the base model for methods that need it; default loads
             ``config.base_model`` once, on first use.
         show_progress: draw progress bars.
+        workdir: a directory methods may use for caches and diagnostics (``MergeContext.workdir``).
 
     Raises:
         ConfigError, AdapterError: one line naming the bad input and the fix.
@@ -227,6 +229,7 @@ def prepare(
         modules=modules,
         base_model=config.base_model,
         load_model=load_model or _memoised_loader(config.base_model),
+        workdir=Path(workdir) if workdir is not None else None,
         show_progress=show_progress,
     )
     method.check(params, ctx)
@@ -247,25 +250,29 @@ def merge_deltas(
     allow_pickle: bool = False,
     load_model: Callable[[], tuple[Any, Any]] | None = None,
     show_progress: bool = True,
+    workdir: str | Path | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Return the merged ΔW (fp32, module name → (out, in)) of a merge config; nothing is written."""
-    plan = prepare(config, allow_pickle=allow_pickle, load_model=load_model, show_progress=show_progress)
+    """Return the merged ΔW (fp32, module name → (out, in)) of a merge config; nothing is written.
+
+    Arguments as for :func:`prepare`.
+    """
+    plan = prepare(config, allow_pickle, load_model=load_model, show_progress=show_progress, workdir=workdir)
     return run_plan(plan)
 
 
 def run_plan(plan: MergePlan) -> dict[str, torch.Tensor]:
     """Run a prepared merge and return its ΔW; refuse a result with NaN/Inf (a failed merge is never saved)."""
-    log.info(
-        "merging %d adapters with %s over %d modules",
-        len(plan.context.adapters),
-        plan.method.name,
-        len(plan.context.modules),
-    )
-    deltas = plan.method.merge(plan.params, plan.context)
-    for m, d in deltas.items():
+    return dict(iter_plan(plan))
+
+
+def iter_plan(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Run a prepared merge one module at a time, yielding ``(module, ΔW)``; NaN/Inf raise :class:`ConfigError`."""
+    ctx = plan.context
+    log.info("merging %d adapters with %s over %d modules", len(ctx.adapters), plan.method.name, len(ctx.modules))
+    for m, d in plan.method.iter_merge(plan.params, ctx):
         if not torch.isfinite(d).all():
             raise ConfigError(f"method {plan.method.name} produced NaN/Inf in module {m}; check its parameters")
-    return deltas
+        yield m, d
 
 
 def merge(
@@ -275,6 +282,7 @@ def merge(
     allow_pickle: bool = False,
     load_model: Callable[[], tuple[Any, Any]] | None = None,
     show_progress: bool = True,
+    workdir: str | Path | None = None,
 ) -> Path:
     """Merge the adapters of ``config`` and write the output directory (atomically); return its path.
 
@@ -286,13 +294,15 @@ def merge(
         load_model: base-model loader for methods that need the model (see :func:`prepare`). The ``full`` output
             always loads its own fresh copy of the base model, so a caller's model is never modified.
         show_progress: draw progress bars.
+        workdir: a directory methods may use for caches (see :func:`prepare`).
     """
     from sst_merge.merge.output import write_output
 
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
-    plan = prepare(config, allow_pickle=allow_pickle, load_model=load_model, show_progress=show_progress)
-    deltas = None if (plan.config.output.format == "peft" and plan.exact_peft) else run_plan(plan)
+    plan = prepare(config, allow_pickle, load_model=load_model, show_progress=show_progress, workdir=workdir)
+    # ΔW is streamed into the output module by module (never all held at once); an exact peft output needs none.
+    deltas = None if (plan.config.output.format == "peft" and plan.exact_peft) else iter_plan(plan)
     with atomic_output_dir(out_dir, force=force) as tmp:
         write_output(plan, deltas, tmp)
     log.info("wrote %s", out_dir)

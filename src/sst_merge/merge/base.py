@@ -10,7 +10,7 @@ sees a model or a file. Methods that need the model (SST-Merge's Fisher estimati
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,14 +89,23 @@ class MergeMethod:
 
         Adapters that do not touch a module contribute a zero ΔW there (same shape as the others).
         """
+        return dict(self.iter_merge(params, ctx))
+
+    def iter_merge(self, params: MethodParams, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(module, ΔW)`` one module at a time, so outputs can be written without holding every ΔW.
+
+        Module-local methods stream (one generator, seeded once, modules in ``ctx.modules`` order — the same
+        random numbers as :meth:`merge`); a method that overrides :meth:`merge` yields from its result.
+        """
+        if type(self).merge is not MergeMethod.merge:
+            yield from self.merge(params, ctx).items()
+            return
         gen = torch.Generator().manual_seed(params.seed)
-        out: dict[str, torch.Tensor] = {}
         for module in tqdm(ctx.modules, desc=f"merge ({self.name})", disable=not ctx.show_progress, leave=False):
             taus = ctx.taus(module)
             ref = next(t for t in taus if t is not None)
             taus = [torch.zeros_like(ref) if t is None else t for t in taus]
-            out[module] = self.merge_module(taus, ctx.weights, params, gen)
-        return out
+            yield module, self.merge_module(taus, ctx.weights, params, gen)
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,15 @@ from sst_merge.models.loading import DTYPES
 log = logging.getLogger(__name__)
 
 
-def write_output(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Path) -> dict[str, Any]:
+Deltas = Iterable[tuple[str, torch.Tensor]]
+
+
+def write_output(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, Any]:
     """Write the output of ``plan`` (a :class:`~sst_merge.merge.api.MergePlan`) into ``out_dir``; return metadata.
 
-    ``deltas`` is the merged ΔW; it may be ``None`` only for an exact PEFT output (factors are concatenated).
+    ``deltas`` yields the merged ``(module, ΔW)`` pairs (a dict's ``.items()`` or a stream from
+    :func:`~sst_merge.merge.api.iter_plan`, consumed once, one module at a time); it may be ``None`` only for an
+    exact PEFT output (factors are concatenated).
     """
     out = plan.config.output
     if out.format == "peft":
@@ -47,7 +53,7 @@ def write_output(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Pat
     return meta
 
 
-def _write_peft(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Path) -> dict[str, dict[str, Any]]:
+def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, dict[str, Any]]:
     ctx, out = plan.context, plan.config.output
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     stats: dict[str, dict[str, Any]] = {}
@@ -59,8 +65,9 @@ def _write_peft(plan: Any, deltas: dict[str, torch.Tensor] | None, out_dir: Path
             factors[m] = concat_factors([a.factors[m] for a, _ in have], [c * a.scale(m) for a, c in have])
             stats[m] = {"rank": int(factors[m][0].shape[0]), "rel_frobenius_error": 0.0}
     else:
-        for m in tqdm(sorted(deltas), desc="truncated SVD", disable=not ctx.show_progress, leave=False):
-            A, B, err = svd_factors(deltas[m], rank=out.rank, energy=out.energy)
+        bar = tqdm(deltas, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
+        for m, delta in bar:
+            A, B, err = svd_factors(delta, rank=out.rank, energy=out.energy)
             factors[m] = (A, B)
             stats[m] = {"rank": int(A.shape[0]), "rel_frobenius_error": err}
     dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
@@ -79,7 +86,7 @@ def _base_dtype(base_model: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _write_full(plan: Any, deltas: dict[str, torch.Tensor], out_dir: Path) -> dict[str, dict[str, Any]]:
+def _write_full(plan: Any, deltas: Deltas, out_dir: Path) -> dict[str, dict[str, Any]]:
     from sst_merge.models import load_model
 
     out, base = plan.config.output, plan.config.base_model
@@ -88,7 +95,14 @@ def _write_full(plan: Any, deltas: dict[str, torch.Tensor], out_dir: Path) -> di
     model, tok = load_model(base, dtype="float32")
     stats: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
-        for m, d in tqdm(deltas.items(), desc="add ΔW", disable=not plan.context.show_progress, leave=False):
+        bar = tqdm(
+            deltas,
+            total=len(plan.context.modules),
+            desc="merge + add ΔW",
+            disable=not plan.context.show_progress,
+            leave=False,
+        )
+        for m, d in bar:
             weight = model.get_submodule(m).weight
             weight.add_(d.to(weight.dtype))
             stats[m] = {"delta_frobenius_norm": float(torch.linalg.matrix_norm(d))}
