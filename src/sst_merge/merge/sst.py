@@ -161,6 +161,8 @@ class SSTMerge(MergeMethod):
         _roles(ctx)
         if params.alpha != 0 and not params.keeps_everything:
             _load_data(params)
+            if ctx.load_model is None:
+                raise ConfigError("sst needs the base model for the Fisher; give the merge a base model")
 
     def linear_coefficients(self, params: SSTParams, ctx: MergeContext) -> list[float] | None:  # type: ignore[override]
         if not (params.alpha == 0 or params.keeps_everything):
