@@ -313,3 +313,43 @@ def test_through_the_merge_api(setup, tmp_path, tiny_model_dir):
     for m in direct:
         assert torch.allclose(out[m], direct[m], atol=1e-6)
     assert list((tmp_path / "cache").glob("fisher-lowrank-*.safetensors"))
+
+
+@pytest.mark.smoke
+def test_smollm2_smoke(tmp_path):
+    """The real embedded model: a kfac sst merge of two random LoRAs on 2 + 2 items, end to end through the API."""
+    from sst_merge.merge.api import merge_deltas
+    from sst_merge.models import load_model
+
+    model, tok = load_model("smollm2-135m")
+    util = random_lora(model, str(tmp_path / "u"), r=2, seed=1, target_modules=["v_proj"], std=0.01)
+    safe = random_lora(model, str(tmp_path / "s"), r=2, seed=2, target_modules=["v_proj"], std=0.01)
+    cfg = {
+        "base_model": "smollm2-135m",
+        "method": "sst",
+        "adapters": [{"path": util, "role": "utility"}, {"path": safe, "role": "safety"}],
+        "params": {
+            "alpha": 1.0,
+            "fisher": "kfac",
+            "k": 64,
+            "n_samples": 2,
+            "max_length": 48,
+            "safety_data": write_jsonl(tmp_path / "s.jsonl", SAFETY[:2]),
+            "utility_data": write_jsonl(tmp_path / "u.jsonl", UTILITY[:2]),
+            "utility_fisher": "empirical",
+            "cache_dir": str(tmp_path / "cache"),
+        },
+        "output": {"format": "full"},
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared CPU stalls multi-threaded small ops
+    try:
+        out = merge_deltas(cfg, load_model=lambda: (model, tok), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    safe_ad, util_ad = LoraAdapter.load(safe), LoraAdapter.load(util)
+    assert len(out) == 30
+    for m, d in out.items():
+        projected = d - util_ad.delta(m)
+        assert torch.isfinite(d).all()
+        assert 0 < projected.norm() < safe_ad.delta(m).norm() * 10
