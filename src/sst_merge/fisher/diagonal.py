@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from sst_merge.fisher.gevp import Selection
+from sst_merge.fisher.gevp import Selection, select_grid
 
 
 def diagonal_gevp(fs_diag: torch.Tensor, fu_diag: torch.Tensor, damping: float) -> torch.Tensor:
@@ -29,13 +29,7 @@ def diagonal_project(
     Returns:
         ``(P x, lam sorted in decreasing order, n_kept)``.
     """
-    flat = lam.reshape(-1)
-    order = torch.argsort(flat, descending=True, stable=True)
-    lam_desc = flat[order]
-    p = flat.numel()
-    n = selection.count(lam_desc, p)
-    if n >= p:
-        return x.clone(), lam_desc, p
-    mask = torch.zeros(p, dtype=torch.bool)
-    mask[order[:n]] = True
-    return x * mask.reshape(x.shape).to(x.dtype), lam_desc, n
+    mask, lam_desc, n = select_grid(lam.reshape(x.shape), selection)
+    if mask is None:
+        return x.clone(), lam_desc, n
+    return x * mask.to(x.dtype), lam_desc, n

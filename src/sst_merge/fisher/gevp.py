@@ -94,6 +94,27 @@ def count_positive(lam_desc: torch.Tensor) -> int:
     return int((lam_desc > POSITIVE_RTOL * top).sum())
 
 
+def select_grid(lam: torch.Tensor, selection: Selection) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Select among eigenvalues laid out on a grid (diagonal: one per weight; kfac: ``λ_ji = ν_j μ_i``).
+
+    Ties are broken by index order (a stable sort), so the selection is deterministic.
+
+    Returns:
+        ``(mask, λ in decreasing order (flat), n_kept)``; ``mask`` is a bool tensor of ``lam``'s shape, or ``None``
+        when every direction is kept (the identity).
+    """
+    flat = lam.reshape(-1)
+    order = torch.argsort(flat, descending=True, stable=True)
+    lam_desc = flat[order]
+    p = flat.numel()
+    n = selection.count(lam_desc, p)
+    if n >= p:
+        return None, lam_desc, p
+    mask = torch.zeros(p, dtype=torch.bool)
+    mask[order[:n]] = True
+    return mask.reshape(lam.shape), lam_desc, n
+
+
 def dense_gevp(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``a v = λ b v`` for symmetric ``a`` and SPD ``b`` with :func:`scipy.linalg.eigh`.
 

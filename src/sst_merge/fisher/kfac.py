@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sst_merge.fisher.gevp import Selection, dense_gevp
+from sst_merge.fisher.gevp import Selection, dense_gevp, select_grid
 
 
 @dataclass
@@ -67,15 +67,9 @@ def kfac_project(x: torch.Tensor, sol: KfacSolution, selection: Selection) -> tu
     Returns:
         ``(P x, λ in decreasing order (flat, p values), n_kept)``.
     """
-    lam = sol.lam.reshape(-1)
-    order = torch.argsort(lam, descending=True, stable=True)
-    lam_desc = lam[order]
-    p = lam.numel()
-    n = selection.count(lam_desc, p)
-    if n >= p:
-        return x.clone(), lam_desc, p
-    mask = torch.zeros(p, dtype=torch.float64)
-    mask[order[:n]] = 1.0
-    S = mask.reshape(sol.lam.shape)  # (out, in), S[j, i] selects y_j ⊗ x_i
+    mask, lam_desc, n = select_grid(sol.lam, selection)
+    if mask is None:
+        return x.clone(), lam_desc, n
+    S = mask.double()  # (out, in), S[j, i] selects y_j ⊗ x_i
     C = sol.Y.T @ sol.G_u @ x.double() @ sol.A_u @ sol.X  # (out, in): B-coordinates of ΔW
     return (sol.Y @ (C * S) @ sol.X.T).to(x.dtype), lam_desc, n
