@@ -7,8 +7,9 @@ import os
 import torch
 import torch.multiprocessing as mp
 
+from sst_merge.distributed import shard_indices
 from sst_merge.fisher.data import encode_example
-from sst_merge.fisher.estimate import estimate_fisher, shard_indices
+from sst_merge.fisher.estimate import estimate_fisher
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
 PAIRS = [
@@ -28,6 +29,17 @@ def _stats(approx: str):
     return estimate_fisher(tiny_model("llama"), MODULES, exs, approx, tok.pad_token_id, 2, False)
 
 
+def _sampled() -> list:
+    """True-Fisher utility examples (sampled responses) as the sst method builds them."""
+    from sst_merge.config import validate
+    from sst_merge.merge.sst import SSTMerge, SSTParams
+    from sst_merge.testing import tiny_model, tiny_tokenizer
+
+    params = validate(SSTParams, {"k": 1, "max_new_tokens": 4, "batch_size": 2, "seed": 5})
+    items = [{"prompt": p} for p, _ in PAIRS]
+    return SSTMerge._utility_examples(params, tiny_model("llama"), tiny_tokenizer(), items, False)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -35,6 +47,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = {approx: _stats(approx) for approx in ("lowrank", "kfac")}
+        result["sampled"] = _sampled()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -48,8 +61,11 @@ def test_shard_indices_cover_every_example_once():
 def test_two_process_gloo_matches_single_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     single = {approx: _stats(approx) for approx in ("lowrank", "kfac")}
+    sampled = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["sampled"] for rank in (0, 1)]
+    assert sampled[0] == sampled[1] and len(sampled[0]) == len(PAIRS)  # every rank holds every sampled response
+    assert all(len(ex.response_ids) >= 1 for ex in sampled[0])
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for approx, stats in single.items():
             for m in MODULES:
                 for key, t in stats[m].items():

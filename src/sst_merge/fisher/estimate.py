@@ -24,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sst_merge import distributed as ddp
-from sst_merge.distributed import shard_indices  # noqa: F401  (re-exported: merge/sst.py shards sampling with it)
+from sst_merge.distributed import shard_indices
 from sst_merge.fisher.data import Example, collate
 from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
 
@@ -155,13 +155,6 @@ def estimate_fisher(
     if ddp.active():
         _all_reduce(acc)
     return acc.finish()
-
-
-def distributed():
-    """``torch.distributed`` when a process group of more than one rank is initialised, else ``None``."""
-    import torch.distributed as dist
-
-    return dist if ddp.active() else None
 
 
 def _all_reduce(acc: _Accumulator) -> None:

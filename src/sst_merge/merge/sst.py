@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
+from sst_merge import distributed as ddp
 from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import (
@@ -42,7 +43,7 @@ from sst_merge.fisher.data import (
     subsample,
     truncate,
 )
-from sst_merge.fisher.estimate import applied_deltas, distributed, estimate_fisher, shard_indices
+from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
 from sst_merge.fisher.gevp import Selection
 from sst_merge.fisher.grads import FisherError
 from sst_merge.fisher.sampling import sample_responses
@@ -300,7 +301,7 @@ class SSTMerge(MergeMethod):
                         model, modules, exs, params.fisher, pad_id, params.batch_size, ctx.show_progress, "Fisher F_s"
                     )
                     got_s = (stats, {"n": str(len(exs))})
-                    if params.cache and _is_rank0():
+                    if params.cache and ddp.is_main():
                         fcache.save_stats(path_s, stats, {"n": str(len(exs)), "key": key_s})
                 if got_u is None:
                     exs = self._utility_examples(params, model, tok, u_items, ctx.show_progress)
@@ -308,7 +309,7 @@ class SSTMerge(MergeMethod):
                         model, modules, exs, params.fisher, pad_id, params.batch_size, ctx.show_progress, "Fisher F_u"
                     )
                     got_u = (stats, {"n": str(len(exs))})
-                    if params.cache and _is_rank0():
+                    if params.cache and ddp.is_main():
                         fcache.save_stats(path_u, stats, {"n": str(len(exs)), "key": key_u})
             info["fisher_seconds"] = round(time.perf_counter() - t0, 3)
         stats_s, meta_s = got_s
@@ -335,20 +336,14 @@ class SSTMerge(MergeMethod):
         prompts = [p[max(0, len(p) - (params.max_length - 1)) :] for p in prompts]
         device = model.get_input_embeddings().weight.device
         gen = torch.Generator(device=device).manual_seed(params.seed)
-        dist = distributed()
-        if dist is None:
-            responses = sample_responses(
-                model, tok, prompts, params.max_new_tokens, gen, params.batch_size, show_progress
-            )
-        else:  # each rank samples its share of the prompts; every rank gets all responses
-            mine = shard_indices(len(prompts), dist.get_rank(), dist.get_world_size())
-            local = sample_responses(
-                model, tok, [prompts[i] for i in mine], params.max_new_tokens, gen, params.batch_size, show_progress
-            )
-            gathered: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, list(zip(mine, local, strict=True)))
-            by_index = dict(pair for part in gathered for pair in part)
-            responses = [by_index[i] for i in range(len(prompts))]
+        # under torch.distributed each rank samples its share of the prompts and every rank gets all responses
+        responses = ddp.gather_sharded(
+            "sample (true Fisher)",
+            prompts,
+            lambda part: sample_responses(
+                model, tok, part, params.max_new_tokens, gen, params.batch_size, show_progress
+            ),
+        )
         return [
             truncate(Example(tuple(p), tuple(r)), params.max_length) for p, r in zip(prompts, responses, strict=True)
         ]
@@ -415,11 +410,6 @@ def _load_data(params: SSTParams) -> tuple[list[dict], list[dict]]:
     s_items = subsample(s_items, params.n_samples, params.seed, "safety_data")
     u_items = subsample(u_items, params.n_samples, params.seed + 1, "utility_data")
     return s_items, u_items
-
-
-def _is_rank0() -> bool:
-    dist = distributed()
-    return dist is None or dist.get_rank() == 0
 
 
 def _other(kind: str) -> str:
