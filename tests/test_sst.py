@@ -322,8 +322,9 @@ def test_smollm2_smoke(tmp_path):
     from sst_merge.models import load_model
 
     model, tok = load_model("smollm2-135m")
-    util = random_lora(model, str(tmp_path / "u"), r=2, seed=1, target_modules=["v_proj"], std=0.01)
-    safe = random_lora(model, str(tmp_path / "s"), r=2, seed=2, target_modules=["v_proj"], std=0.01)
+    targets = [f"layers.{i}.self_attn.v_proj" for i in (0, 10, 20, 29)]  # a few layers keep the test short
+    util = random_lora(model, str(tmp_path / "u"), r=2, seed=1, target_modules=targets, std=0.01)
+    safe = random_lora(model, str(tmp_path / "s"), r=2, seed=2, target_modules=targets, std=0.01)
     cfg = {
         "base_model": "smollm2-135m",
         "method": "sst",
@@ -348,7 +349,7 @@ def test_smollm2_smoke(tmp_path):
     finally:
         torch.set_num_threads(threads)
     safe_ad, util_ad = LoraAdapter.load(safe), LoraAdapter.load(util)
-    assert len(out) == 30
+    assert len(out) == 4
     for m, d in out.items():
         projected = d - util_ad.delta(m)
         assert torch.isfinite(d).all()
