@@ -270,9 +270,10 @@ def barrier() -> None:
 
 
 def all_reduce_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Sum a (possibly nested) dict of tensors over ranks; returns new CPU tensors in the input dtypes.
+    """Sum a (possibly nested) dict of tensors over ranks; return the sums as CPU tensors in the input dtypes.
 
-    The sums run on :func:`device` (the rank's GPU under nccl). Without a distributed run the tensors are returned
+    The sums run on :func:`device` (the rank's GPU under nccl). A tensor already there is summed in place — no copy,
+    which matters for ``lowrank`` gradient rows of several GiB. Without a distributed run the tensors are returned
     as they are.
     """
     if not active():
@@ -284,7 +285,7 @@ def all_reduce_tensors(tensors: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, Mapping):
             out[key] = all_reduce_tensors(value)
             continue
-        buf = value.to(dev).clone()
+        buf = value.to(dev)
         dist.all_reduce(buf)
         out[key] = buf.cpu()
     return out
