@@ -72,15 +72,23 @@ def _reset_peak() -> bool:
         return False
 
 
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def _measure(fn) -> dict:
     rss_before = _status("VmRSS")
     reset = _reset_peak()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     fn()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _cpu() - c0
     hwm = _status("VmHWM")
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "peak_rss_bytes": hwm,
         "rss_before_bytes": rss_before,
         "peak_above_start_bytes": hwm - rss_before if reset else None,
@@ -136,6 +144,23 @@ def worker_ours(adapters: list[str], method: str, density: float, rank: int, out
     result["max_rel_frobenius_error"] = meta["output"]["max_rel_frobenius_error"]
     result["mean_rel_frobenius_error"] = meta["output"]["mean_rel_frobenius_error"]
     return result
+
+
+def worker_dense(adapters: list[str]) -> dict:
+    """The floor: read the three adapters and compute every module's dense ΔW (what any ΔW-space merge must do)."""
+    import torch
+
+    from sst_merge.adapters import LoraAdapter
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+
+    def run() -> None:
+        for p in adapters:
+            a = LoraAdapter.load(p)
+            for m in a.modules:
+                a.delta(m)
+
+    return _measure(run)
 
 
 def worker_peft(adapters: list[str], combination: str, density: float, rank: int) -> dict:
@@ -291,7 +316,7 @@ def main() -> int:
 
     if args.worker:
         kind, *rest = json.loads(args.worker)
-        fn = {"ours": worker_ours, "peft": worker_peft}[kind]
+        fn = {"ours": worker_ours, "peft": worker_peft, "dense": worker_dense}[kind]
         print(json.dumps(fn(*rest)))
         return 0
 
@@ -311,7 +336,7 @@ def main() -> int:
     def row(label: str, r: dict) -> None:
         above = r["peak_above_start_bytes"]
         print(
-            f"{label:<28}{r['seconds']:>9.2f}{r['peak_rss_bytes'] / mib:>14.0f}"
+            f"{label:<28}{r['seconds']:>9.2f}{r['cpu_seconds']:>9.2f}{r['peak_rss_bytes'] / mib:>14.0f}"
             f"{(above / mib if above is not None else float('nan')):>22.0f}",
             flush=True,
         )
@@ -320,19 +345,27 @@ def main() -> int:
         f"\n{results['inputs']}; density {args.density}; rank-{args.rank} PEFT output; "
         f"{args.threads} torch threads on {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}\n"
     )
-    print(f"{'method':<28}{'time s':>9}{'peak RSS MiB':>14}{'peak above start MiB':>22}", flush=True)
+    print(f"{'method':<28}{'time s':>9}{'CPU s':>9}{'peak RSS MiB':>14}{'peak above start MiB':>22}", flush=True)
+    dense = _run_worker(["dense", paths], args.threads)
+    results["dense_delta_only"] = dense
+    row("(dense ΔW of 3 adapters)", dense)
     for ours_method, peft_method in pairs:
         out = str(workdir / f"out_{ours_method}")
         o = _run_worker(["ours", paths, ours_method, args.density, args.rank, out], args.threads)
         row(f"sst-merge {ours_method}", o)
         p = _run_worker(["peft", paths, peft_method, args.density, args.rank], args.threads)
         row(f"peft {peft_method}", p)
-        ratios = {"speedup": p["seconds"] / o["seconds"], "peak_rss_ratio": o["peak_rss_bytes"] / p["peak_rss_bytes"]}
+        ratios = {
+            "speedup": p["seconds"] / o["seconds"],
+            "cpu_speedup": p["cpu_seconds"] / o["cpu_seconds"],
+            "peak_rss_ratio": o["peak_rss_bytes"] / p["peak_rss_bytes"],
+        }
         if o["peak_above_start_bytes"] and p["peak_above_start_bytes"]:
             ratios["peak_above_start_ratio"] = o["peak_above_start_bytes"] / p["peak_above_start_bytes"]
         results[ours_method] = {"ours": o, f"peft_{peft_method}": p, "ratios": ratios}
         print(
-            f"  → {ours_method}: {ratios['speedup']:.1f}× faster than PEFT {peft_method}; peak RSS "
+            f"  → {ours_method}: {ratios['speedup']:.1f}× faster than PEFT {peft_method} (wall), "
+            f"{ratios['cpu_speedup']:.1f}× less CPU time; peak RSS "
             f"{ratios['peak_rss_ratio']:.2f}× PEFT's"
             + (
                 f", peak above start {ratios['peak_above_start_ratio']:.2f}× PEFT's"

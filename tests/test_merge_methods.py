@@ -42,6 +42,10 @@ def test_magnitude_trim_keeps_top_k_not_bottom():
     # max(1, ·): a tiny density still keeps one entry
     assert int((magnitude_trim(t, 0.01) != 0).sum()) == 1
     assert magnitude_trim(t, 1.0) is t
+    # ties at the threshold still keep exactly k entries
+    tied = torch.tensor([[2.0, -1.0, 1.0], [1.0, -1.0, 0.5]])
+    out = magnitude_trim(tied, 0.5)  # k = 3: the 2 and two of the four ±1
+    assert int((out != 0).sum()) == 3 and out[0, 0] == 2.0 and set(out[out != 0].abs().tolist()) == {2.0, 1.0}
 
 
 def test_dare_drop_entries_are_zero_or_rescaled():
