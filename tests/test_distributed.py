@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from transformers import GenerationConfig
 
 from sst_merge import distributed as ddp
+from sst_merge.errors import ConfigError
 from sst_merge.eval import TASKS, evaluate
 from sst_merge.eval.harness import SUMMARISERS
 from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
@@ -182,6 +183,34 @@ def test_replica_device_map_with_gpus(monkeypatch):
     assert ddp.replica_device_map(None) is None
 
 
+def test_init_from_env_needs_the_launcher_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="MASTER_ADDR.*torchrun"):
+        ddp.init_from_env()
+
+
+def test_run_command_passes_dtype_and_device_map_to_the_config(monkeypatch, tmp_path):
+    import sst_merge.experiments as experiments
+    from sst_merge.cli import main
+
+    class Captured(Exception):
+        pass
+
+    def capture(cfg, out, **kwargs):
+        raise Captured(cfg)
+
+    monkeypatch.setattr(experiments, "run_experiment", capture)
+    with pytest.raises(Captured) as got:
+        main(["-q", "run", "--dtype", "bfloat16", "--device-map", "auto", "-o", str(tmp_path / "r")])
+    cfg = got.value.args[0]
+    assert (cfg.dtype, cfg.device_map) == ("bfloat16", "auto")
+    with pytest.raises(Captured) as got:
+        main(["-q", "run", "-o", str(tmp_path / "r")])
+    assert (got.value.args[0].dtype, got.value.args[0].device_map) == ("float32", None)
+
+
 def test_summarisers_reproduce_every_evaluator_from_its_records():
     """The metrics a sharded run recomputes from gathered records are the ones each evaluator computes itself."""
     registered = set(TASKS.names())
@@ -225,7 +254,19 @@ def _sharded_evaluation(out_dir: str) -> dict:
     tok = tiny_tokenizer()
     exs = [encode_example(tok, f"prompt {i} " * (i + 1), f"reply {i}", 64) for i in range(5)]
     fisher = estimate_fisher(tiny_model(), ["model.layers.0.self_attn.q_proj"], exs, "diagonal", tok.pad_token_id, 2)
-    return {"eval": _evaluate_everything(out_dir), "fisher": fisher, "shard": ddp.shard(list(range(7)))}
+    one_item = _evaluate_one_item()  # fewer items than ranks: rank 1's shard is empty
+    return {
+        "eval": _evaluate_everything(out_dir),
+        "fisher": fisher,
+        "shard": ddp.shard(list(range(7))),
+        "one": one_item,
+    }
+
+
+def _evaluate_one_item() -> dict:
+    tok = tiny_tokenizer()
+    res = evaluate(ScriptedReplyLM(tok), tok, ["refusal"], data={"refusal": _harmful()[:1]}, show_progress=False)
+    return res["tasks"]["refusal"]["metrics"] | {"ids": [r["id"] for r in res["tasks"]["refusal"]["records"]]}
 
 
 def test_two_ranks_give_the_single_process_result(tmp_path):
@@ -234,6 +275,8 @@ def test_two_ranks_give_the_single_process_result(tmp_path):
     for rank in (0, 1):
         _assert_same(got[rank]["eval"], single, f"rank{rank}")
     assert [g["shard"] for g in got] == [[0, 2, 4, 6], [1, 3, 5]]  # each rank really scored half
+    assert got[0]["one"] == got[1]["one"] == _evaluate_one_item()
+    assert got[0]["one"]["refusal_rate"]["value"] == 1.0 and got[0]["one"]["ids"] == ["h0"]
     # records are written once, by rank 0, in the single-process order
     assert sorted(p.name for p in tmp_path.glob("*.jsonl")) == ["gen-rank0.jsonl", "scored-rank0.jsonl"]
     lines = [json.loads(x) for x in (tmp_path / "gen-rank0.jsonl").read_text().splitlines()]
