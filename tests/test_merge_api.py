@@ -428,3 +428,17 @@ def test_embedding_lora_merges_in_delta_space(tiny_model_dir, tmp_path):
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(full).eval()(IDS).logits
     torch.testing.assert_close(got, logits_with_deltas(d), rtol=1e-5, atol=1e-5)
+
+
+def test_method_diagnostics_are_written_as_strict_json(tiny_model_dir, adapters, tmp_path, monkeypatch):
+    from sst_merge.merge.ties import Ties
+
+    def merge_with_diag(self, params, ctx):  # a method that overrides merge() and reports diagnostics
+        ctx.diagnostics["spectrum"] = {"q": torch.tensor([1.0, float("nan")]), 3: (float("inf"), 2)}
+        return dict(self.stream_modules(params, ctx))
+
+    monkeypatch.setattr(Ties, "merge", merge_with_diag)
+    c = cfg(tiny_model_dir, [adapters["u1"]], method="ties", params={"density": 0.5}, output={"format": "full"})
+    out = merge(c, tmp_path / "o", show_progress=False)
+    meta = json.loads((out / "merge_metadata.json").read_text())
+    assert meta["diagnostics"] == {"spectrum": {"q": [1.0, None], "3": [None, 2]}}

@@ -89,17 +89,22 @@ class MergeMethod:
 
         Adapters that do not touch a module contribute a zero ΔW there (same shape as the others).
         """
-        return dict(self.iter_merge(params, ctx))
+        return dict(self.stream_modules(params, ctx))
 
     def iter_merge(self, params: MethodParams, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(module, ΔW)`` one module at a time, so outputs can be written without holding every ΔW.
 
-        Module-local methods stream (one generator, seeded once, modules in ``ctx.modules`` order — the same
-        random numbers as :meth:`merge`); a method that overrides :meth:`merge` yields from its result.
+        A method that overrides :meth:`merge` yields from its result; module-local methods stream
+        (:meth:`stream_modules`).
         """
         if type(self).merge is not MergeMethod.merge:
             yield from self.merge(params, ctx).items()
-            return
+        else:
+            yield from self.stream_modules(params, ctx)
+
+    def stream_modules(self, params: MethodParams, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield :meth:`merge_module` of each module in ``ctx.modules`` order, with one generator seeded once
+        (so the stream and :meth:`merge` draw the same random numbers)."""
         gen = torch.Generator().manual_seed(params.seed)
         for module in tqdm(ctx.modules, desc=f"merge ({self.name})", disable=not ctx.show_progress, leave=False):
             taus = ctx.taus(module)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,23 @@ def _metadata(plan: Any, modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "inputs": inputs,
         "output": summary,
         "modules": modules,
-        "diagnostics": ctx.diagnostics,
+        "diagnostics": _jsonable(ctx.diagnostics),
     }
+
+
+def _jsonable(obj: Any) -> Any:
+    """Turn a method's diagnostics into strict JSON: tensors/arrays to lists, NaN/Inf to null, keys to str."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # torch tensors, numpy arrays and scalars
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    return str(obj)
 
 
 def model_card(meta: dict[str, Any]) -> str:
