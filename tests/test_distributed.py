@@ -342,6 +342,10 @@ def _failing_then_resumed_run(out_dir: str, data: dict) -> dict:
         return evaluate_all(*args)
 
     out: dict = {}
+    try:  # a failure inside an exchange: rank 1 divides by zero
+        ddp.gather_checked("step", lambda: 1 / (ddp.rank() - 1))
+    except Exception as e:
+        out["gather_error"] = (type(e).__name__, str(e))
     try:
         run_experiment(cfg, run_dir, evaluate=dies_on_rank1, show_progress=False)
     except Exception as e:  # recorded for the parent to assert on
@@ -357,6 +361,8 @@ def _failing_then_resumed_run(out_dir: str, data: dict) -> dict:
 def test_failing_rank_stops_every_rank_and_a_resumed_run_finishes(tmp_path, tiny_model_dir):
     data = _experiment_data(tmp_path, tiny_model_dir)
     got = _spawn(_failing_then_resumed_run, tmp_path, data)
+    assert got[1]["gather_error"][0] == "ZeroDivisionError"
+    assert got[0]["gather_error"][0] == "RankFailedError" and "rank 1 failed at 'step'" in got[0]["gather_error"][1]
     assert got[1]["error"] == ("RuntimeError", "rank 1 lost its GPU")  # the failing rank keeps its own error
     name, msg = got[0]["error"]
     assert name == "RankFailedError" and "rank 1 failed" in msg and "lost its GPU" in msg

@@ -254,7 +254,11 @@ def gather_sharded(tag: str, items: Sequence[Any], fn: Callable[[list[Any]], lis
 
 
 def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a distributed run)."""
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a distributed run).
+
+    Unchecked: a rank that fails before reaching it leaves the others waiting. Where the sender may fail, use
+    ``gather_checked(tag, lambda: obj if rank() == src else None)[src]``.
+    """
     dist = _dist()
     if not active():
         return obj
