@@ -314,6 +314,15 @@ def test_through_the_merge_api(setup, tmp_path, tiny_model_dir):
         assert torch.allclose(out[m], direct[m], atol=1e-6)
     assert list((tmp_path / "cache").glob("fisher-lowrank-*.safetensors"))
 
+    # Written outputs carry the diagnostics: λ spectrum per module as JSON, and its plot.
+    from sst_merge.merge.api import merge
+
+    dest = merge(cfg, tmp_path / "merged", load_model=Loader(), show_progress=False)
+    spectrum = json.loads((dest / "sst_spectrum.json").read_text())
+    assert set(spectrum["modules"]) == set(direct)
+    assert spectrum["approximation"] == "lowrank" and spectrum["fisher_cache"]["safety"] == "hit"
+    assert (dest / "sst_spectrum.png").stat().st_size > 0
+
 
 @pytest.mark.smoke
 def test_smollm2_smoke(tmp_path):
