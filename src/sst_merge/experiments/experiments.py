@@ -101,18 +101,18 @@ def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_p
     return ModelSpec(f"{method}(alpha={alpha:g})", refs, method, baseline_params(runner, method))
 
 
-def point(runner: Runner, metrics: dict[str, Metric], tasks: list[str]) -> dict[str, Any]:
-    u = utility_metric(runner, metrics, tasks)
-    return {"safety": metrics["refusal"].value, "utility": u.value}
+def adapters_of(runner: Runner) -> tuple[list[str], list[AdapterRef], str]:
+    """The run's utility tasks, their adapters at weight 1, and the safety adapter's path (trained on first use)."""
+    tasks = runner.cfg.utility_tasks
+    paths = adapter_paths.utility_adapters(runner.cfg, tasks)
+    return tasks, [AdapterRef(paths[t], 1.0, "utility") for t in tasks], adapter_paths.safety_adapter(runner.cfg)
 
 
 @EXPERIMENTS.register("exp1")
 def exp1(runner: Runner) -> dict[str, Any]:
     """Safety Tax of SST-Merge against measured pre-merge baselines."""
     cfg = runner.cfg
-    tasks = cfg.utility_tasks
-    utility = [AdapterRef(p, 1.0, "utility") for p in adapter_paths.utility_adapters(cfg, tasks).values()]
-    safety = adapter_paths.safety_adapter(cfg)
+    tasks, utility, safety = adapters_of(runner)
     specs = [
         ModelSpec("base"),
         ModelSpec("utility", tuple(utility)),
@@ -183,9 +183,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
     from sst_merge.eval.stats import pareto_front, utility_at_safety
 
     cfg = runner.cfg
-    tasks = cfg.utility_tasks
-    utility = [AdapterRef(p, 1.0, "utility") for p in adapter_paths.utility_adapters(cfg, tasks).values()]
-    safety = adapter_paths.safety_adapter(cfg)
+    tasks, utility, safety = adapters_of(runner)
     ref_label = "utility" if cfg.reference == "utility" else "base"
     ref_spec = ModelSpec("utility", tuple(utility)) if ref_label == "utility" else ModelSpec("base")
     ref = runner.evaluate(ref_spec)

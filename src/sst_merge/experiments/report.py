@@ -178,6 +178,29 @@ def _utility_lookup(doc: dict[str, Any]):
     return utility_of
 
 
+SAFETY_AXIS = "safety: refusal rate on held-out harmful prompts"
+
+
+def _save(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, legend: bool = True) -> Path:
+    """Label, save (atomically: a temporary file renamed into place) and close one plot."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
     """Draw the PNG plots for the experiments present in ``doc``; return their paths."""
     import matplotlib
@@ -200,14 +223,17 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
                 xytext=(5, -12),
                 fontsize=8,
             )
-        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
-        ax.set_ylabel("utility")
-        ax.set_title("exp1: SST-Merge vs measured baselines")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(run_dir / "exp1_safety_utility.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(
+            _save(
+                fig,
+                ax,
+                run_dir / "exp1_safety_utility.png",
+                SAFETY_AXIS,
+                "utility",
+                "exp1: SST-Merge vs measured baselines",
+                legend=False,
+            )
+        )
     if "exp2" in exps:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         by_method: dict[str, list[tuple[int, float]]] = {}
@@ -217,15 +243,10 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
         for method, pts in sorted(by_method.items()):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-        ax.set_xlabel("K utility adapters")
-        ax.set_ylabel("task accuracy retained (vs single-task adapter)")
-        ax.set_title("exp2: multitask interference")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(run_dir / "exp2_retained.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        ylabel = "task accuracy retained (vs single-task adapter)"
+        written.append(
+            _save(fig, ax, run_dir / "exp2_retained.png", "K utility adapters", ylabel, "exp2: multitask interference")
+        )
     if "exp3" in exps:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         _refs(doc, ax, utility_of)
@@ -236,15 +257,8 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
             ax.plot(
                 [p["safety"] for p in front], [p["utility"] for p in front], linestyle=":", color=line[0].get_color()
             )
-        ax.set_xlabel("safety: refusal rate on held-out harmful prompts")
-        ax.set_ylabel("utility")
-        ax.set_title("exp3: safety–utility trade-off over the α sweep")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(run_dir / "exp3_pareto.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        title = "exp3: safety–utility trade-off over the α sweep"
+        written.append(_save(fig, ax, run_dir / "exp3_pareto.png", SAFETY_AXIS, "utility", title))
     return written
 
 
