@@ -29,7 +29,12 @@ def evaluation_plan(cfg: ExperimentConfig, tasks: list[str]) -> list[tuple[str, 
 def evaluate_all(
     model, tokenizer, cfg: ExperimentConfig, tasks: list[str], records_path: Path, show_progress: bool = True
 ) -> dict[str, Metric]:
-    """Run the plan on ``model``; write per-item records to ``records_path``; return task → :class:`Metric`."""
+    """Run the plan on ``model``; write per-item records to ``records_path``; return task → :class:`Metric`.
+
+    Under torch.distributed every rank returns the same metrics (the harness gathers the shards); only rank 0
+    writes the records.
+    """
+    from sst_merge import distributed as ddp
     from sst_merge.eval import evaluate
     from sst_merge.eval.harness import write_records
 
@@ -47,7 +52,8 @@ def evaluate_all(
             show_progress=show_progress,
         )
         results.update(res["tasks"])
-    write_records(records_path, {"tasks": results})
+    if ddp.is_main():
+        write_records(records_path, {"tasks": results})
     metrics = {}
     for name, res in results.items():
         primary = res["metrics"][res["primary"]]

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import json
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,12 +207,8 @@ class Runner:
             deltas = self.deltas(spec)
             _, tok = self.base()
             records_path = self.cache_dir / f"records-{key}.jsonl"
-            with contextlib.ExitStack() as stack:
-                # Every rank ends with the full records; only rank 0 writes them into the run's cache.
-                scratch = None if ddp.is_main() else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                target = records_path if scratch is None else scratch / records_path.name
-                with self.materialised(deltas) as model:
-                    metrics = self._evaluate(model, tok, self.cfg, self.tasks, target)
+            with self.materialised(deltas) as model:  # every rank gets the full metrics; rank 0 writes records
+                metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
             del deltas
             seconds = time.perf_counter() - t0
             if ddp.is_main():
