@@ -112,7 +112,10 @@ def test_list_prints_methods(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("merge methods:")
-    for name in ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"]:
+    for name in ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "sst"]:
+        assert f"  {name} " in out
+    # every other registry has its section: evaluation tasks, judges, data sources, utility tasks, experiments
+    for name in ["refusal", "mmlu_cloze", "task:NAME", "keyword", "harmbench", "passage_qa", "exp3"]:
         assert f"  {name} " in out
 
 

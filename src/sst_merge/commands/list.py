@@ -1,4 +1,5 @@
-"""`sst-merge list`: print what is registered (merge methods, and any other registry added to SECTIONS)."""
+"""`sst-merge list`: print what is registered — merge methods, evaluation tasks, judges, data sources, utility
+tasks and experiments (one line per registry in SECTIONS)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,49 @@ def _merge_methods() -> list[tuple[str, str]]:
     return [(name, MERGE_METHODS.get(name).description) for name in MERGE_METHODS.names()]
 
 
+def _eval_tasks() -> list[tuple[str, str]]:
+    from sst_merge.eval import task_rows
+
+    return task_rows()
+
+
+def _judges() -> list[tuple[str, str]]:
+    from sst_merge.eval import judge_rows
+
+    return judge_rows()
+
+
+def _sources() -> list[tuple[str, str]]:
+    from sst_merge.data import source_rows
+
+    return source_rows()
+
+
+def _utility_tasks() -> list[tuple[str, str]]:
+    from sst_merge.tasks import TASKS
+
+    return [(name, f"generated task, metric {TASKS.get(name).metric}") for name in TASKS.names()]
+
+
+def _experiments() -> list[tuple[str, str]]:
+    from sst_merge.experiments.experiments import EXPERIMENTS
+
+    return [(name, (EXPERIMENTS.get(name).__doc__ or "").strip().splitlines()[0]) for name in EXPERIMENTS.names()]
+
+
 #: (title, function returning (name, one-line description) rows). Other registries add a line here.
 SECTIONS: list[tuple[str, Callable[[], list[tuple[str, str]]]]] = [
     ("merge methods", _merge_methods),
+    ("evaluation tasks (sst-merge eval --tasks)", _eval_tasks),
+    ("refusal judges (--judge)", _judges),
+    ("data sources", _sources),
+    ("utility tasks (sst-merge train --task; task:NAME)", _utility_tasks),
+    ("experiments (sst-merge run --experiment)", _experiments),
 ]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("list", help="list registered merge methods (and other registries)")
+    return sub.add_parser("list", help="list merge methods, evaluation tasks, judges, data sources, tasks, experiments")
 
 
 def run(args: argparse.Namespace) -> int:
