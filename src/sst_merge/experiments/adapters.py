@@ -15,7 +15,7 @@ def _train(cfg: ExperimentConfig, task: str) -> str:
     kwargs = {"seed": cfg.seed}
     if cfg.adapters.train_steps is not None:
         kwargs["steps"] = cfg.adapters.train_steps
-    log.info("adapter for %r not given: training it (cached after the first time)", task)
+    log.info("adapter for %r not given: using the cached one, or training it once", task)
     return str(train_adapter(cfg.model, task, **kwargs))
 
 
