@@ -82,6 +82,9 @@ def test_exp1_cli_end_to_end(setup, tmp_path, caplog):
     assert list(doc["models"]) == ["base", "utility", "safety", "sst(alpha=1)"]
     sst_spec = doc["models"]["sst(alpha=1)"]["spec"]
     assert sst_spec["method"] == "sst" and sst_spec["params"]["fisher"] == "diagonal"
+    diag = doc["diagnostics"]["sst(alpha=1)"]["sst"]
+    assert diag["approximation"] == "diagonal" and diag["n_safety"] == 4 and diag["n_utility"] == 4
+    assert "## SST-Merge diagnostics" in (out / "report.md").read_text()
     cmp = doc["experiments"]["exp1"]["comparisons"][0]
     assert cmp["reference"] == "utility"
     # The tiny random model never refuses, so there is no safety gain and the tax is undefined (never 0 or inf).

@@ -102,6 +102,25 @@ def matched_table(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(doc: dict[str, Any]) -> str:
+    """One row per SST merge: approximation, samples, directions kept, share of the safety update's norm kept."""
+    lines = [
+        "| model | approximation | N_s / N_u | directions kept (mean per module) | safety-update norm kept |",
+        "|---|---|---|---|---|",
+    ]
+    for label, d in doc.get("diagnostics", {}).items():
+        sst = d.get("sst")
+        if not sst or not sst.get("modules"):
+            continue
+        mods = sst["modules"].values()
+        kept = sum(m["n_kept"] for m in mods) / len(mods)
+        lines.append(
+            f"| {label} | {sst['approximation']} | {sst.get('n_safety')} / {sst.get('n_utility')} | {kept:.1f} "
+            f"| {_f(sst.get('kept_norm_share'))} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def render_markdown(doc: dict[str, Any]) -> str:
     cfg = doc["config"]
     out = [
@@ -116,6 +135,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         models_table(doc),
         "",
     ]
+    diag = diagnostics_table(doc)
+    if diag:
+        out += ["## SST-Merge diagnostics", "", diag, ""]
     exps = doc["experiments"]
     if "exp1" in exps:
         out += ["## exp1 — Safety Tax of SST-Merge", "", comparisons_table(exps["exp1"]["comparisons"]), ""]

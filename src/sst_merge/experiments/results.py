@@ -45,6 +45,8 @@ def build_results(runner: Runner, sections: dict[str, Any]) -> dict[str, Any]:
         "experiments": sections,
         "records": RECORDS_NAME,
         "cache": {"hits": runner.cache_hits, "misses": runner.cache_misses},
+        # what each merge reported about itself (SST: λ spectrum per module, kept share of the safety update, N)
+        "diagnostics": {label: runner.diagnostics[label] for label in runner.specs if label in runner.diagnostics},
     }
     Results.model_validate(doc)
     return doc

@@ -199,6 +199,8 @@ class Runner:
         )[0]
         if data is not None:
             metrics = {name: Metric.from_json(m) for name, m in data["metrics"].items()}
+            if data.get("diagnostics"):
+                self.diagnostics[spec.label] = data["diagnostics"]
             self.cache_hits += 1
             log.info("%s: evaluation cached (%s)", spec.label, cache_file.name)
         else:
@@ -220,6 +222,7 @@ class Runner:
                         "seconds": seconds,
                         "records": records_path.name,
                         "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
+                        "diagnostics": self.diagnostics.get(spec.label),
                     },
                 )
             log.info("%s: evaluated in %.0f s", spec.label, seconds)

@@ -44,3 +44,4 @@ class Results(_Strict):
     experiments: dict[str, dict[str, Any]]
     records: str
     cache: dict[str, int]
+    diagnostics: dict[str, Any] = {}
