@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
+
+from common import emit
 
 
 def main() -> None:
@@ -73,11 +74,7 @@ def main() -> None:
         "runs": runs,
         "same_responses_at_every_batch_size": all(r == first for r in responses.values()),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit
+
 LETTER_YAML = """task: sst_mmlu_letter
 dataset_path: json
 dataset_kwargs:
@@ -191,11 +193,7 @@ def main() -> None:
             entry["acc_norm_ours"] = ours[ours_task]["result"]["metrics"]["acc_norm"]["value"]
             entry["acc_norm_lm_eval"] = lm[lm_task]["metrics"]["acc_norm,none"]
         report[ours_task] = entry
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit
+
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a run (under torchrun: one rank); rank 0 writes the timing to ``--worker-out``."""
@@ -163,11 +165,7 @@ def main() -> None:
         report["gpu"] = {"skipped": "no CUDA device on this machine; run this script on a GPU machine for this section"}
         print("GPU section skipped: no CUDA device on this machine")
     report["load_average_1m_at_end"] = os.getloadavg()[0]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
