@@ -241,3 +241,17 @@ def test_legacy_entry_point_accepts_research_flags():
     assert r.returncode == 0
     for flag in ("--mode", "--model", "--experiment"):
         assert flag in r.stdout
+
+
+def test_cache_key_changes_with_the_merge_method_version(setup, tmp_path, monkeypatch):
+    from sst_merge.merge.sst import SSTMerge
+
+    d, data = setup
+    runner = Runner(resolve_config("minimal", data), tmp_path / "run", show_progress=False)
+    refs = (AdapterRef(data["adapters"]["utility"]["toy_a"], 1.0, "utility"),)
+    spec = ModelSpec("m", refs + (AdapterRef(data["adapters"]["safety"], 1.0, "safety"),), "sst", (("alpha", 1.0),))
+    plain = ModelSpec("u", refs)
+    before, plain_before = runner.spec_key(spec), runner.spec_key(plain)
+    monkeypatch.setattr(SSTMerge, "version", SSTMerge.version + 1)
+    assert runner.spec_key(spec) != before  # an sst evaluation from older method code is not reused
+    assert runner.spec_key(plain) == plain_before  # models without a merge method keep their cache

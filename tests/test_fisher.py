@@ -20,7 +20,7 @@ from sst_merge.fisher.grads import (
     plain_head,
     response_nll,
 )
-from sst_merge.fisher.sampling import sample_responses
+from sst_merge.fisher.sampling import prompt_seed, sample_responses
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
 
@@ -201,16 +201,19 @@ def test_applied_deltas_restores_weights(tiny_llama):
     assert torch.equal(w, before)
 
 
-def test_sampling_is_seeded(tiny_llama, tiny_tok):
+def test_sampling_is_seeded_per_prompt(tiny_llama, tiny_tok):
     prompts = [encode_prompt(tiny_tok, p) for p, _ in PAIRS]
-    s1 = sample_responses(tiny_llama, tiny_tok, prompts, 6, torch.Generator().manual_seed(3), 2, False)
-    s2 = sample_responses(tiny_llama, tiny_tok, prompts, 6, torch.Generator().manual_seed(3), 2, False)
-    s3 = sample_responses(tiny_llama, tiny_tok, prompts, 6, torch.Generator().manual_seed(4), 2, False)
+    s1 = sample_responses(tiny_llama, tiny_tok, prompts, 6, 3, 2, False)
+    s2 = sample_responses(tiny_llama, tiny_tok, prompts, 6, 3, 2, False)
+    s3 = sample_responses(tiny_llama, tiny_tok, prompts, 6, 4, 2, False)
     assert s1 == s2 and s1 != s3
     assert all(1 <= len(r) <= 6 for r in s1)
-    # the KV-cache sampler draws what a plain no-cache loop draws from the same generator (batch of one)
-    solo = sample_responses(tiny_llama, tiny_tok, prompts[:1], 6, torch.Generator().manual_seed(3), 1, False)[0]
-    g = torch.Generator().manual_seed(3)
+    # a prompt's sample depends on the seed and the prompt only: not on batch size, order or the other prompts
+    assert sample_responses(tiny_llama, tiny_tok, prompts, 6, 3, 1, False) == s1
+    assert sample_responses(tiny_llama, tiny_tok, prompts[::-1], 6, 3, 3, False) == s1[::-1]
+    # the KV-cache sampler draws what a plain no-cache loop draws from the prompt's own generator
+    solo = sample_responses(tiny_llama, tiny_tok, prompts[:1], 6, 3, 1, False)[0]
+    g = torch.Generator().manual_seed(prompt_seed(3, prompts[0]))
     ids, naive = list(prompts[0]), []
     with torch.no_grad():
         for _ in range(6):

@@ -64,6 +64,7 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     sampled = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)["sampled"] for rank in (0, 1)]
     assert sampled[0] == sampled[1] and len(sampled[0]) == len(PAIRS)  # every rank holds every sampled response
     assert all(len(ex.response_ids) >= 1 for ex in sampled[0])
+    assert sampled[0] == _sampled()  # seeded per prompt: two ranks draw exactly what one process draws
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for approx, stats in single.items():

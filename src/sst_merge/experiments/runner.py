@@ -26,6 +26,7 @@ from sst_merge.errors import ConfigError
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.provenance import model_fingerprint, stable_hash
 from sst_merge.io import atomic_write_json
+from sst_merge.merge.base import get_method
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class Runner:
                 "base": self.base_fingerprint,
                 "adapters": adapters,
                 "method": spec.method,
+                "method_version": None if spec.method is None else get_method(spec.method).version,
                 "params": dict(spec.params),
                 "eval": self.cfg.eval.model_dump(),
                 "tasks": self.tasks,

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 #: Bump when the meaning of cached statistics changes, so old files are not re-used.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: true-Fisher samples seeded per prompt
 _SEP = "::"
 
 

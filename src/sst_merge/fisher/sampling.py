@@ -1,13 +1,15 @@
 """Seeded ancestral sampling of responses from the pre-merge model (for the *true* Fisher of ``F_u``).
 
 The true Fisher takes ``y ~ p(y | x)`` from the model itself, at temperature 1 with no top-k/top-p truncation (that
-is the model's distribution). A ``torch.Generator`` drives every draw, so a seed fixes the samples (for a given
-device, batch size and library versions); the global RNG is never touched. Sampled token ids are used directly
+is the model's distribution). Every prompt has its own ``torch.Generator``, seeded from the run's seed and the
+prompt's tokens (:func:`prompt_seed`), so a prompt's sample does not depend on which batch, order or
+torch.distributed rank it lands in; the global RNG is never touched. Sampled token ids are used directly
 (no decode/re-encode round trip), including the end-of-turn token when the model produced one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from typing import Any
 
@@ -35,19 +37,26 @@ def _cache_of(res: Any) -> Any:
     return res.get("cache", None) if res.get("cache", None) is not None else res.get("past_key_values", None)
 
 
+def prompt_seed(seed: int, prompt: list[int]) -> int:
+    """A 63-bit seed for one prompt's sampling, from the run's seed and the prompt's token ids."""
+    digest = hashlib.sha256(f"{seed}:{','.join(map(str, prompt))}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 @torch.no_grad()
 def sample_responses(
     model: Any,
     tok: Any,
     prompts: list[list[int]],
     max_new_tokens: int,
-    generator: torch.Generator,
+    seed: int,
     batch_size: int = 8,
     show_progress: bool = True,
 ) -> list[list[int]]:
     """Sample one response per prompt (token ids), stopping at an EOS id or ``max_new_tokens``.
 
-    Prompts are left-padded in batches with explicit position ids, and decoding uses the KV cache.
+    Prompts are left-padded in batches with explicit position ids, and decoding uses the KV cache. Prompt ``p``'s
+    draws come from its own generator seeded with :func:`prompt_seed` ``(seed, p)``.
     """
     device = model.get_input_embeddings().weight.device
     stop = eos_ids(model, tok)
@@ -66,13 +75,14 @@ def sample_responses(
             att[b, T - len(p) :] = 1
         ids, att = ids.to(device), att.to(device)
         pos = (att.cumsum(-1) - 1).clamp_min(0)
+        gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in chunk]
         responses: list[list[int]] = [[] for _ in chunk]
         done = torch.zeros(len(chunk), dtype=torch.bool)
         res = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
         next_pos = pos[:, -1:] + 1
         for _ in range(max_new_tokens):
             probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+            nxt = torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g) for b, g in enumerate(gens)])  # (B, 1)
             for b, t in enumerate(nxt[:, 0].tolist()):
                 if not done[b]:
                     responses[b].append(t)

@@ -69,6 +69,8 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: One line shown by ``sst-merge list``.
     description: ClassVar[str] = ""
+    #: Bumped when the method's output for the same inputs changes, so cached evaluations of it are not reused.
+    version: ClassVar[int] = 1
 
     def check(self, params: MethodParams, ctx: MergeContext) -> None:
         """Refuse inputs this method cannot merge (raise :class:`~sst_merge.errors.ConfigError`); called before any

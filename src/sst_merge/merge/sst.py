@@ -155,6 +155,7 @@ class SSTMerge(MergeMethod):
 
     name = "sst"
     Params = SSTParams
+    version = 2  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks)
     description = "Σ wᵢτᵢ(utility) + α·P_k(τ_safety), P_k from the GEVP F_s v = λ(F_u+εI)v"
 
     def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]
@@ -334,14 +335,13 @@ class SSTMerge(MergeMethod):
             return [encode_example(tok, it["prompt"], it["response"], params.max_length) for it in items]
         prompts = [encode_prompt(tok, it["prompt"]) for it in items]
         prompts = [p[max(0, len(p) - (params.max_length - 1)) :] for p in prompts]
-        device = model.get_input_embeddings().weight.device
-        gen = torch.Generator(device=device).manual_seed(params.seed)
-        # under torch.distributed each rank samples its share of the prompts and every rank gets all responses
+        # under torch.distributed each rank samples its share of the prompts and every rank gets all responses;
+        # each prompt's sample depends only on the seed and the prompt, not on the rank or the batch
         responses = ddp.gather_sharded(
             "sample (true Fisher)",
             prompts,
             lambda part: sample_responses(
-                model, tok, part, params.max_new_tokens, gen, params.batch_size, show_progress
+                model, tok, part, params.max_new_tokens, params.seed, params.batch_size, show_progress
             ),
         )
         return [
