@@ -171,13 +171,16 @@ class Runner:
     # -- evaluation --------------------------------------------------------------------------------------------
     def spec_key(self, spec: ModelSpec) -> str:
         adapters = [(self.adapter(a.path).sha256, a.weight, a.role) for a in spec.adapters]
+        version = get_method(spec.method).version if spec.method else 1
+        # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
+        versioned = {"method_version": version} if version != 1 else {}
         return stable_hash(
             {
+                **versioned,
                 "v": EVAL_CACHE_VERSION,
                 "base": self.base_fingerprint,
                 "adapters": adapters,
                 "method": spec.method,
-                "method_version": None if spec.method is None else get_method(spec.method).version,
                 "params": dict(spec.params),
                 "eval": self.cfg.eval.model_dump(),
                 "tasks": self.tasks,
