@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sst_merge.eval.loglik import left_pad
+
 
 def eos_ids(model: Any, tok: Any) -> set[int]:
     """Token ids that end a response: the tokenizer's EOS and the generation config's EOS ids."""
@@ -67,14 +69,8 @@ def sample_responses(
         range(0, len(prompts), batch_size), desc="sample (true Fisher)", disable=not show_progress, leave=False
     ):
         chunk = prompts[start : start + batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for b, p in enumerate(chunk):
-            ids[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-            att[b, T - len(p) :] = 1
-        ids, att = ids.to(device), att.to(device)
-        pos = (att.cumsum(-1) - 1).clamp_min(0)
+        batch = left_pad(chunk, pad, device)
+        ids, att, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
         gens = [torch.Generator(device=device).manual_seed(prompt_seed(seed, p)) for p in chunk]
         responses: list[list[int]] = [[] for _ in chunk]
         done = torch.zeros(len(chunk), dtype=torch.bool)
