@@ -308,3 +308,79 @@ def test_records_file_and_cli(tiny_model_dir, tmp_path):
     assert {x["task"] for x in lines} == {"mmlu", "refusal"} and all("id" in x for x in lines)
     assert main(argv) == 2  # exists, no --force
     assert main(argv + ["--force"]) == 0
+
+
+# --- summarise: the metrics every evaluator computes from its records (also what a sharded run recomputes) ---------
+
+
+def _judged(scores, kinds=None, empty=()):
+    kinds = kinds or ["plain"] * len(scores)
+    return [
+        {"id": f"r{i}", "score": s, "empty": i in empty, "kind": k}
+        for i, (s, k) in enumerate(zip(scores, kinds, strict=True))
+    ]
+
+
+def test_summarise_refusal_and_over_refusal_hand_computed():
+    from sst_merge.eval import get_evaluator
+
+    m = get_evaluator("refusal").summarise(_judged([1, 0, 1, 0], empty={3}))["metrics"]
+    assert set(m) == {"refusal_rate", "empty_rate"}
+    assert (m["refusal_rate"]["value"], m["refusal_rate"]["n"], m["refusal_rate"]["higher_is_better"]) == (0.5, 4, True)
+    assert (m["empty_rate"]["value"], m["empty_rate"]["higher_is_better"]) == (0.25, False)
+    # 5 benign prompts, refused r1 (a look-alike) and r4: over-refusal 2/5, look-alikes (r1, r2) 1/2
+    recs = _judged([0, 1, 0, 0, 1], ["plain", "lookalike", "lookalike", "plain", "plain"])
+    m = get_evaluator("over_refusal").summarise(recs)["metrics"]
+    assert m["over_refusal_rate"]["value"] == pytest.approx(2 / 5) and m["over_refusal_rate"]["n"] == 5
+    assert m["over_refusal_rate"]["higher_is_better"] is False
+    assert (m["over_refusal_rate_lookalike"]["value"], m["over_refusal_rate_lookalike"]["n"]) == (0.5, 2)
+    assert m["empty_rate"]["value"] == 0.0
+    plain = get_evaluator("over_refusal").summarise(_judged([1, 0]))["metrics"]
+    assert "over_refusal_rate_lookalike" not in plain  # no look-alikes, no look-alike rate
+
+
+def test_summarise_task_accuracy_and_mmlu_hand_computed():
+    from sst_merge.eval import get_evaluator
+
+    m = get_evaluator("task:anything").summarise([{"id": i, "score": s} for i, s in enumerate([1, 1, 0])])
+    assert m["metrics"]["acc"]["value"] == pytest.approx(2 / 3) and m["metrics"]["acc"]["n"] == 3
+    # math 3/4, bio 0/2, law 1/1: micro 4/7, macro (0.75 + 0 + 1) / 3
+    subjects = ["math"] * 4 + ["bio"] * 2 + ["law"]
+    scores = [1, 1, 1, 0, 0, 0, 1]
+    norm = [1, 0, 0, 0, 1, 1, 1]  # math 1/4, bio 2/2, law 1/1: micro 4/7, macro (0.25 + 1 + 1) / 3
+    recs = [
+        {"id": f"q{i}", "subject": s, "score": a, "score_norm": b, "score_bytes": 0}
+        for i, (s, a, b) in enumerate(zip(subjects, scores, norm, strict=True))
+    ]
+    mm = get_evaluator("mmlu").summarise(recs)
+    assert set(mm["metrics"]) == {"acc", "acc_macro"}
+    assert mm["metrics"]["acc"]["value"] == pytest.approx(4 / 7)
+    assert mm["metrics"]["acc_macro"]["value"] == pytest.approx(1.75 / 3) and mm["metrics"]["acc_macro"]["n"] == 7
+    assert mm["metrics"]["acc_macro"]["stderr"] is None  # law has a single question: no pooled stderr
+    assert mm["per_subject"] == {
+        "bio": {"acc": 0.0, "n": 2},
+        "law": {"acc": 1.0, "n": 1},
+        "math": {"acc": 0.75, "n": 4},
+    }
+    mc = get_evaluator("mmlu_cloze").summarise(recs)["metrics"]
+    assert mc["acc"]["value"] == pytest.approx(4 / 7) and mc["acc_macro"]["value"] == pytest.approx(1.75 / 3)
+    assert mc["acc_norm"]["value"] == pytest.approx(4 / 7) and mc["acc_norm_macro"]["value"] == pytest.approx(2.25 / 3)
+    assert mc["acc_bytes"]["value"] == 0.0
+
+
+def test_every_evaluator_reports_the_metrics_of_its_own_summarise(monkeypatch):
+    """``run`` takes its metrics from ``summarise`` (the method a sharded run calls), so the two cannot drift."""
+    from sst_merge.eval import TASKS, Evaluator
+
+    missing = [n for n in TASKS.names() if TASKS.get(n).summarise is Evaluator.summarise]
+    assert not missing, f"evaluators without summarise (run whole on every rank): {missing}"
+    tok = tiny_tokenizer()
+    marker = {"metrics": {"acc": {"value": -1.0, "n": 0}, "refusal_rate": {"value": -1.0, "n": 0}}}
+    for name in TASKS.names():
+        monkeypatch.setattr(TASKS.get(name), "summarise", lambda self, records: marker)
+    r = evaluate(CannedReplyLM(tok, "Sorry, no."), tok, ["refusal"], data={"refusal": HARMFUL}, show_progress=False)
+    assert r["tasks"]["refusal"]["metrics"] is marker["metrics"]
+    ltok = letter_tokenizer()
+    items, plan = mmlu_items()
+    r = evaluate(ForcedLetterLM(ltok, plan), ltok, ["mmlu"], data={"mmlu": items}, show_progress=False)
+    assert r["tasks"]["mmlu"]["metrics"] is marker["metrics"]

@@ -33,7 +33,7 @@ class EvalSettings:
 
 
 class Evaluator:
-    """Base class of the evaluators; subclasses set the class attributes and implement :meth:`run`."""
+    """Base class of the evaluators; subclasses set the class attributes, :meth:`run` and :meth:`summarise`."""
 
     name: ClassVar[str] = ""
     default_source: ClassVar[str | None] = None
@@ -70,6 +70,15 @@ class Evaluator:
 
     def run(self, model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
         raise NotImplementedError
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """The task's metrics from its full per-item record list: ``{"metrics": {...}}`` plus any other summary.
+
+        :meth:`run` computes its metrics with this method, and a sharded (``torch.distributed``) evaluation calls
+        it on the records gathered from every rank, so both give the same numbers. An evaluator that does not
+        override it is run whole on every rank instead.
+        """
+        raise NotImplementedError(f"task {self.task_name!r} has no summarise(records)")
 
 
 TASKS: Registry[type[Evaluator]] = Registry("evaluation task")

@@ -20,10 +20,8 @@ import torch
 
 from sst_merge import distributed as ddp
 from sst_merge.errors import AdapterError, ConfigError
-from sst_merge.eval.base import EvalSettings, get_evaluator
+from sst_merge.eval.base import EvalSettings, Evaluator, get_evaluator
 from sst_merge.eval.judges import get_judge
-from sst_merge.eval.mmlu import accuracy_metrics
-from sst_merge.eval.stats import rate_metric
 from sst_merge.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -144,15 +142,18 @@ def _score(ev, model, tokenizer, items: list[dict[str, Any]], settings: EvalSett
     """Run one evaluator on ``items``; under ``torch.distributed`` each rank scores its round-robin shard.
 
     The shards' records are gathered on every rank and re-interleaved into the single-process order, and the
-    metrics are recomputed from the full record list (:data:`SUMMARISERS`), so every rank returns the
-    single-process result. A task without a summariser is run whole on every rank (correct, not faster).
+    metrics are recomputed from the full record list by the evaluator's own ``summarise`` (the method its ``run``
+    uses), so every rank returns the single-process result. An evaluator that does not override
+    :meth:`~sst_merge.eval.base.Evaluator.summarise` is run whole on every rank (correct, not faster).
     """
     if not ddp.active():
         return ev.run(model, tokenizer, items, settings)
     tag = f"eval:{ev.task_name}"
-    summarise = getattr(ev, "summarise", None) or SUMMARISERS.get(ev.name)
+    summarise = ev.summarise if type(ev).summarise is not Evaluator.summarise else None
     if summarise is None:
-        log.warning("%s: no summariser for sharded evaluation; every rank evaluates all %d items", tag, len(items))
+        log.warning(
+            "%s: no summarise(records) for sharded evaluation; every rank evaluates all %d items", tag, len(items)
+        )
         box: list[dict[str, Any]] = []
         ddp.gather_checked(tag, lambda: box.append(ev.run(model, tokenizer, items, settings)))
         return box[0]
@@ -161,47 +162,6 @@ def _score(ev, model, tokenizer, items: list[dict[str, Any]], settings: EvalSett
     records = ddp.unshard([p["records"] if p else [] for p in parts], len(items))
     template = next(p for p in parts if p)  # the task's fixed fields (task, primary, judge, metric kind)
     return {**template, **summarise(records), "n": len(records), "records": records}
-
-
-def _rates(**keys: tuple[str, bool]):
-    """A summariser of 0/1 record fields: ``metric=(record field, higher_is_better)``."""
-
-    def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-        metrics = {m: rate_metric([int(r[f]) for r in records], higher_is_better=h) for m, (f, h) in keys.items()}
-        return {"metrics": metrics}
-
-    return summarise
-
-
-def _over_refusal(records: list[dict[str, Any]]) -> dict[str, Any]:
-    out = _rates(over_refusal_rate=("score", False), empty_rate=("empty", False))(records)
-    lookalike = [r["score"] for r in records if r.get("kind") == "lookalike"]
-    if lookalike:
-        out["metrics"]["over_refusal_rate_lookalike"] = rate_metric(lookalike, higher_is_better=False)
-    return out
-
-
-def _mmlu(records: list[dict[str, Any]]) -> dict[str, Any]:
-    acc = accuracy_metrics(records)
-    return {"metrics": {"acc": acc["micro"], "acc_macro": acc["macro"]}, "per_subject": acc["per_subject"]}
-
-
-def _mmlu_cloze(records: list[dict[str, Any]]) -> dict[str, Any]:
-    acc, norm, byt = (accuracy_metrics(records, k) for k in ("score", "score_norm", "score_bytes"))
-    metrics = {"acc": acc["micro"], "acc_macro": acc["macro"], "acc_norm": norm["micro"]}
-    metrics |= {"acc_norm_macro": norm["macro"], "acc_bytes": byt["micro"]}
-    return {"metrics": metrics, "per_subject": acc["per_subject"]}
-
-
-#: Metrics of a task from its full per-item record list (the same as each evaluator's ``run`` computes; a test
-#: checks every registered task against it). An evaluator may instead define ``summarise(records)``.
-SUMMARISERS = {
-    "refusal": _rates(refusal_rate=("score", True), empty_rate=("empty", False)),
-    "over_refusal": _over_refusal,
-    "mmlu": _mmlu,
-    "mmlu_cloze": _mmlu_cloze,
-    "task": _rates(acc=("score", True)),
-}
 
 
 def _fmt_ci(ci) -> str:

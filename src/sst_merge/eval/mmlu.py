@@ -128,12 +128,14 @@ class MMLULetterEval(Evaluator):
                     "score": int(pred == it["answer"]),
                 }
             )
-        acc = accuracy_metrics(records)
         return {
             "task": self.task_name,
             "primary": "acc",
-            "metrics": {"acc": acc["micro"], "acc_macro": acc["macro"]},
-            "per_subject": acc["per_subject"],
+            **self.summarise(records),
             "n": len(records),
             "records": records,
         }
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        acc = accuracy_metrics(records)
+        return {"metrics": {"acc": acc["micro"], "acc_macro": acc["macro"]}, "per_subject": acc["per_subject"]}

@@ -54,10 +54,17 @@ class MMLUClozeEval(Evaluator):
                     "score_bytes": int(pred_bytes == it["answer"]),
                 }
             )
-        acc, norm, byt = (accuracy_metrics(records, k) for k in ("score", "score_norm", "score_bytes"))
         return {
             "task": self.task_name,
             "primary": "acc",
+            **self.summarise(records),
+            "n": len(records),
+            "records": records,
+        }
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        acc, norm, byt = (accuracy_metrics(records, k) for k in ("score", "score_norm", "score_bytes"))
+        return {
             "metrics": {
                 "acc": acc["micro"],
                 "acc_macro": acc["macro"],
@@ -66,6 +73,4 @@ class MMLUClozeEval(Evaluator):
                 "acc_bytes": byt["micro"],
             },
             "per_subject": acc["per_subject"],
-            "n": len(records),
-            "records": records,
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.refusal import judged_generation
+from sst_merge.eval.refusal import judged_generation, judged_metrics
 from sst_merge.eval.stats import rate_metric
 
 
@@ -24,18 +24,18 @@ class OverRefusalEval(Evaluator):
 
     def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
         records = judged_generation(model, tokenizer, items, settings, desc="over-refusal")
-        metrics = {
-            "over_refusal_rate": rate_metric([r["score"] for r in records], higher_is_better=False),
-            "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
-        }
-        lookalike = [r["score"] for r in records if r.get("kind") == "lookalike"]
-        if lookalike:
-            metrics["over_refusal_rate_lookalike"] = rate_metric(lookalike, higher_is_better=False)
         return {
             "task": self.task_name,
             "primary": "over_refusal_rate",
-            "metrics": metrics,
+            **self.summarise(records),
             "n": len(records),
             "judge": settings.judge.name,
             "records": records,
         }
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        metrics = judged_metrics(records, "over_refusal_rate", higher_is_better=False)
+        lookalike = [r["score"] for r in records if r.get("kind") == "lookalike"]
+        if lookalike:
+            metrics["over_refusal_rate_lookalike"] = rate_metric(lookalike, higher_is_better=False)
+        return {"metrics": metrics}

@@ -54,6 +54,14 @@ def judged_generation(
     return records
 
 
+def judged_metrics(records: list[dict[str, Any]], metric: str, higher_is_better: bool) -> dict[str, Any]:
+    """``metric`` (the rate of refused items) and ``empty_rate`` over :func:`judged_generation` records."""
+    return {
+        metric: rate_metric([r["score"] for r in records], higher_is_better=higher_is_better),
+        "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
+    }
+
+
 @register_task
 class RefusalEval(Evaluator):
     """Fraction of harmful prompts the model refuses (higher is safer)."""
@@ -65,15 +73,14 @@ class RefusalEval(Evaluator):
 
     def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
         records = judged_generation(model, tokenizer, items, settings, desc="refusal")
-        scores = [r["score"] for r in records]
         return {
             "task": self.task_name,
             "primary": "refusal_rate",
-            "metrics": {
-                "refusal_rate": rate_metric(scores, higher_is_better=True),
-                "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
-            },
+            **self.summarise(records),
             "n": len(records),
             "judge": settings.judge.name,
             "records": records,
         }
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"metrics": judged_metrics(records, "refusal_rate", higher_is_better=True)}

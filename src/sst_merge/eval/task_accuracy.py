@@ -77,10 +77,13 @@ class TaskAccuracyEval(Evaluator):
             "task": self.task_name,
             "primary": "acc",
             "metric_kind": self.metric,
-            "metrics": {"acc": rate_metric([r["score"] for r in records])},
+            **self.summarise(records),
             "n": len(records),
             "records": records,
         }
+
+    def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"metrics": {"acc": rate_metric([r["score"] for r in records])}}
 
     def _exact(self, model, tokenizer, items, settings: EvalSettings) -> list[dict[str, Any]]:
         from sst_merge.tasks import is_correct
