@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from sst_merge.commands.flags import add_output_flags, add_set_flag
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -13,16 +15,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Merge the adapters of a YAML config in ΔW space and write a PEFT adapter or a full model.",
     )
     p.add_argument("config", help="merge config (YAML); see examples/*.yaml")
-    p.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an existing output directory")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set params.density=0.3 --set adapters.1.weight=0.5",
+    add_output_flags(
+        p,
+        help="output directory (written atomically)",
+        force_help="replace an existing output directory",
+        required=True,
     )
+    add_set_flag(p, help="override a config value, e.g. --set params.density=0.3 --set adapters.1.weight=0.5")
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle (.bin) adapter weights; they can run code"
     )

@@ -1,0 +1,28 @@
+"""Flags that several sub-commands share, declared once so that their names, defaults and destinations agree."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, a list that starts empty.
+
+    Args:
+        p: the sub-command's parser.
+        help: the help text, with an example of the command's own dotted keys.
+    """
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def add_output_flags(p: argparse.ArgumentParser, help: str, force_help: str, required: bool = False) -> None:
+    """``-o/--output DIR`` and ``--force`` (``args.output``, ``args.force``).
+
+    Args:
+        p: the sub-command's parser.
+        help: help text of ``-o/--output`` (what the directory holds, its default).
+        force_help: help text of ``--force`` (what an existing directory gets).
+        required: whether ``-o/--output`` must be given.
+    """
+    p.add_argument("-o", "--output", required=required, help=help)
+    p.add_argument("--force", action="store_true", help=force_help)
