@@ -7,9 +7,19 @@ Fisher statistics built on it have the same structure as on SmolLM2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import SimpleNamespace
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
@@ -116,3 +126,33 @@ def random_lora(
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+class ReplyLM(torch.nn.Module):
+    """A stub generating model whose answers are known: ``reply`` (then EOS) to every prompt.
+
+    ``reply`` is a fixed text, or a function of the decoded input row (chat template and padding included) that
+    returns the text — a model that refuses exactly the prompts a test marks. Like ``generate`` it stops after
+    ``max_new_tokens`` and pads shorter answers with the pad token; it has no weights worth the name.
+    """
+
+    def __init__(self, tok: PreTrainedTokenizerFast, reply: str | Callable[[str], str]) -> None:
+        super().__init__()
+        self.tok = tok
+        self.reply = reply
+        self.emb = torch.nn.Embedding(1, 1)  # model_device() reads the input embeddings' device
+        self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.emb
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, pad_token_id=None, **kwargs):
+        rows = []
+        for ids in input_ids:
+            text = self.reply if isinstance(self.reply, str) else self.reply(self.tok.decode(ids))
+            rows.append((self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id])[:max_new_tokens])
+        width = max(len(r) for r in rows)
+        pad = self.tok.pad_token_id if pad_token_id is None else pad_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        return torch.cat([input_ids, new], dim=1)
