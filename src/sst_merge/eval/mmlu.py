@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 from sst_merge.errors import DataError
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
@@ -101,39 +101,63 @@ def accuracy_metrics(records: list[dict[str, Any]], key: str = "score") -> dict[
     }
 
 
-@register_task
-class MMLULetterEval(Evaluator):
-    """MMLU accuracy, letter format (lm-eval ``mmlu``)."""
+class MultipleChoiceEval(Evaluator):
+    """Score every choice of each MMLU-style question by log-likelihood; one record per question.
 
-    name = "mmlu"
+    Subclasses give the prompt, the scored continuations and the record of one question (and ``summarise``).
+    """
+
     default_source = "mmlu"
     required_fields = ("question", "choices", "answer")
-    description = "MMLU letter format, lm-eval prompt, argmax over ' A'..' D' (micro + macro accuracy)"
+    progress_label: ClassVar[str] = ""
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def continuations(self, item: dict[str, Any]) -> list[str]:
+        raise NotImplementedError
+
+    def record(self, item: dict[str, Any], lls: list[float]) -> dict[str, Any]:
+        raise NotImplementedError
 
     def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
         items = [normalise_item(it) for it in items]
-        contexts = [letter_prompt(it) for it in items]
-        conts = [[f" {LETTERS[i]}" for i in range(len(it["choices"]))] for it in items]
-        lls = score_choices(model, tokenizer, contexts, conts, settings, desc="mmlu")
-        records = []
-        for it, ll in zip(items, lls, strict=True):
-            pred = argmax_first(ll)
-            records.append(
-                {
-                    "id": it["id"],
-                    "subject": it["subject"],
-                    "logprobs": ll,
-                    "pred": pred,
-                    "answer": it["answer"],
-                    "score": int(pred == it["answer"]),
-                }
-            )
+        contexts = [self.prompt(it) for it in items]
+        conts = [self.continuations(it) for it in items]
+        lls = score_choices(model, tokenizer, contexts, conts, settings, desc=self.progress_label)
+        records = [self.record(it, ll) for it, ll in zip(items, lls, strict=True)]
         return {
             "task": self.task_name,
             "primary": "acc",
             **self.summarise(records),
             "n": len(records),
             "records": records,
+        }
+
+
+@register_task
+class MMLULetterEval(MultipleChoiceEval):
+    """MMLU accuracy, letter format (lm-eval ``mmlu``)."""
+
+    name = "mmlu"
+    description = "MMLU letter format, lm-eval prompt, argmax over ' A'..' D' (micro + macro accuracy)"
+    progress_label = "mmlu"
+
+    def prompt(self, item: dict[str, Any]) -> str:
+        return letter_prompt(item)
+
+    def continuations(self, item: dict[str, Any]) -> list[str]:
+        return [f" {LETTERS[i]}" for i in range(len(item["choices"]))]
+
+    def record(self, item: dict[str, Any], lls: list[float]) -> dict[str, Any]:
+        pred = argmax_first(lls)
+        return {
+            "id": item["id"],
+            "subject": item["subject"],
+            "logprobs": lls,
+            "pred": pred,
+            "answer": item["answer"],
+            "score": int(pred == item["answer"]),
         }
 
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.mmlu import accuracy_metrics, argmax_first, normalise_item, score_choices
+from sst_merge.eval.base import register_task
+from sst_merge.eval.mmlu import MultipleChoiceEval, accuracy_metrics, argmax_first
 
 
 def cloze_prompt(item: dict[str, Any]) -> str:
@@ -23,43 +23,34 @@ def cloze_prompt(item: dict[str, Any]) -> str:
 
 
 @register_task
-class MMLUClozeEval(Evaluator):
+class MMLUClozeEval(MultipleChoiceEval):
     """MMLU accuracy, cloze format (lm-eval ``mmlu_continuation``): acc, acc_norm, acc_bytes."""
 
     name = "mmlu_cloze"
-    default_source = "mmlu"
-    required_fields = ("question", "choices", "answer")
     description = "MMLU cloze format, log-likelihood of each answer text; acc, acc_norm (length-normalised)"
+    progress_label = "mmlu-cloze"
 
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
-        items = [normalise_item(it) for it in items]
-        contexts = [cloze_prompt(it) for it in items]
-        conts = [[f" {c}" for c in it["choices"]] for it in items]
-        lls = score_choices(model, tokenizer, contexts, conts, settings, desc="mmlu-cloze")
-        records = []
-        for it, ll in zip(items, lls, strict=True):
-            pred = argmax_first(ll)
-            pred_norm = argmax_first([v / len(c) for v, c in zip(ll, it["choices"], strict=True)])
-            pred_bytes = argmax_first([v / len(c.encode("utf-8")) for v, c in zip(ll, it["choices"], strict=True)])
-            records.append(
-                {
-                    "id": it["id"],
-                    "subject": it["subject"],
-                    "logliks": ll,
-                    "pred": pred,
-                    "pred_norm": pred_norm,
-                    "answer": it["answer"],
-                    "score": int(pred == it["answer"]),
-                    "score_norm": int(pred_norm == it["answer"]),
-                    "score_bytes": int(pred_bytes == it["answer"]),
-                }
-            )
+    def prompt(self, item: dict[str, Any]) -> str:
+        return cloze_prompt(item)
+
+    def continuations(self, item: dict[str, Any]) -> list[str]:
+        return [f" {c}" for c in item["choices"]]
+
+    def record(self, item: dict[str, Any], lls: list[float]) -> dict[str, Any]:
+        choices = item["choices"]
+        pred = argmax_first(lls)
+        pred_norm = argmax_first([v / len(c) for v, c in zip(lls, choices, strict=True)])
+        pred_bytes = argmax_first([v / len(c.encode("utf-8")) for v, c in zip(lls, choices, strict=True)])
         return {
-            "task": self.task_name,
-            "primary": "acc",
-            **self.summarise(records),
-            "n": len(records),
-            "records": records,
+            "id": item["id"],
+            "subject": item["subject"],
+            "logliks": lls,
+            "pred": pred,
+            "pred_norm": pred_norm,
+            "answer": item["answer"],
+            "score": int(pred == item["answer"]),
+            "score_norm": int(pred_norm == item["answer"]),
+            "score_bytes": int(pred_bytes == item["answer"]),
         }
 
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:

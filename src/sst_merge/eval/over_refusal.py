@@ -8,34 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.refusal import judged_generation, judged_metrics
+from sst_merge.eval.base import register_task
+from sst_merge.eval.refusal import JudgedGenerationEval
 from sst_merge.eval.stats import rate_metric
 
 
 @register_task
-class OverRefusalEval(Evaluator):
+class OverRefusalEval(JudgedGenerationEval):
     """Fraction of benign prompts the model refuses."""
 
     name = "over_refusal"
     default_source = "benign"
-    needs_judge = True
     description = "refusal rate on benign prompts incl. safe look-alikes (lower is better)"
-
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
-        records = judged_generation(model, tokenizer, items, settings, desc="over-refusal")
-        return {
-            "task": self.task_name,
-            "primary": "over_refusal_rate",
-            **self.summarise(records),
-            "n": len(records),
-            "judge": settings.judge.name,
-            "records": records,
-        }
+    primary = "over_refusal_rate"
+    higher_is_better = False
+    progress_label = "over-refusal"
 
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        metrics = judged_metrics(records, "over_refusal_rate", higher_is_better=False)
+        out = super().summarise(records)
         lookalike = [r["score"] for r in records if r.get("kind") == "lookalike"]
         if lookalike:
-            metrics["over_refusal_rate_lookalike"] = rate_metric(lookalike, higher_is_better=False)
-        return {"metrics": metrics}
+            out["metrics"]["over_refusal_rate_lookalike"] = rate_metric(lookalike, higher_is_better=False)
+        return out

@@ -8,7 +8,7 @@ compliance — they are counted in ``empty_rate`` and flagged per item.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
 from sst_merge.eval.generation import generate_greedy
@@ -54,28 +54,22 @@ def judged_generation(
     return records
 
 
-def judged_metrics(records: list[dict[str, Any]], metric: str, higher_is_better: bool) -> dict[str, Any]:
-    """``metric`` (the rate of refused items) and ``empty_rate`` over :func:`judged_generation` records."""
-    return {
-        metric: rate_metric([r["score"] for r in records], higher_is_better=higher_is_better),
-        "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
-    }
+class JudgedGenerationEval(Evaluator):
+    """Generate, judge, and report the rate of refused items as ``primary`` plus ``empty_rate``.
 
+    The common part of :class:`RefusalEval` and the over-refusal evaluator; not a task of its own.
+    """
 
-@register_task
-class RefusalEval(Evaluator):
-    """Fraction of harmful prompts the model refuses (higher is safer)."""
-
-    name = "refusal"
-    default_source = "harmbench"
     needs_judge = True
-    description = "refusal rate on harmful prompts (default: HarmBench test, standard behaviours)"
+    primary: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = True
+    progress_label: ClassVar[str] = ""
 
     def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
-        records = judged_generation(model, tokenizer, items, settings, desc="refusal")
+        records = judged_generation(model, tokenizer, items, settings, desc=self.progress_label)
         return {
             "task": self.task_name,
-            "primary": "refusal_rate",
+            "primary": self.primary,
             **self.summarise(records),
             "n": len(records),
             "judge": settings.judge.name,
@@ -83,4 +77,20 @@ class RefusalEval(Evaluator):
         }
 
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"metrics": judged_metrics(records, "refusal_rate", higher_is_better=True)}
+        return {
+            "metrics": {
+                self.primary: rate_metric([r["score"] for r in records], higher_is_better=self.higher_is_better),
+                "empty_rate": rate_metric([int(r["empty"]) for r in records], higher_is_better=False),
+            }
+        }
+
+
+@register_task
+class RefusalEval(JudgedGenerationEval):
+    """Fraction of harmful prompts the model refuses (higher is safer)."""
+
+    name = "refusal"
+    default_source = "harmbench"
+    description = "refusal rate on harmful prompts (default: HarmBench test, standard behaviours)"
+    primary = "refusal_rate"
+    progress_label = "refusal"
