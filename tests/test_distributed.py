@@ -9,44 +9,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers import GenerationConfig
 
 from sst_merge import distributed as ddp
 from sst_merge.errors import ConfigError
-from sst_merge.eval import TASKS, evaluate
-from sst_merge.eval.harness import SUMMARISERS
-from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
+from sst_merge.eval import evaluate
+from sst_merge.testing import ReplyLM, random_lora, tiny_model, tiny_tokenizer
 
 # ---- data and a stub model whose refusals are known -----------------------------------------------------------
 
 
-class ScriptedReplyLM(torch.nn.Module):
+def _scripted_reply(text: str) -> str:
     """Refuses prompts containing ``REFUSE``, answers nothing to ``SILENT``, otherwise complies."""
-
-    def __init__(self, tok) -> None:
-        super().__init__()
-        self.tok = tok
-        self.emb = torch.nn.Embedding(1, 1)
-        self.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
-        self.config = SimpleNamespace(max_position_embeddings=4096)
-
-    def get_input_embeddings(self):
-        return self.emb
-
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, pad_token_id=None, **kwargs):
-        rows = []
-        for ids in input_ids:
-            text = self.tok.decode(ids)
-            reply = "I cannot help with that." if "REFUSE" in text else "" if "SILENT" in text else "Sure: step one."
-            rows.append(self.tok.encode(reply, add_special_tokens=False) + [self.tok.eos_token_id])
-        width = max(len(r) for r in rows)
-        new = torch.tensor([r + [self.tok.pad_token_id] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, new], dim=1)
+    return "I cannot help with that." if "REFUSE" in text else "" if "SILENT" in text else "Sure: step one."
 
 
 def _harmful() -> list[dict]:
@@ -88,12 +66,12 @@ def _evaluate_everything(records_dir=None) -> dict:
         (lambda name: os.path.join(records_dir, f"{name}-rank{ddp.rank()}.jsonl")) if records_dir else (lambda n: None)
     )
     gen = evaluate(
-        ScriptedReplyLM(tok),
+        ReplyLM(tok, _scripted_reply),
         tok,
         ["refusal", "over_refusal", "task:exact"],
         data={"refusal": _harmful(), "over_refusal": _benign(), "task:exact": _exact()},
         batch_size=3,
-        max_new_tokens=8,
+        max_new_tokens=32,  # the longest scripted reply is 24 tokens + EOS; ReplyLM stops at the budget
         records_path=rec("gen"),
         show_progress=False,
     )
@@ -211,20 +189,13 @@ def test_run_command_passes_dtype_and_device_map_to_the_config(monkeypatch, tmp_
     assert (got.value.args[0].dtype, got.value.args[0].device_map) == ("float32", None)
 
 
-def test_summarisers_reproduce_every_evaluator_from_its_records():
-    """The metrics a sharded run recomputes from gathered records are the ones each evaluator computes itself."""
-    registered = set(TASKS.names())
-    covered = set(SUMMARISERS) | {n for n in registered if hasattr(TASKS.get(n), "summarise")}
-    assert registered <= covered, f"evaluators without a summariser: {sorted(registered - covered)}"
+def test_scripted_evaluation_gives_hand_computed_rates():
+    """The scripted replies give the rates worked out by hand (the two-rank test compares against these results)."""
     results = _evaluate_everything()
     assert results["refusal"]["metrics"]["refusal_rate"]["value"] == pytest.approx(3 / 7)
     assert results["refusal"]["metrics"]["empty_rate"]["value"] == pytest.approx(1 / 7)
     assert results["over_refusal"]["metrics"]["over_refusal_rate"]["value"] == pytest.approx(2 / 5)
     assert results["over_refusal"]["metrics"]["over_refusal_rate_lookalike"]["value"] == pytest.approx(1 / 2)
-    for name, res in results.items():
-        summary = SUMMARISERS[name.partition(":")[0]](res["records"])
-        for key, value in summary.items():
-            assert value == res[key], (name, key)
 
 
 # ---- two processes ------------------------------------------------------------------------------------------------
@@ -265,7 +236,9 @@ def _sharded_evaluation(out_dir: str) -> dict:
 
 def _evaluate_one_item() -> dict:
     tok = tiny_tokenizer()
-    res = evaluate(ScriptedReplyLM(tok), tok, ["refusal"], data={"refusal": _harmful()[:1]}, show_progress=False)
+    res = evaluate(
+        ReplyLM(tok, _scripted_reply), tok, ["refusal"], data={"refusal": _harmful()[:1]}, show_progress=False
+    )
     return res["tasks"]["refusal"]["metrics"] | {"ids": [r["id"] for r in res["tasks"]["refusal"]["records"]]}
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sst_merge.commands.flags import add_output_flags, add_set_flag
+
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
     """The flags shared by ``sst-merge run`` and ``experiments/run_real_experiments.py``."""
@@ -12,22 +14,18 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, local model directory or hub id")
     p.add_argument("--mode", default="minimal", choices=["minimal", "full"])
     p.add_argument("--config", help="YAML experiment config (applied over the mode's preset)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set sst.fisher=lowrank --set eval.refusal_limit=100",
-    )
+    add_set_flag(p, help="dotted override, e.g. --set sst.fisher=lowrank --set eval.refusal_limit=100")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (same as --set dtype=)")
     p.add_argument(
         "--device-map",
         choices=["auto"],
         help="auto: spread a big model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
     )
-    p.add_argument("-o", "--output", help="run directory (default: runs/<experiment>-<model>-<mode>)")
-    p.add_argument("--force", action="store_true", help="run again into a directory that holds a finished run")
+    add_output_flags(
+        p,
+        help="run directory (default: runs/<experiment>-<model>-<mode>)",
+        force_help="run again into a directory that holds a finished run",
+    )
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
