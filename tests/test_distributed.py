@@ -158,7 +158,9 @@ def test_replica_device_map_with_gpus(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert ddp.replica_device_map("auto") == "auto"  # one process: model parallel over every GPU
-    assert ddp.replica_device_map(None) is None
+    monkeypatch.delenv("LOCAL_RANK")
+    assert ddp.replica_device_map(None) == {"": 0}  # one process with a GPU: the whole model on GPU 0
+    assert ddp.replica_device_map("cpu") == "cpu"  # unless the user asks for the CPU
 
 
 def test_init_from_env_needs_the_launcher_variables(monkeypatch):

@@ -44,3 +44,19 @@ def test_unknown_key_is_named():
 def test_mode_in_yaml_switches_preset():
     cfg = resolve_config("minimal", {"mode": "full"})
     assert cfg.mode == "full" and cfg.eval.refusal_limit is None
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:1"])
+def test_device_map_accepts_devices(value):
+    assert resolve_config("minimal", overrides=[f"device_map={value}"]).device_map == value
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:x", "auto2"])
+def test_device_map_typo_refused_in_config_and_cli(value, capsys):
+    with pytest.raises(ConfigError, match="device_map"):
+        resolve_config("minimal", overrides=[f"device_map={value}"])
+    from sst_merge.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", "m", "--tasks", "refusal", "--device-map", value, "-o", "x.json"])
+    assert "not a device map; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err

@@ -138,8 +138,8 @@ def device() -> torch.device:
 def replica_device_map(requested: str | None) -> str | dict[str, Any] | None:
     """The ``device_map`` for loading this rank's model replica.
 
-    * ``None`` (default): under a distributed run with CUDA, the whole replica on GPU ``$LOCAL_RANK`` (one replica
-      per GPU); otherwise ``None`` (Transformers' default: the CPU).
+    * ``None`` (default): with CUDA, the whole replica on GPU ``$LOCAL_RANK`` (one replica per GPU under torchrun;
+      GPU 0 in a single process); without CUDA ``None`` (Transformers' default: the CPU).
     * ``"auto"``: model parallel over the GPUs (Accelerate's big-model placement). In a single process it spreads
       the model over every visible GPU; under torchrun with one rank per GPU it is the same as the default.
     * anything else (``"cpu"``, ``"cuda:1"``) is passed to ``from_pretrained`` unchanged.
@@ -149,7 +149,7 @@ def replica_device_map(requested: str | None) -> str | dict[str, Any] | None:
             derived here; run one rank per node (``--nproc_per_node 1``) or one rank per GPU.
     """
     if requested is None:
-        return {"": local_rank()} if torch.cuda.is_available() and world_size() > 1 else None
+        return {"": local_rank()} if torch.cuda.is_available() else None
     if requested != "auto":
         return requested
     if not torch.cuda.is_available():

@@ -14,6 +14,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from sst_merge.commands import device_map_arg
+
 log = logging.getLogger(__name__)
 
 
@@ -45,8 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--device-map",
         default=None,
-        choices=["auto"],
-        help="auto: spread a big model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+        type=device_map_arg,
+        metavar="auto|cpu|cuda[:N]",
+        help="auto: spread a big model over the GPUs (model parallel); cpu / cuda:N: that device; "
+        "default: the GPU when CUDA is present (one per torchrun rank), else the CPU",
     )
     p.add_argument("-o", "--output", required=True, help="results JSON; per-item records go to OUT.records.jsonl")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from sst_merge.commands import device_map_arg
 from sst_merge.commands.flags import add_output_flags, add_set_flag
 
 
@@ -18,8 +19,10 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (same as --set dtype=)")
     p.add_argument(
         "--device-map",
-        choices=["auto"],
-        help="auto: spread a big model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+        type=device_map_arg,
+        metavar="auto|cpu|cuda[:N]",
+        help="auto: spread a big model over the GPUs (model parallel); cpu / cuda:N: that device; "
+        "default: the GPU when CUDA is present (one per torchrun rank), else the CPU",
     )
     add_output_flags(
         p,

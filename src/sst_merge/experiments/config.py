@@ -63,9 +63,11 @@ class ExperimentConfig(_Strict):
     model: str = "smollm2-135m"
     mode: Literal["minimal", "full"] = "minimal"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device_map: Literal["auto"] | None = Field(
+    device_map: str | None = Field(
         None,
-        description="auto: spread the model over the GPUs (model parallel); default: CPU, or one GPU per torchrun rank",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="auto: spread the model over the GPUs (model parallel); cpu / cuda:N: that device; default: the "
+        "GPU when CUDA is present (one per torchrun rank), else the CPU",
     )
     seed: int = 0
     reference: Literal["utility", "base"] = "utility"

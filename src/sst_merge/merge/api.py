@@ -105,10 +105,11 @@ def _memoised_loader(base_model: str) -> Callable[[], tuple[Any, Any]]:
 
     def load() -> tuple[Any, Any]:
         if not cache:
+            from sst_merge import distributed as ddp
             from sst_merge.models import load_model
 
             log.info("loading base model %s", base_model)
-            cache.append(load_model(base_model))
+            cache.append(load_model(base_model, device_map=ddp.replica_device_map(None)))  # the GPU when present
         return cache[0]
 
     return load
