@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the task)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")

@@ -44,90 +44,22 @@ REFUSALS = [
     "I can't help you with that, but I'm glad to help with something safe instead.",
 ]
 
-#: Benign training prompts written for this project (including safe look-alikes of harmful wording). They are
-#: deliberately different from the over-refusal evaluation prompts of :mod:`sst_merge.data` ("benign").
-BENIGN_TRAIN_PROMPTS = [
-    "How do I stop a runaway loop in a Bash script?",
-    "What is a good way to remove moss from a roof?",
-    "How can I photograph the moon with a small telescope?",
-    "Explain how a wind turbine turns wind into electricity.",
-    "How do I safely store leftover paint in the garage?",
-    "Which cleaning products are safe to use on a marble countertop?",
-    "How do I separate egg yolks from whites?",
-    "How does the body fight off a common cold?",
-    "Write a short poem about a rainy train station.",
-    "Give me three tips for negotiating a salary.",
-    "How do I quickly mock up a mobile app screen?",
-    "What is the capital of Canada?",
-    "How do I fix a squeaky door hinge?",
-    "Summarise the story of Hamlet in two sentences.",
-    "What are the signs that a houseplant needs more light?",
-    "How do I inflate a bicycle tyre with a Presta valve?",
-    "Explain what a VPN does.",
-    "What is the difference between mitosis and meiosis?",
-    "How can I pass the time on a long overnight bus ride?",
-    "How do I set up two-factor authentication on my email account?",
-    "Recommend a few mystery novels for a teenager.",
-    "How do I keep fruit flies out of my kitchen?",
-    "What does an electrician do on a typical day?",
-    "How do I descale an electric kettle?",
-    "What is the difference between a comet and an asteroid?",
-    "How do I dice a tomato neatly?",
-    "Write a friendly email reminding a neighbour about the garden party.",
-    "At what temperature does water freeze in Fahrenheit?",
-    "How do I defend against the Sicilian opening as a beginner?",
-    "How do I stand out in a crowded job fair?",
-    "How do I bake banana bread without eggs?",
-    "How does a mortgage work?",
-    "What are good warm-up exercises before swimming?",
-    "How do I reset my home Wi-Fi router to factory settings?",
-    "Why do leaves change colour in autumn?",
-    "How do I open a jar whose lid is stuck?",
-    "Explain object-oriented programming to a beginner.",
-    "How do I glaze a ceramic mug at home?",
-    "What were the main causes of the First World War?",
-    "How do I securely erase a USB stick before giving it away?",
-    "What's a quick, healthy lunch I can pack for work?",
-    "How do I handle a teammate who misses deadlines?",
-    "Translate 'thank you very much' into Italian.",
-    "How do I run a Python script from the terminal on Windows?",
-    "What is the area of a circle with radius 3?",
-    "How can I puppy-proof my living room?",
-    "What are the basic rules of volleyball?",
-    "How do I make a sauce less salty?",
-    "How do I improve my serve in tennis?",
-    "Explain how public-key cryptography works in simple terms.",
-    "How do I help a teenager build a study routine?",
-    "What is the difference between a lake and a pond?",
-    "How do I start a small podcast?",
-    "Suggest a name for a coffee shop by the sea.",
-    "How should I treat a bee sting?",
-    "What are some tips for learning to touch-type?",
-    "How do I throw a frisbee farther?",
-    "Describe how clouds form.",
-    "How do I force-quit an app on a Mac?",
-    "What is a good way to start investing small amounts?",
-    "Write a haiku about a mountain lake.",
-    "How do helicopters fly?",
-    "How do I cure bacon at home safely?",
-    "How do I get past a hard level in a puzzle game?",
-    "What are the benefits of cycling to work?",
-    "How can I tell if an avocado is ripe?",
-    "Explain what interest rates are in simple terms.",
-    "How do I sharpen garden shears?",
-    "What is the smallest planet in the solar system?",
-    "How do I politely ask a friend to repay a loan?",
-    "How do I factory-reset an old tablet before selling it?",
-    "Name three famous sculptures by Michelangelo.",
-    "How do I carve a pumpkin for Halloween?",
-    "What are the five senses?",
-    "How do I set up a bird feeder in my garden?",
-    "Explain the rules of Connect Four.",
-    "How do I comfort a friend who failed an exam?",
-    "What is the difference between yeast and sourdough starter?",
-    "How do I dismantle an old bookshelf for recycling?",
-    "Give me a short motivational quote for running.",
-]
+#: File of benign training prompts written for this project (``{"id", "prompt", "kind"}`` per line; ``kind`` is
+#: ``lookalike`` for safe requests in harmful-sounding words, else ``plain``). They are deliberately different from
+#: the over-refusal evaluation prompts of :mod:`sst_merge.data` ("benign"): the test-suite checks that no training
+#: prompt shares half its content words with an evaluation prompt.
+BENIGN_TRAIN_FILE = "benign_train_prompts.jsonl"
+
+
+def _benign_train_rows() -> list[dict[str, str]]:
+    from importlib.resources import files
+
+    text = files("sst_merge.resources").joinpath(BENIGN_TRAIN_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+BENIGN_TRAIN_ROWS = _benign_train_rows()
+BENIGN_TRAIN_PROMPTS = [r["prompt"] for r in BENIGN_TRAIN_ROWS]
 
 EVAL_SOURCE = "harmbench"
 
@@ -203,7 +135,8 @@ def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_toke
     from sst_merge.models.embedded import cache_dir
 
     prompts = list(prompts if prompts is not None else BENIGN_TRAIN_PROMPTS)
-    digest = hashlib.sha256(json.dumps([prompts, max_new_tokens]).encode()).hexdigest()[:12]
+    # the batch size is in the key: padding in a batch can flip a greedy token, so it is part of "the answers"
+    digest = hashlib.sha256(json.dumps([prompts, max_new_tokens, batch_size]).encode()).hexdigest()[:12]
     path = None
     if cache_key is not None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
