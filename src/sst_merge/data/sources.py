@@ -166,7 +166,11 @@ def _mmlu(split: str | None) -> list[dict[str, Any]]:
     return items
 
 
-@source("benign", "the project's benign / over-refusal prompts (incl. safe look-alikes); kind = lookalike|plain")
+@source(
+    "benign",
+    "the project's benign / over-refusal prompts (incl. safe look-alikes); kind = lookalike|plain",
+    stratify="kind",  # the file lists look-alikes first: a plain first-N would be look-alikes only
+)
 def _benign(split: str | None) -> list[dict[str, Any]]:
     p = Path(__file__).resolve().parent.parent / "resources" / "benign_prompts.jsonl"
     return read_local(p)

@@ -31,7 +31,8 @@ from sst_merge.merge.base import get_method
 log = logging.getLogger(__name__)
 
 #: Bump when evaluation semantics change, so cached evaluations from older code are not reused.
-EVAL_CACHE_VERSION = 1
+#: 2: a limited benign (over-refusal) set alternates look-alike and plain prompts instead of taking the first N.
+EVAL_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
