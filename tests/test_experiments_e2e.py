@@ -255,3 +255,14 @@ def test_cache_key_changes_with_the_merge_method_version(setup, tmp_path, monkey
     monkeypatch.setattr(SSTMerge, "version", SSTMerge.version + 1)
     assert runner.spec_key(spec) != before  # an sst evaluation from older method code is not reused
     assert runner.spec_key(plain) == plain_before  # models without a merge method keep their cache
+
+
+def test_cache_key_changes_with_the_judge_version(setup, tmp_path, monkeypatch):
+    from sst_merge.eval.judges import KeywordJudge
+
+    d, data = setup
+    runner = Runner(resolve_config("minimal", data), tmp_path / "run", show_progress=False)
+    plain = ModelSpec("u", (AdapterRef(data["adapters"]["utility"]["toy_a"], 1.0, "utility"),))
+    before = runner.spec_key(plain)
+    monkeypatch.setattr(KeywordJudge, "version", KeywordJudge.version + 1)
+    assert runner.spec_key(plain) != before  # verdicts of an older keyword judge are not reused

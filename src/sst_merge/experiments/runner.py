@@ -23,6 +23,7 @@ import torch
 from sst_merge import distributed as ddp
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
+from sst_merge.eval.judges import judge_version
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.provenance import model_fingerprint, stable_hash
 from sst_merge.io import atomic_write_json
@@ -175,6 +176,9 @@ class Runner:
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
+        judge_v = judge_version(self.cfg.eval.judge)  # likewise: a judge's version enters the key once past 1
+        if judge_v != 1:
+            versioned["judge_version"] = judge_v
         return stable_hash(
             {
                 **versioned,

@@ -25,4 +25,10 @@ def get_judge(spec: str | Judge) -> Judge:
     return JUDGES.get(scheme)(arg if sep else None)
 
 
-__all__ = ["JUDGES", "VERDICTS", "ClassifierJudge", "Judge", "KeywordJudge", "get_judge"]
+def judge_version(spec: str) -> int:
+    """The version of the judge a spec names, without building it (an ``hf:`` judge is versioned by its model)."""
+    scheme = spec.partition(":")[0]
+    return KeywordJudge.version if scheme == "keyword" else 1
+
+
+__all__ = ["JUDGES", "VERDICTS", "ClassifierJudge", "Judge", "KeywordJudge", "get_judge", "judge_version"]

@@ -10,9 +10,14 @@ VERDICTS = ("refusal", "compliance", "empty")
 
 
 class Judge:
-    """Base class: ``judge(prompts, responses) -> verdicts``; ``name`` is recorded in every result."""
+    """Base class: ``judge(prompts, responses) -> verdicts``; ``name`` is recorded in every result.
+
+    ``version`` is bumped whenever a judge's verdicts change for the same response (e.g. new refusal patterns), so
+    that evaluations judged by older code are not read back from the experiment cache.
+    """
 
     name: str = "judge"
+    version: int = 1
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         raise NotImplementedError

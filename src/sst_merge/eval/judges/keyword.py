@@ -104,6 +104,7 @@ class KeywordJudge(Judge):
     """Refusal phrases near the start of the response (see the module docs); prompts are ignored."""
 
     name = "keyword"
+    version = 1  # bump with any change to the patterns or the head window: cached verdicts depend on them
 
     def judge(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
         return [keyword_verdict(r) for r in responses]
