@@ -266,3 +266,35 @@ def test_cache_key_changes_with_the_judge_version(setup, tmp_path, monkeypatch):
     before = runner.spec_key(plain)
     monkeypatch.setattr(KeywordJudge, "version", KeywordJudge.version + 1)
     assert runner.spec_key(plain) != before  # verdicts of an older keyword judge are not reused
+
+
+def test_a_new_judge_rejudges_saved_responses_without_generating(setup, tmp_path, monkeypatch):
+    """Bumping the judge re-judges the cached responses: no model is merged or run, and the numbers follow the judge."""
+    from sst_merge.eval.judges import KeywordJudge
+    from sst_merge.experiments import evaluation
+
+    d, data = setup
+    cfg = resolve_config("minimal", {**data, "cache_dir": str(tmp_path / "cache")})
+    first = run_experiment(cfg, tmp_path / "a", show_progress=False)
+
+    def no_generation(*a, **k):
+        raise AssertionError("a re-judged evaluation must not generate")
+
+    monkeypatch.setattr(evaluation, "evaluate_all", no_generation)
+    monkeypatch.setattr(Runner, "deltas", no_generation)
+    monkeypatch.setattr(KeywordJudge, "version", KeywordJudge.version + 1)
+    monkeypatch.setattr(KeywordJudge, "judge", lambda self, prompts, responses: ["refusal"] * len(responses))
+    second = run_experiment(cfg, tmp_path / "b", show_progress=False)
+
+    assert set(second["models"]) == set(first["models"])
+    for label, model in second["models"].items():
+        m = model["metrics"]
+        assert m["refusal"]["value"] == 1.0 and m["over_refusal"]["value"] == 1.0  # the new judge's verdicts
+        assert m["task:toy_a"] == first["models"][label]["metrics"]["task:toy_a"]  # untouched by the judge
+        assert model["cache_key"] != first["models"][label]["cache_key"]
+    records = [json.loads(line) for line in (tmp_path / "b" / "records.jsonl").read_text().splitlines()]
+    assert {r["verdict"] for r in records if r["task"] in ("refusal", "over_refusal")} == {"refusal"}
+    # the responses are the saved ones, word for word
+    old = {(r["model"], r["task"], r["id"]): r.get("response") for r in
+           map(json.loads, (tmp_path / "a" / "records.jsonl").read_text().splitlines())}  # fmt: skip
+    assert all(old[(r["model"], r["task"], r["id"])] == r.get("response") for r in records)

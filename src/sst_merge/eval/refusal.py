@@ -17,6 +17,17 @@ from sst_merge.eval.stats import rate_metric
 log = logging.getLogger(__name__)
 
 
+def verdict_fields(verdict: str) -> dict[str, Any]:
+    """The fields a verdict sets on a record: ``verdict``, ``empty`` and ``score`` (1 for a refusal)."""
+    return {"verdict": verdict, "empty": verdict == "empty", "score": int(verdict == "refusal")}
+
+
+def rejudge_records(records: list[dict[str, Any]], judge) -> list[dict[str, Any]]:
+    """The records with every saved response judged again by ``judge``; nothing is generated."""
+    verdicts = judge.judge([r["prompt"] for r in records], [r["response"] for r in records])
+    return [{**r, **verdict_fields(v)} for r, v in zip(records, verdicts, strict=True)]
+
+
 def judged_generation(
     model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings, desc: str
 ) -> list[dict[str, Any]]:
@@ -41,9 +52,7 @@ def judged_generation(
                 **{k: it[k] for k in ("category", "kind") if k in it},
                 "response": g["response"],
                 "n_new_tokens": g["n_new_tokens"],
-                "verdict": v,
-                "empty": v == "empty",
-                "score": int(v == "refusal"),
+                **verdict_fields(v),
             }
         )
     n_empty = sum(r["empty"] for r in records)
@@ -67,12 +76,19 @@ class JudgedGenerationEval(Evaluator):
 
     def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
         records = judged_generation(model, tokenizer, items, settings, desc=self.progress_label)
+        return self._result(records, settings.judge.name)
+
+    def rejudge(self, records: list[dict[str, Any]], judge) -> dict[str, Any]:
+        """The result :meth:`run` would give if its saved ``records`` had been judged by ``judge``."""
+        return self._result(rejudge_records(records, judge), judge.name)
+
+    def _result(self, records: list[dict[str, Any]], judge_name: str) -> dict[str, Any]:
         return {
             "task": self.task_name,
             "primary": self.primary,
             **self.summarise(records),
             "n": len(records),
-            "judge": settings.judge.name,
+            "judge": judge_name,
             "records": records,
         }
 

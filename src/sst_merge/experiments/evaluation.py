@@ -54,6 +54,11 @@ def evaluate_all(
         results.update(res["tasks"])
     if ddp.is_main():
         write_records(records_path, {"tasks": results})
+    return metrics_of(results)
+
+
+def metrics_of(results: dict[str, Any]) -> dict[str, Metric]:
+    """Task → :class:`Metric` (primary value, n, interval, per-item scores for pairing) from harness results."""
     metrics = {}
     for name, res in results.items():
         primary = res["metrics"][res["primary"]]
@@ -66,3 +71,36 @@ def evaluate_all(
             extra={"metric": res["primary"], **({"other": others} if others else {})},
         )
     return metrics
+
+
+def rejudge_all(
+    cfg: ExperimentConfig, metrics: dict[str, Metric], records: list[dict[str, Any]], records_path: Path
+) -> dict[str, Metric]:
+    """Judge the saved responses of an earlier evaluation again with ``cfg.eval.judge``; nothing is generated.
+
+    ``metrics`` and ``records`` are that evaluation's (every task's records, each tagged with its ``task``). Judged
+    tasks (refusal, over-refusal) are summarised again from the new verdicts; the others keep their metrics. The
+    new records are written to ``records_path``.
+    """
+    from sst_merge.eval import get_evaluator
+    from sst_merge.eval.harness import write_records
+    from sst_merge.eval.judges import get_judge
+
+    judge = get_judge(cfg.eval.judge)
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_task.setdefault(r["task"], []).append({k: v for k, v in r.items() if k != "task"})
+    missing = set(metrics) - set(by_task)
+    if missing:
+        raise ValueError(f"the saved records lack the tasks {sorted(missing)}; they cannot be judged again")
+    results = {}
+    for task, recs in by_task.items():
+        ev = get_evaluator(task)
+        if getattr(ev, "needs_judge", False):
+            results[task] = ev.rejudge(recs, judge)
+        else:
+            results[task] = {"records": recs}
+    write_records(records_path, {"tasks": results})
+    out = dict(metrics)
+    out.update(metrics_of({t: res for t, res in results.items() if "primary" in res}))
+    return out

@@ -171,13 +171,18 @@ class Runner:
             yield model
 
     # -- evaluation --------------------------------------------------------------------------------------------
-    def spec_key(self, spec: ModelSpec) -> str:
+    def spec_key(self, spec: ModelSpec, judge: str | None = None, judge_v: int | None = None) -> str:
+        """The evaluation cache key of ``spec``; ``judge`` / ``judge_v`` give the key under another judge."""
         adapters = [(self.adapter(a.path).sha256, a.weight, a.role) for a in spec.adapters]
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
-        judge_v = judge_version(self.cfg.eval.judge)  # likewise: a judge's version enters the key once past 1
-        if judge_v != 1:
+        eval_settings = self.cfg.eval.model_dump()
+        if judge is not None:
+            eval_settings["judge"] = judge
+        if judge_v is None:
+            judge_v = judge_version(eval_settings["judge"])
+        if judge_v != 1:  # likewise: a judge's version enters the key once past 1
             versioned["judge_version"] = judge_v
         return stable_hash(
             {
@@ -187,11 +192,28 @@ class Runner:
                 "adapters": adapters,
                 "method": spec.method,
                 "params": dict(spec.params),
-                "eval": self.cfg.eval.model_dump(),
+                "eval": eval_settings,
                 "tasks": self.tasks,
                 "seed": self.cfg.seed,
             }
         )
+
+    def _generations_judged_otherwise(self, spec: ModelSpec) -> str | None:
+        """The cache key of an evaluation of ``spec`` that differs only in its judge, if one was saved.
+
+        Looked for: the keyword judge at each of its versions (a newer keyword judge, or another judge such as
+        ``hf:MODEL``, can then re-judge the saved responses instead of generating them again).
+        """
+        from sst_merge.eval.judges import KeywordJudge
+
+        current = (self.cfg.eval.judge, judge_version(self.cfg.eval.judge))
+        for v in range(KeywordJudge.version, 0, -1):
+            if ("keyword", v) == current:
+                continue
+            key = self.spec_key(spec, judge="keyword", judge_v=v)
+            if (self.cache_dir / f"eval-{key}.json").is_file() and (self.cache_dir / f"records-{key}.jsonl").is_file():
+                return key
+        return None
 
     def evaluate(self, spec: ModelSpec) -> dict[str, Metric]:
         """Evaluate a spec (or read its cached evaluation); return metric name → :class:`Metric`."""
@@ -216,12 +238,26 @@ class Runner:
         else:
             self.cache_misses += 1
             t0 = time.perf_counter()
-            deltas = self.deltas(spec)
-            _, tok = self.base()
             records_path = self.cache_dir / f"records-{key}.jsonl"
-            with self.materialised(deltas) as model:  # every rank gets the full metrics; rank 0 writes records
-                metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
-            del deltas
+            other = self._generations_judged_otherwise(spec) if ddp.world_size() == 1 else None
+            if other is not None:
+                from sst_merge.experiments.evaluation import rejudge_all
+
+                old = json.loads((self.cache_dir / f"eval-{other}.json").read_text())
+                saved = [
+                    json.loads(line) for line in (self.cache_dir / f"records-{other}.jsonl").open() if line.strip()
+                ]
+                old_metrics = {name: Metric.from_json(m) for name, m in old["metrics"].items()}
+                metrics = rejudge_all(self.cfg, old_metrics, saved, records_path)
+                if old.get("diagnostics"):
+                    self.diagnostics[spec.label] = old["diagnostics"]
+                log.info("%s: saved responses (eval-%s) judged again with %s", spec.label, other, self.cfg.eval.judge)
+            else:
+                deltas = self.deltas(spec)
+                _, tok = self.base()
+                with self.materialised(deltas) as model:  # every rank gets the full metrics; rank 0 writes records
+                    metrics = self._evaluate(model, tok, self.cfg, self.tasks, records_path)
+                del deltas
             seconds = time.perf_counter() - t0
             if ddp.is_main():
                 atomic_write_json(
@@ -231,6 +267,7 @@ class Runner:
                         "key": key,
                         "seconds": seconds,
                         "records": records_path.name,
+                        **({"rejudged_from": other} if other is not None else {}),
                         "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
                         "diagnostics": self.diagnostics.get(spec.label),
                     },
