@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from sst_merge.commands import device_map_arg
+from sst_merge.commands.flags import device_map_arg
 
 log = logging.getLogger(__name__)
 

@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+#: What ``--device-map`` / ``device_map`` accept (also the experiment config's validation pattern).
+DEVICE_MAP_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
+
+def device_map_arg(value: str) -> str:
+    """argparse type of ``--device-map``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (one clear error otherwise)."""
+    if not re.fullmatch(DEVICE_MAP_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device map; use auto, cpu, cuda or cuda:N")
+    return value
 
 
 def add_set_flag(p: argparse.ArgumentParser, help: str) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sst_merge.commands import device_map_arg
-from sst_merge.commands.flags import add_output_flags, add_set_flag
+from sst_merge.commands.flags import add_output_flags, add_set_flag, device_map_arg
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sst_merge.commands.flags import DEVICE_MAP_PATTERN
 from sst_merge.config import apply_overrides, validate
 
 
@@ -65,7 +66,7 @@ class ExperimentConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device_map: str | None = Field(
         None,
-        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        pattern=rf"^(?:{DEVICE_MAP_PATTERN})$",
         description="auto: spread the model over the GPUs (model parallel); cpu / cuda:N: that device; default: the "
         "GPU when CUDA is present (one per torchrun rank), else the CPU",
     )

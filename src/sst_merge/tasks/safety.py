@@ -52,10 +52,11 @@ BENIGN_TRAIN_FILE = "benign_train_prompts.jsonl"
 
 
 def _benign_train_rows() -> list[dict[str, str]]:
-    from importlib.resources import files
+    from pathlib import Path
 
-    text = files("sst_merge.resources").joinpath(BENIGN_TRAIN_FILE).read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    from sst_merge.data.files import read_local
+
+    return read_local(Path(__file__).resolve().parent.parent / "resources" / BENIGN_TRAIN_FILE)
 
 
 BENIGN_TRAIN_ROWS = _benign_train_rows()
