@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sst_merge.cache import check_adapter, read_checked
 from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 from sst_merge.tasks.base import GeneratedTask, Item
@@ -186,7 +187,7 @@ def train_adapter(
     if out_dir is not None:
         check_output_dir(out_dir, force)  # before any heavy work
     cached = adapter_cache_path(model_name, t, config)
-    if use_cache and _is_adapter(cached):
+    if use_cache and read_checked(cached, check_adapter) is not None:  # a damaged one is moved aside, retrained
         log.info("using cached adapter %s", cached)
         if out_dir is None:
             return cached
