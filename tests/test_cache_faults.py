@@ -12,21 +12,19 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-import sst_merge
 from sst_merge import cache
+from sst_merge import io as sst_io
 from sst_merge.cli import main
 from sst_merge.experiments import resolve_config, run_experiment
 from sst_merge.testing import random_lora, tiny_model
 
-SRC = str(Path(sst_merge.__file__).resolve().parents[1])
+needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="the interruption tests fork processes (POSIX)")
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -327,24 +325,36 @@ def test_written_files_follow_the_umask(tmp_path):
 # ---- kill -9 at chosen points, then rerun ------------------------------------------------------------------------
 
 
-def _env(tmp_path: Path, kill_at: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SST_MERGE_")}
-    env.update(PYTHONPATH=SRC, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TQDM_DISABLE="1",
-               SST_MERGE_CACHE=str(tmp_path / "project-cache"))  # fmt: skip
-    if kill_at:
-        env["SST_MERGE_KILL_AT"] = kill_at
-    return env
+def _start(args: list[str], tmp_path: Path, kill_at: str | None = None) -> int:
+    """Fork a process that runs ``sst-merge -q ARGS`` (nothing to import again: seconds, not minutes); its pid."""
+    pid = os.fork()
+    if pid == 0:  # the child: the CLI, then exit without running the parent's test machinery
+        code = 1
+        try:
+            os.environ["SST_MERGE_CACHE"] = str(tmp_path / "project-cache")
+            os.environ.pop("SST_MERGE_KILL_AT", None)
+            if kill_at:
+                os.environ["SST_MERGE_KILL_AT"] = kill_at
+            sst_io._fault_counts.clear()
+            code = main(["-q", *args])
+        finally:
+            os._exit(code)
+    return pid
 
 
-def _cli(args: list[str], env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sst_merge.cli", "-q", *args], env=env, capture_output=True,
-                          text=True, timeout=300, **kw)  # fmt: skip
+def _wait(pid: int) -> int:
+    """Exit status of a forked process: its code, or minus the signal that ended it."""
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
-def _killed(proc: subprocess.CompletedProcess) -> bool:
-    return proc.returncode == -signal.SIGKILL
+def _cli(args: list[str], tmp_path: Path, kill_at: str | None = None) -> int:
+    return _wait(_start(args, tmp_path, kill_at))
 
 
+KILLED = -signal.SIGKILL
+
+
+@needs_fork
 def test_run_killed_at_several_points_resumes_to_the_same_result(exp, reference, tmp_path):
     d, cfg = exp
     ref_doc, ref_cache = reference
@@ -355,19 +365,18 @@ def test_run_killed_at_several_points_resumes_to_the_same_result(exp, reference,
     # 2nd write: the base model's records are in place, its evaluation not; before the 4th rename: an evaluation
     # file complete under its temporary name; 4th write: a Fisher statistic of the SST merge.
     for point in ("after-write:2", "before-rename:4", "after-write:4"):
-        proc = _cli(args, _env(tmp_path, point))
-        assert _killed(proc), proc.stderr[-2000:]
+        assert _cli(args, tmp_path, point) == KILLED
         assert not (out / "results.json").exists()
         assert cache.verify(out / "cache") == []  # nothing partial is visible under a final name
     finished = len(_evals(out / "cache"))
     assert 0 < finished < len(ref_doc["models"])
-    proc = _cli(args, _env(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _cli(args, tmp_path) == 0
     doc = json.loads((out / "results.json").read_text())
     assert _metrics(doc) == _metrics(ref_doc)
     assert doc["cache"] == {"hits": finished, "misses": len(ref_doc["models"]) - finished}
 
 
+@needs_fork
 def test_merge_killed_between_fisher_statistics_resumes_to_the_same_adapter(exp, tmp_path):
     d, cfg = exp
     config = {
@@ -393,33 +402,35 @@ def test_merge_killed_between_fisher_statistics_resumes_to_the_same_adapter(exp,
     }
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    ref = _cli(["merge", str(path), "-o", str(tmp_path / "ref"), "--set", f"params.cache_dir={tmp_path / 'f0'}"],
-               _env(tmp_path))  # fmt: skip
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    proc = _cli(["merge", str(path), "-o", str(tmp_path / "out")], _env(tmp_path, "after-write:1"))
-    assert _killed(proc) and len(list((tmp_path / "fisher").glob("fisher-*"))) == 1  # F_s written, F_u not
+    ref = ["merge", str(path), "-o", str(tmp_path / "ref"), "--set", f"params.cache_dir={tmp_path / 'f0'}"]
+    assert _cli(ref, tmp_path) == 0
+    args = ["merge", str(path), "-o", str(tmp_path / "out")]
+    assert _cli(args, tmp_path, "after-write:1") == KILLED
+    assert len(list((tmp_path / "fisher").glob("fisher-*"))) == 1  # F_s written, F_u not
     assert not (tmp_path / "out").exists()
-    proc = _cli(["merge", str(path), "-o", str(tmp_path / "out")], _env(tmp_path, "before-rename:2"))
-    assert _killed(proc) and not (tmp_path / "out").exists()
-    proc = _cli(["merge", str(path), "-o", str(tmp_path / "out")], _env(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _cli(args, tmp_path, "before-rename:2") == KILLED
+    assert not (tmp_path / "out").exists()
+    assert _cli(args, tmp_path) == 0
     for f in sorted(p.name for p in (tmp_path / "ref").iterdir() if p.suffix == ".safetensors"):
         assert (tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes()
     assert cache.verify(tmp_path / "fisher") == []
 
 
+@needs_fork
 def test_train_killed_before_its_adapter_is_in_place_retrains_the_same_adapter(tmp_path, tiny_model_dir):
     args = ["train", "--model", str(tiny_model_dir), "--task", "passage_qa", "--steps", "2", "--batch-size", "2"]
-    ref = _cli([*args, "-o", str(tmp_path / "ref")], _env(tmp_path / "ref-cache"))
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert _cli([*args, "-o", str(tmp_path / "ref")], tmp_path / "elsewhere") == 0
+    root = tmp_path / "project-cache"
+
+    def adapters() -> list[Path]:  # adapters under a final name (a temporary name starts with a dot)
+        return [p.parent for p in root.rglob("adapter_config.json") if not p.parent.name.startswith(".")]
+
     # the 2nd write is inside the temporary adapter directory; the 4th rename puts the directory in place
     for point in ("after-write:2", "before-rename:4"):
-        proc = _cli(args, _env(tmp_path, point))
-        assert _killed(proc), proc.stderr[-2000:]
-        assert not list((tmp_path / "project-cache").rglob("adapter_config.json"))  # nothing trusted half-written
-    proc = _cli(args, _env(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (cached,) = [p.parent for p in (tmp_path / "project-cache").rglob("adapter_config.json")]
+        assert _cli(args, tmp_path, point) == KILLED
+        assert adapters() == []  # nothing half-written under the name a later train would trust
+    assert _cli(args, tmp_path) == 0
+    (cached,) = adapters()
     name = "adapter_model.safetensors"
     assert (cached / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
 
@@ -427,18 +438,15 @@ def test_train_killed_before_its_adapter_is_in_place_retrains_the_same_adapter(t
 # ---- two runs on one cache at once -------------------------------------------------------------------------------
 
 
+@needs_fork
 def test_two_runs_sharing_a_cache_compute_each_evaluation_once(exp, reference, tmp_path):
     d, cfg = exp
     ref_doc, _ = reference
     shared = tmp_path / "shared-cache"
     cfg_path = tmp_path / "exp.yaml"
     cfg_path.write_text(yaml.safe_dump({**cfg, "cache_dir": str(shared)}))
-    cmd = [sys.executable, "-m", "sst_merge.cli", "-q", "run", "--config", str(cfg_path), "-o"]
-    procs = [subprocess.Popen([*cmd, str(tmp_path / f"run{i}")], env=_env(tmp_path), stderr=subprocess.PIPE,
-                              text=True) for i in (1, 2)]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
+    pids = [_start(["run", "--config", str(cfg_path), "-o", str(tmp_path / f"run{i}")], tmp_path) for i in (1, 2)]
+    assert [_wait(pid) for pid in pids] == [0, 0]
     docs = [json.loads((tmp_path / f"run{i}" / "results.json").read_text()) for i in (1, 2)]
     assert _metrics(docs[0]) == _metrics(docs[1]) == _metrics(ref_doc)
     n = len(ref_doc["models"])
