@@ -71,7 +71,7 @@ def exp(tmp_path_factory, tiny_model_dir):
             "max_length": 64,
             "safety_data": fs,
             "utility_data": fu,
-        },  # fmt: skip
+        },
         "sweep": {"alphas": [1.0], "methods": ["sst"]},
         "bootstrap": 20,
     }
@@ -362,14 +362,17 @@ def test_run_killed_at_several_points_resumes_to_the_same_result(exp, reference,
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
     args = ["run", "--config", str(cfg_path), "-o", str(out)]
-    # 2nd write: the base model's records are in place, its evaluation not; before the 4th rename: an evaluation
-    # file complete under its temporary name; 4th write: a Fisher statistic of the SST merge.
-    for point in ("after-write:2", "before-rename:4", "after-write:4"):
+    # Writes of one process: config.resolved.json, then per model its records and its evaluation; the SST merge
+    # writes F_s and F_u first. Killed (1) after the base model's records, before its evaluation; (2) with the
+    # base evaluation complete under its temporary name, before the rename; (3) after the base, utility and safety
+    # evaluations and the merge's F_s, before F_u.
+    for point, fisher_files in (("after-write:2", 0), ("before-rename:3", 0), ("after-write:8", 1)):
         assert _cli(args, tmp_path, point) == KILLED
         assert not (out / "results.json").exists()
         assert cache.verify(out / "cache") == []  # nothing partial is visible under a final name
+        assert len(list((out / "cache").rglob("fisher-*.safetensors"))) == fisher_files
     finished = len(_evals(out / "cache"))
-    assert 0 < finished < len(ref_doc["models"])
+    assert finished == 3 == len(ref_doc["models"]) - 1
     assert _cli(args, tmp_path) == 0
     doc = json.loads((out / "results.json").read_text())
     assert _metrics(doc) == _metrics(ref_doc)
@@ -377,7 +380,7 @@ def test_run_killed_at_several_points_resumes_to_the_same_result(exp, reference,
 
 
 @needs_fork
-def test_merge_killed_between_fisher_statistics_resumes_to_the_same_adapter(exp, tmp_path):
+def test_merge_killed_between_fisher_statistics_resumes_to_the_same_model(exp, tmp_path):
     d, cfg = exp
     config = {
         "base_model": cfg["model"],
@@ -385,7 +388,7 @@ def test_merge_killed_between_fisher_statistics_resumes_to_the_same_adapter(exp,
         "adapters": [
             {"path": cfg["adapters"]["utility"]["toy_a"], "role": "utility", "weight": 1.0},
             {"path": cfg["adapters"]["safety"], "role": "safety"},
-        ],  # fmt: skip
+        ],
         "params": {
             "alpha": 1.0,
             "fisher": "diagonal",
@@ -397,7 +400,7 @@ def test_merge_killed_between_fisher_statistics_resumes_to_the_same_adapter(exp,
             "cache_dir": str(tmp_path / "fisher"),
             "safety_data": cfg["sst"]["safety_data"],
             "utility_data": cfg["sst"]["utility_data"],
-        },  # fmt: skip
+        },
         "output": {"format": "full"},
     }
     path = tmp_path / "merge.yaml"
