@@ -325,7 +325,7 @@ def test_written_files_follow_the_umask(tmp_path):
 # ---- kill -9 at chosen points, then rerun ------------------------------------------------------------------------
 
 
-def _start(args: list[str], tmp_path: Path, kill_at: str | None = None) -> int:
+def _start(args: list[str], tmp_path: Path, kill_at: str | None = None, quiet: bool = True) -> int:
     """Fork a process that runs ``sst-merge -q ARGS`` (nothing to import again: seconds, not minutes); its pid."""
     pid = os.fork()
     if pid == 0:  # the child: the CLI, then exit without running the parent's test machinery
@@ -336,7 +336,7 @@ def _start(args: list[str], tmp_path: Path, kill_at: str | None = None) -> int:
             if kill_at:
                 os.environ["SST_MERGE_KILL_AT"] = kill_at
             sst_io._fault_counts.clear()
-            code = main(["-q", *args])
+            code = main(["-q", *args] if quiet else args)
         finally:
             os._exit(code)
     return pid
@@ -457,3 +457,14 @@ def test_two_runs_sharing_a_cache_compute_each_evaluation_once(exp, reference, t
     assert docs[0]["cache"]["misses"] + docs[1]["cache"]["misses"] == n
     assert docs[0]["cache"]["hits"] + docs[1]["cache"]["hits"] == n
     assert cache.verify(shared) == [] and not list(shared.glob(".*.tmp"))
+
+
+@needs_fork
+def test_two_identical_trains_on_one_cache_train_once(tmp_path, tiny_model_dir, capfd):
+    args = ["train", "--model", str(tiny_model_dir), "--task", "passage_qa", "--steps", "2", "--batch-size", "2"]
+    pids = [_start(args, tmp_path, quiet=False) for _ in range(2)]
+    assert [_wait(pid) for pid in pids] == [0, 0]
+    err = capfd.readouterr().err
+    assert err.count("training passage_qa adapter") == 1 and err.count("using cached adapter") == 1
+    (adapter,) = [p for p in (tmp_path / "project-cache").rglob("adapter_config.json") if "/." not in str(p)]
+    assert cache.verify(tmp_path / "project-cache") == []
