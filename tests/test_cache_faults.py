@@ -325,7 +325,7 @@ def test_written_files_follow_the_umask(tmp_path):
 # ---- kill -9 at chosen points, then rerun ------------------------------------------------------------------------
 
 
-def _start(args: list[str], tmp_path: Path, kill_at: str | None = None, quiet: bool = True) -> int:
+def _start(args: list[str], tmp_path: Path, kill_at: str | None = None) -> int:
     """Fork a process that runs ``sst-merge -q ARGS`` (nothing to import again: seconds, not minutes); its pid."""
     pid = os.fork()
     if pid == 0:  # the child: the CLI, then exit without running the parent's test machinery
@@ -336,7 +336,7 @@ def _start(args: list[str], tmp_path: Path, kill_at: str | None = None, quiet: b
             if kill_at:
                 os.environ["SST_MERGE_KILL_AT"] = kill_at
             sst_io._fault_counts.clear()
-            code = main(["-q", *args] if quiet else args)
+            code = main(["-q", *args])
         finally:
             os._exit(code)
     return pid
@@ -460,11 +460,21 @@ def test_two_runs_sharing_a_cache_compute_each_evaluation_once(exp, reference, t
 
 
 @needs_fork
-def test_two_identical_trains_on_one_cache_train_once(tmp_path, tiny_model_dir, capfd):
+def test_two_identical_trains_on_one_cache_train_once(tmp_path, tiny_model_dir, monkeypatch):
+    from sst_merge.train import adapter as train_mod
+
+    trained = tmp_path / "trained.log"
+    real = train_mod._train_into
+
+    def counting(*args, **kwargs):  # the forked processes inherit it; each training appends a line
+        with open(trained, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_into", counting)
     args = ["train", "--model", str(tiny_model_dir), "--task", "passage_qa", "--steps", "2", "--batch-size", "2"]
-    pids = [_start(args, tmp_path, quiet=False) for _ in range(2)]
+    pids = [_start(args, tmp_path) for _ in range(2)]
     assert [_wait(pid) for pid in pids] == [0, 0]
-    err = capfd.readouterr().err
-    assert err.count("training passage_qa adapter") == 1 and err.count("using cached adapter") == 1
-    (adapter,) = [p for p in (tmp_path / "project-cache").rglob("adapter_config.json") if "/." not in str(p)]
-    assert cache.verify(tmp_path / "project-cache") == []
+    assert len(trained.read_text().splitlines()) == 1  # the other process waited and reused the adapter
+    adapters = [p for p in (tmp_path / "project-cache").rglob("adapter_config.json") if "/." not in str(p)]
+    assert len(adapters) == 1 and cache.verify(tmp_path / "project-cache") == []
