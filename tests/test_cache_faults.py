@@ -298,6 +298,9 @@ def test_keys_without_data_files_are_unchanged(exp, tmp_path):
                           "params": {"seed": 0}, "eval": runner.cfg.eval.model_dump(), "tasks": runner.tasks,
                           "seed": runner.cfg.seed})  # fmt: skip
     assert runner.spec_key(spec) == before
+    # where a method keeps its intermediate results is not part of what the model is
+    elsewhere = ModelSpec("base", (), None, (("cache_dir", str(tmp_path)), ("seed", 0)))
+    assert runner.spec_key(elsewhere) == before
     with_file = ModelSpec("x", (), None, (("safety_data", cfg["sst"]["safety_data"]),))
     expected = {"sha256": cache.content_digest(cfg["sst"]["safety_data"])}
     assert cache.content_keyed(dict(with_file.params)) == {"safety_data": expected}

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 #: needed no new version: every other key, and so every other cached evaluation, is unchanged.)
 EVAL_CACHE_VERSION = 2
 
+#: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
+LOCATION_PARAMS = frozenset({"cache", "cache_dir"})
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -197,7 +200,7 @@ class Runner:
                 "base": self.base_fingerprint,
                 "adapters": adapters,
                 "method": spec.method,
-                "params": cache.content_keyed(dict(spec.params)),
+                "params": cache.content_keyed({k: v for k, v in spec.params if k not in LOCATION_PARAMS}),
                 "eval": eval_settings,
                 "tasks": self.tasks,
                 "seed": self.cfg.seed,
