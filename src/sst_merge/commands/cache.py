@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             total = cache.human_size(sum(e.size for e, _ in victims))
             verb = "deleted" if args.yes else "would free"
             print(
-                f"{d}: {len(victims)} entries, {verb} {total}"
+                f"{d}: {len(victims)} entr{'y' if len(victims) == 1 else 'ies'}, {verb} {total}"
                 + ("" if args.yes or not victims else "; pass --yes to delete")
             )
     return status
