@@ -407,13 +407,13 @@ def prunable(root: str | os.PathLike, versions: dict[str, int], now: float | Non
             key = e.path.stem.removeprefix("records-")
             if not (e.path.parent / f"eval-{key}.json").is_file():
                 out.append((e, "records of an evaluation that is gone"))
-        elif kind == "evaluation":
-            with contextlib.suppress(OSError, ValueError):
+        elif kind == "evaluation":  # a damaged one is verify's business, not prune's: skipped here
+            with contextlib.suppress(OSError, *_damage_errors()):
                 v = _json(e.path).get("v")
                 if v is not None and v != versions.get("evaluation"):
                     out.append((e, f"evaluation cache version {v}, now {versions.get('evaluation')}"))
         elif kind == "fisher":
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(OSError, *_damage_errors()):
                 v = check_safetensors(e.path).get("cache_version")
                 if v is not None and int(v) != versions.get("fisher"):
                     out.append((e, f"Fisher cache version {v}, now {versions.get('fisher')}"))
