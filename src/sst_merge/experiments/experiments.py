@@ -65,6 +65,7 @@ def fisher_data(runner: Runner) -> tuple[str, str]:
     """
     import json
 
+    from sst_merge.cache import move_aside
     from sst_merge.io import atomic_write_text
     from sst_merge.tasks import get_task
     from sst_merge.tasks.safety import safety_splits
@@ -73,12 +74,15 @@ def fisher_data(runner: Runner) -> tuple[str, str]:
     out = runner.cache_dir / "fisher-data"
     safety_path = out / f"safety-seed{cfg.seed}.jsonl"
     utility_path = out / f"utility-{'+'.join(cfg.utility_tasks)}-seed{cfg.seed}.jsonl"
-    if not safety_path.is_file():
-        items = safety_splits(seed=cfg.seed)["fisher"]
-        atomic_write_text(safety_path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-    if not utility_path.is_file():
-        items = [it for t in cfg.utility_tasks for it in get_task(t).split(seed=cfg.seed)["train"]]
-        atomic_write_text(utility_path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    safety = safety_splits(seed=cfg.seed)["fisher"]
+    utility = [it for t in cfg.utility_tasks for it in get_task(t).split(seed=cfg.seed)["train"]]
+    for path, items in ((safety_path, safety), (utility_path, utility)):
+        text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+        # the content is determined by the seed: a file that differs (damaged, edited) is moved aside and rewritten
+        if path.is_file() and path.read_bytes() != text.encode():
+            move_aside(path, "differs from the Fisher data it should hold")
+        if not path.is_file():
+            atomic_write_text(path, text)
     return str(safety_path), str(utility_path)
 
 

@@ -4,7 +4,10 @@ Every model in an experiment — the base, each single adapter, each merge — i
 applied for its evaluation and then restored bit for bit, so no evaluation can see a model that an earlier step
 mutated (the earlier research code evaluated the same mutated object "before" and "after"). Evaluations are cached on disk, keyed by
 the model's identity (base fingerprint, adapter hashes, merge method and parameters) and the evaluation settings,
-so an interrupted run resumes from its finished steps and a sweep never evaluates the same model twice.
+so an interrupted run resumes from its finished steps and a sweep never evaluates the same model twice. Data files
+named in the key enter it by their content hash, not their path, so a moved or copied cache directory still hits.
+Every cached evaluation is checked when read (:func:`sst_merge.cache.check_evaluation`); a damaged one is moved
+aside and evaluated again. Two runs sharing a cache compute each evaluation once (:func:`sst_merge.cache.entry_lock`).
 """
 
 from __future__ import annotations
@@ -20,20 +23,26 @@ from typing import Any
 
 import torch
 
+from sst_merge import cache
 from sst_merge import distributed as ddp
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
 from sst_merge.eval.judges import judge_version
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.provenance import model_fingerprint, stable_hash
-from sst_merge.io import atomic_write_json
+from sst_merge.io import atomic_write_json, sha256_file
 from sst_merge.merge.base import get_method
 
 log = logging.getLogger(__name__)
 
 #: Bump when evaluation semantics change, so cached evaluations from older code are not reused.
 #: 2: a limited benign (over-refusal) set alternates look-alike and plain prompts instead of taking the first N.
+#: (Data files entering the key by content hash instead of path changed only the keys that name a file, so it
+#: needed no new version: every other key, and so every other cached evaluation, is unchanged.)
 EVAL_CACHE_VERSION = 2
+
+#: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
+LOCATION_PARAMS = frozenset({"cache", "cache_dir"})
 
 
 @dataclass(frozen=True)
@@ -177,7 +186,7 @@ class Runner:
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
-        eval_settings = self.cfg.eval.model_dump()
+        eval_settings = cache.content_keyed(self.cfg.eval.model_dump())  # data files by content, not path
         if judge is not None:
             eval_settings["judge"] = judge
         if judge_v is None:
@@ -191,7 +200,7 @@ class Runner:
                 "base": self.base_fingerprint,
                 "adapters": adapters,
                 "method": spec.method,
-                "params": dict(spec.params),
+                "params": cache.content_keyed({k: v for k, v in spec.params if k not in LOCATION_PARAMS}),
                 "eval": eval_settings,
                 "tasks": self.tasks,
                 "seed": self.cfg.seed,
@@ -211,7 +220,7 @@ class Runner:
             if ("keyword", v) == current:
                 continue
             key = self.spec_key(spec, judge="keyword", judge_v=v)
-            if (self.cache_dir / f"eval-{key}.json").is_file() and (self.cache_dir / f"records-{key}.jsonl").is_file():
+            if cache.read_checked(self.cache_dir / f"eval-{key}.json", cache.check_evaluation) is not None:
                 return key
         return None
 
@@ -223,11 +232,21 @@ class Runner:
             raise ConfigError(f"two different models are labelled {spec.label!r} in one run")
         key = self.spec_key(spec)
         cache_file = self.cache_dir / f"eval-{key}.json"
+        # One process computes an evaluation; another run sharing the cache waits and reads it (single-process
+        # runs only: under torch.distributed every rank must enter the collective evaluation together).
+        lock = cache.entry_lock(cache_file) if ddp.world_size() == 1 else contextlib.nullcontext()
+        with lock:
+            metrics = self._evaluate_locked(spec, key, cache_file)
+        self.evaluated[spec.label] = metrics
+        self.specs[spec.label] = spec
+        return metrics
+
+    def _evaluate_locked(self, spec: ModelSpec, key: str, cache_file: Path) -> dict[str, Metric]:
         # Rank 0 decides whether the evaluation is cached and shares what it read, so every rank takes the same
         # branch (the evaluation itself is a collective) even where ranks do not share a file system.
         data = ddp.gather_checked(
             f"cache:{spec.label}",
-            lambda: json.loads(cache_file.read_text()) if ddp.is_main() and cache_file.is_file() else None,
+            lambda: cache.read_checked(cache_file, cache.check_evaluation) if ddp.is_main() else None,
         )[0]
         if data is not None:
             metrics = {name: Metric.from_json(m) for name, m in data["metrics"].items()}
@@ -263,16 +282,16 @@ class Runner:
                 atomic_write_json(
                     cache_file,
                     {
+                        "v": EVAL_CACHE_VERSION,
                         "spec": spec.describe(),
                         "key": key,
                         "seconds": seconds,
                         "records": records_path.name,
+                        "records_sha256": sha256_file(records_path),
                         **({"rejudged_from": other} if other is not None else {}),
                         "metrics": {name: m.to_json(with_items=True) for name, m in metrics.items()},
                         "diagnostics": self.diagnostics.get(spec.label),
                     },
                 )
             log.info("%s: evaluated in %.0f s", spec.label, seconds)
-        self.evaluated[spec.label] = metrics
-        self.specs[spec.label] = spec
         return metrics

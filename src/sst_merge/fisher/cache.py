@@ -6,23 +6,23 @@ which act after the estimate. ``F_s`` and ``F_u`` are cached separately, so a ne
 
 Location, first that applies: the ``cache_dir`` parameter, the merge's ``workdir``/``fisher-cache``,
 ``$SST_MERGE_CACHE/fisher`` (the project's cache root, as for the embedded model), ``~/.cache/sst-merge/fisher`` (under
-``$XDG_CACHE_HOME`` when set). Files are written atomically.
+``$XDG_CACHE_HOME`` when set). Files are written atomically and checked when read (:mod:`sst_merge.cache`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from sst_merge.cache import check_fisher, read_checked
+from sst_merge.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -80,35 +80,13 @@ def cache_key(parts: dict[str, Any]) -> str:
 
 
 def load_stats(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]] | None:
-    """Load cached statistics and their metadata; ``None`` if the file is missing or unreadable (then recompute)."""
-    if not path.is_file():
-        return None
-    try:
-        flat = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except (SafetensorError, OSError, ValueError) as e:
-        log.warning("Fisher cache %s is unreadable (%s); recomputing", path, e)
-        return None
-    stats: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in flat.items():
-        module, stat = key.rsplit(_SEP, 1)
-        stats.setdefault(module, {})[stat] = t
-    return stats, meta
+    """Load cached statistics and their metadata; ``None`` if the file is missing, or damaged (then it is moved
+    aside with one log line, see :mod:`sst_merge.cache`, and the caller recomputes it)."""
+    return read_checked(path, check_fisher)
 
 
 def save_stats(path: Path, stats: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str]) -> None:
-    """Write statistics atomically (temporary file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write statistics atomically (temporary file + rename), recording the cache version for ``cache prune``."""
     flat = {f"{m}{_SEP}{k}": t.contiguous() for m, s in stats.items() for k, t in s.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(flat, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(flat, str(tmp), metadata={**metadata, "cache_version": str(CACHE_VERSION)})

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from sst_merge.cache import check_model, read_checked
 from sst_merge.data.sources import package_file
 from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir
@@ -52,23 +53,16 @@ def gguf_path(name: str = "smollm2-135m") -> Path:
     return package_file(m.package, m.pip_name, m.filename, f"embedded model {name!r}")
 
 
-def _is_complete(path: Path) -> bool:
-    return (
-        (path / "config.json").is_file()
-        and (path / "model.safetensors").is_file()
-        and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    )
-
-
 def ensure_cached(name: str = "smollm2-135m") -> Path:
     """Return the fp32 safetensors directory of an embedded model, converting the GGUF file on first use.
 
     The conversion writes into a temporary directory beside the target and renames it into place, so an
-    interrupted conversion never leaves a half-written cache that later loads would trust.
+    interrupted conversion never leaves a half-written cache that later loads would trust; a cache damaged later
+    (a truncated weight file, a config that does not parse) is moved aside and converted again.
     """
     gguf = gguf_path(name)  # fail fast with the pip line before any heavy work
     target = cache_dir() / "models" / name
-    if _is_complete(target):
+    if read_checked(target, check_model) is not None:  # a damaged conversion is moved aside and redone
         return target
 
     import torch

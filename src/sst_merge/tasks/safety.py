@@ -18,6 +18,7 @@ import logging
 import random
 from typing import Any
 
+from sst_merge.cache import check_benign_answers, read_checked
 from sst_merge.errors import DataError
 from sst_merge.io import atomic_write_json
 from sst_merge.tasks.base import Item, normalize_text
@@ -142,8 +143,9 @@ def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_toke
     if cache_key is not None:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
         path = cache_dir() / "benign-answers" / f"{safe}-{digest}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
+        cached = read_checked(path, lambda p: check_benign_answers(p, prompts))  # damaged: moved aside, redone
+        if cached is not None:
+            return cached
     from sst_merge.eval.generation import generate_greedy
 
     outs = generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sst_merge.cache import check_adapter, entry_lock, read_checked
 from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
 from sst_merge.tasks.base import GeneratedTask, Item
@@ -186,21 +187,22 @@ def train_adapter(
     if out_dir is not None:
         check_output_dir(out_dir, force)  # before any heavy work
     cached = adapter_cache_path(model_name, t, config)
-    if use_cache and _is_adapter(cached):
-        log.info("using cached adapter %s", cached)
-        if out_dir is None:
-            return cached
-        with atomic_output_dir(out_dir, force=force) as tmp:
-            shutil.copytree(cached, tmp, dirs_exist_ok=True)
-        return Path(out_dir)
+    with entry_lock(cached):  # a second identical train waits, then reads the first one's adapter
+        if use_cache and read_checked(cached, check_adapter) is not None:  # a damaged one is moved aside, retrained
+            log.info("using cached adapter %s", cached)
+            if out_dir is None:
+                return cached
+            with atomic_output_dir(out_dir, force=force) as tmp:
+                shutil.copytree(cached, tmp, dirs_exist_ok=True)
+            return Path(out_dir)
 
-    target = Path(out_dir) if out_dir is not None else cached
-    with atomic_output_dir(target, force=force or out_dir is None) as tmp:
-        _train_into(tmp, model_name, t, name, config, progress)
-    if out_dir is not None and use_cache:
-        with atomic_output_dir(cached, force=True) as tmp:
-            shutil.copytree(target, tmp, dirs_exist_ok=True)
-    return target
+        target = Path(out_dir) if out_dir is not None else cached
+        with atomic_output_dir(target, force=force or out_dir is None) as tmp:
+            _train_into(tmp, model_name, t, name, config, progress)
+        if out_dir is not None and use_cache:
+            with atomic_output_dir(cached, force=True) as tmp:
+                shutil.copytree(target, tmp, dirs_exist_ok=True)
+        return target
 
 
 def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str, config: TrainConfig,
