@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sst_merge.cache import check_model, read_checked
 from sst_merge.data.sources import package_file
@@ -29,6 +30,9 @@ class EmbeddedModel:
     package: str  # import name, found with find_spec
     pip_name: str  # distribution name for the install hint
     filename: str
+    # The chat template's end-of-turn token: the converted model stops there and training appends it. Set
+    # explicitly because transformers versions disagree on which GGUF token they call EOS.
+    end_of_turn: str = "<|im_end|>"
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -51,6 +55,22 @@ def gguf_path(name: str = "smollm2-135m") -> Path:
         raise ConfigError(f"unknown embedded model {name!r}; choose one of: {', '.join(sorted(EMBEDDED))}")
     m = EMBEDDED[name]
     return package_file(m.package, m.pip_name, m.filename, f"embedded model {name!r}")
+
+
+def pin_end_of_turn(model: Any, tok: Any, token: str) -> None:
+    """Make ``token`` the EOS (and, if unset, the padding) of the tokenizer, the config and the generation config."""
+    token_id = tok.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tok.unk_token_id:
+        raise ConfigError(
+            f"the embedded model's tokenizer has no {token!r} token; the GGUF file is not the expected one"
+        )
+    tok.eos_token = token
+    if tok.pad_token is None:
+        tok.pad_token = token
+    pad_id = tok.convert_tokens_to_ids(tok.pad_token)
+    for cfg in (model.config, model.generation_config):
+        cfg.eos_token_id = token_id
+        cfg.pad_token_id = pad_id
 
 
 def ensure_cached(name: str = "smollm2-135m") -> Path:
@@ -76,6 +96,7 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
+    pin_end_of_turn(model, tok, EMBEDDED[name].end_of_turn)
     with atomic_output_dir(target, force=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
