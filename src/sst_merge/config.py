@@ -16,6 +16,9 @@ from sst_merge.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
+#: What ``device_map`` accepts: the CLI's ``--device-map`` and the experiment config validate with it.
+DEVICE_MAP_PATTERN = r"auto|cpu|cuda(:\d+)?"
+
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; raise :class:`ConfigError` naming the file on a missing file or bad YAML."""

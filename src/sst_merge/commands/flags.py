@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 
-#: What ``--device-map`` / ``device_map`` accept (also the experiment config's validation pattern).
-DEVICE_MAP_PATTERN = r"auto|cpu|cuda(:\d+)?"
+from sst_merge.config import DEVICE_MAP_PATTERN
 
 
 def device_map_arg(value: str) -> str:

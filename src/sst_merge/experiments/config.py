@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sst_merge.commands.flags import DEVICE_MAP_PATTERN
-from sst_merge.config import apply_overrides, validate
+from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
 
 
 class _Strict(BaseModel):
