@@ -61,10 +61,9 @@ def models_table(doc: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ns = {c: next((m["metrics"][c]["n"] for m in doc["models"].values() if c in m["metrics"]), None) for c in cols}
     lines.append("")
-    lines.append("n per metric: " + ", ".join(f"{c} = {n}" for c, n in ns.items()) + ".")
     boot = [c for c in cols if c in BOOTSTRAP_METRICS]
-    note = "Intervals: 95%, Wilson for rates"
-    note += f", bootstrap for {', '.join(boot)}." if boot else "."
+    note = "n per metric: " + ", ".join(f"{c} = {n}" for c, n in ns.items())
+    note += f". Intervals: 95% (Wilson; bootstrap for {', '.join(boot)})." if boot else ". Intervals: 95% (Wilson)."
     if "balanced_score" in cols:
         note += (
             " balanced_score = ½(refusal on harmful + answer rate on benign): 0.5 for refusing everything or nothing, "
