@@ -91,11 +91,13 @@ def answer_scores(runner: Runner, label: str, ref_label: str, answers: dict[str,
     """Per-item ``[summed NLL, n tokens]`` of the reference's answers under ``label`` (cached in the run cache)."""
     from sst_merge.eval.drift import answer_nll
 
+    # Keys under one fixed judge: neither the answers nor their scores depend on the judge, so a run that only
+    # judges saved responses again reuses these scores instead of merging and running the model.
     key = stable_hash(
         {
             "v": NLL_VERSION,
-            "model": runner.spec_key(runner.specs[label]),
-            "answers_of": runner.spec_key(runner.specs[ref_label]),
+            "model": runner.spec_key(runner.specs[label], judge="keyword", judge_v=1),
+            "answers_of": runner.spec_key(runner.specs[ref_label], judge="keyword", judge_v=1),
             "batch_size": runner.cfg.eval.batch_size,  # padding changes the last bits of a batched forward
         }
     )
