@@ -266,6 +266,18 @@ def exp3(runner: Runner) -> dict[str, Any]:
             cmp = comparison(runner, ref, runner.evaluated[label], tasks)
             comparisons.append({"model": label, "reference": ref_spec.label, **cmp})
             points.setdefault(series, []).append({"alpha": alpha, **point_of(runner, label, tasks)})
+            p = points[series][-1]
+            log.info(
+                "exp3 %s: refusal %.3f, over-refusal %.3f, utility %.3f, balanced score %.3f; Safety Tax %s, "
+                "Over-refusal Tax %s",
+                label,
+                p["safety"],
+                p["over_refusal"],
+                p["utility"],
+                cmp["balanced_score_merged"],
+                _tax_text(cmp["safety_tax"]),
+                _tax_text(cmp["over_refusal_tax"]),
+            )
     fronts = {name: pareto_front(pts) for name, pts in points.items()}
     or_fronts = {name: over_refusal_front(pts) for name, pts in points.items()}
     matched = []
@@ -296,6 +308,10 @@ def exp3(runner: Runner) -> dict[str, Any]:
         "at_matched_safety": matched,
         "comparisons": comparisons,
     }
+
+
+def _tax_text(tax: dict[str, Any]) -> str:
+    return f"{tax['value']:.3f}" if tax["value"] is not None else f"undefined ({tax['status']})"
 
 
 def over_refusal_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
