@@ -241,7 +241,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         if any("over_refusal" in p for pts in exps["exp3"]["points"].values() for p in pts):
             out += ["### Refusal, over-refusal and task accuracy over α", "", points_table(exps["exp3"]), ""]
         out += [comparisons_table(exps["exp3"]["comparisons"]), ""]
-        out += ["### At matched safety", "", matched_table(exps["exp3"]), ""]
+        if exps["exp3"].get("at_matched_safety", exps["exp3"].get("utility_at_matched_safety")):
+            out += ["### At matched safety", "", matched_table(exps["exp3"]), ""]
         out += ["![exp3](exp3_pareto.png)"]
         if "over_refusal_fronts" in exps["exp3"]:
             out[-1] += " ![exp3, over-refusal](exp3_over_refusal.png)"
@@ -427,6 +428,8 @@ def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
         ax.plot(
             [p["safety"] for p in front], [p["over_refusal"] for p in front], linestyle=":", color=line[0].get_color()
         )
+    ax.set_xlim(-0.02, 1.02)  # both axes are rates: the whole square shows where "top left" (ideal) is
+    ax.set_ylim(-0.02, 1.02)
     ylabel = "over-refusal: refusal rate on benign prompts"
     title = "exp3: refusal vs over-refusal over the α sweep"
     return _save(fig, ax, run_dir / "exp3_over_refusal.png", SAFETY_AXIS, ylabel, title)
