@@ -410,7 +410,7 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
 
 
 def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
-    """exp3's second Pareto plot: refusal on harmful prompts vs over-refusal on benign ones (top left is best)."""
+    """exp3's second Pareto plot: refusal on harmful prompts vs over-refusal on benign ones (bottom right is best)."""
     import matplotlib.pyplot as plt
 
     section = doc["experiments"]["exp3"]
@@ -428,7 +428,7 @@ def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
         ax.plot(
             [p["safety"] for p in front], [p["over_refusal"] for p in front], linestyle=":", color=line[0].get_color()
         )
-    ax.set_xlim(-0.02, 1.02)  # both axes are rates: the whole square shows where "top left" (ideal) is
+    ax.set_xlim(-0.02, 1.02)  # both axes are rates: the whole square, the ideal corner (1, 0) included
     ax.set_ylim(-0.02, 1.02)
     ylabel = "over-refusal: refusal rate on benign prompts"
     title = "exp3: refusal vs over-refusal over the α sweep"
