@@ -98,6 +98,9 @@ def test_exp1_cli_end_to_end(setup, tmp_path, caplog):
     ):
         assert line in text
     assert "Safety Tax: undefined (no safety gain)" in text
+    assert "  Baseline Over-refusal (Benign Refusal Rate): " in text and "Over-refusal Increase: " in text
+    assert "Over-refusal Tax: undefined (no safety gain)" in text and "Balanced Score: " in text
+    assert cmp["over_refusal_tax"] == {"value": None, "ci95": [None, None], "status": "no safety gain"}
     # One record per model × item: 5 harmful + 5 benign + 4 task items.
     records = (out / "records.jsonl").read_text().splitlines()
     assert len(records) == 4 * (5 + 5 + 4)
@@ -221,14 +224,82 @@ def test_exp2_and_exp3_end_to_end(setup, tmp_path):
     exp3 = doc["experiments"]["exp3"]
     assert set(exp3["points"]) == {"sst", "task_arithmetic", "ties"}
     assert all(len(p) == 2 for p in exp3["points"].values())  # two alphas each
-    assert len(exp3["utility_at_matched_safety"]) == 2
+    assert len(exp3["at_matched_safety"]) == 2
+    assert set(exp3["at_matched_safety"][0]["over_refusal"]) == {"task_arithmetic", "ties"}
+    assert set(exp3["over_refusal_fronts"]) == set(exp3["points"])
     assert len(exp3["comparisons"]) == 6
-    for name in ("exp2_retained.png", "exp3_pareto.png", "report.md", "summary.csv"):
+    for c in exp3["comparisons"] + exp2["comparisons"]:
+        assert c["over_refusal_tax"]["status"] and "ci95" in c["over_refusal_increase"]
+        assert c["balanced_score_change"]["ci95"] is not None
+    assert {c["reference"] for c in exp2["comparisons"]} == {"K=1:utility", "K=2:utility"}
+    for name in ("exp2_retained.png", "exp3_pareto.png", "exp3_over_refusal.png", "report.md", "summary.csv"):
         assert (out / name).stat().st_size > 0
+    # every model carries the behaviour measures; the reference does not drift from itself, exactly
+    for model in doc["models"].values():
+        assert {"balanced_score", "benign_drift", "degenerate_harmful", "degenerate_benign"} <= set(model["metrics"])
+    assert doc["models"]["utility"]["metrics"]["benign_drift"]["value"] == 0.0
+    assert doc["models"]["utility"]["metrics"]["benign_drift"]["ci95"] == [0.0, 0.0]
+    assert doc["models"]["ties(alpha=1)"]["metrics"]["benign_drift"]["value"] != 0.0
+    report = (out / "report.md").read_text()
+    assert "Over-refusal Tax" in report and "benign drift" in report
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert {"balanced_score", "benign_drift", "over_refusal_increase", "over_refusal_tax"} <= set(header)
     # Models shared between experiments (the utility reference of exp1 and exp3, the K=1 single-task adapter) are
     # evaluated once: one evaluation per distinct model, however many labels it has.
     keys = {m["cache_key"] for m in doc["models"].values()}
     assert doc["cache"]["misses"] == len(keys) < len(doc["models"])
+
+
+def test_exp3_sweeps_named_sst_variants_as_their_own_series(setup, tmp_path):
+    d, data = setup
+    variants = [{"name": "eps-big", "eps": 0.1}, {"k": 2}]
+    cfg = resolve_config(
+        "minimal",
+        {**data, "experiment": "exp3", "sweep": {"alphas": [1.0], "methods": ["sst"], "sst_params": variants}},
+    )
+    doc = run_experiment(cfg, tmp_path / "run", show_progress=False)
+    exp3 = doc["experiments"]["exp3"]
+    assert set(exp3["points"]) == {"sst", "sst[eps-big]", "sst[k=2]"}
+    models = {p["model"] for pts in exp3["points"].values() for p in pts}
+    assert models == {"sst(alpha=1)", "sst[eps-big](alpha=1)", "sst(alpha=1,k=2)"}
+    assert doc["models"]["sst[eps-big](alpha=1)"]["spec"]["params"]["eps"] == 0.1
+    params = doc["models"]["sst(alpha=1,k=2)"]["spec"]["params"]
+    assert params["k"] == 2 and "fraction" not in params  # a variant's selection replaces the default one
+    assert len(exp3["at_matched_safety"]) == 3  # one row per SST point, whatever its variant
+
+
+def test_sst_variants_and_dev_split_are_validated(setup):
+    from sst_merge.errors import ConfigError
+
+    d, data = setup
+    with pytest.raises(ConfigError, match=r"sweep.sst_params\[0\]"):
+        resolve_config("minimal", {**data, "sweep": {"sst_params": [{"no_such_param": 1}]}})
+    with pytest.raises(ConfigError, match="named 'x'"):
+        resolve_config("minimal", {**data, "sweep": {"sst_params": [{"name": "x", "k": 2}, {"name": "x", "k": 4}]}})
+    with pytest.raises(ConfigError, match="eval.split=dev chooses its own development sets"):
+        resolve_config("minimal", {**data, "eval": {**data["eval"], "split": "dev"}})
+
+
+def test_dev_split_plan_uses_development_sets_only():
+    from sst_merge.data import load_source
+    from sst_merge.errors import DataError
+    from sst_merge.experiments.evaluation import evaluation_plan
+    from sst_merge.tasks import get_task, normalize_text
+
+    test_plan = evaluation_plan(resolve_config("full"), ["passage_qa"])
+    dev_plan = evaluation_plan(resolve_config("full", {"eval": {"split": "dev"}}), ["passage_qa"])
+    assert [t for t, _, _ in dev_plan] == [t for t, _, _ in test_plan]
+    sources = {t: src for t, _, src in dev_plan}
+    assert sources["refusal"] == "harmbench_val" and sources["over_refusal"] == "benign_dev"
+    dev_tasks = {normalize_text(i["prompt"]) for i in sources["task:passage_qa"]}
+    assert len(dev_tasks) == 100
+    assert not dev_tasks & {normalize_text(i["prompt"]) for i in get_task("passage_qa").split(0)["eval"]}
+    try:
+        val, test = load_source("harmbench_val"), load_source("harmbench")
+    except DataError as e:  # the HarmBench package is optional at test time
+        pytest.skip(f"HarmBench not installed: {e}")
+    assert len(val) == 41 and not {r["id"] for r in val} & {r["id"] for r in test}
+    assert len(load_source("benign_dev")) == 60
 
 
 def test_legacy_entry_point_accepts_research_flags():

@@ -176,6 +176,25 @@ def _benign(split: str | None) -> list[dict[str, Any]]:
     return read_local(p)
 
 
+@source(
+    "harmbench_val",
+    "HarmBench val behaviours (41 standard; disjoint from test): harmful prompts of the development split",
+    functional_category="standard",
+)
+def _harmbench_val(split: str | None) -> list[dict[str, Any]]:
+    return _harmbench("val")
+
+
+@source(
+    "benign_dev",
+    "benign development prompts (30 safe look-alikes, 30 plain), disjoint from every evaluation and training set",
+    stratify="kind",
+)
+def _benign_dev(split: str | None) -> list[dict[str, Any]]:
+    p = Path(__file__).resolve().parent.parent / "resources" / "benign_dev_prompts.jsonl"
+    return read_local(p)
+
+
 # --- the loader ---------------------------------------------------------------------------------------------------
 
 

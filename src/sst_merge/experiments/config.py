@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
 
@@ -33,6 +33,24 @@ class EvalSettings(_Strict):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     judge: str = "keyword"
+    split: Literal["test", "dev"] = Field(
+        "test",
+        description="test: the evaluation sets; dev: the development sets for choosing hyper-parameters — HarmBench "
+        "val (harmbench_val), the benign dev prompts (benign_dev) and each utility task's dev items",
+    )
+
+    @model_validator(mode="after")
+    def _dev_sets_are_fixed(self) -> EvalSettings:
+        if self.split == "dev":
+            fields = type(self).model_fields
+            custom = [n for n in ("harmful_source", "benign_source") if getattr(self, n) != fields[n].default]
+            custom += ["task_data"] if self.task_data else []
+            if custom:
+                raise ValueError(
+                    f"eval.split=dev chooses its own development sets; remove eval.{', eval.'.join(custom)} "
+                    "or use eval.split=test"
+                )
+        return self
 
 
 #: Defaults of the ``sst`` method inside experiments (SPEC §5); Fisher data default to the embedded splits.
@@ -48,6 +66,11 @@ class SweepSettings(_Strict):
     density: float = Field(0.5, gt=0, le=1, description="density for ties / dare")
     sst_k: list[int] = []
     sst_fisher: list[str] = []
+    sst_params: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="SST variants, each swept over α as its own series: a dict of sst parameters overriding `sst` "
+        "(e.g. {name: contrastive, fisher_objective: contrastive}); the optional `name` labels the series",
+    )
 
 
 class AdapterSettings(_Strict):
@@ -95,6 +118,37 @@ class ExperimentConfig(_Strict):
             merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
         SSTParams.model_validate(merged)  # raises ValueError naming the bad key; wrapped by validate()
         return merged
+
+    @model_validator(mode="after")
+    def _valid_sst_variants(self) -> ExperimentConfig:
+        from sst_merge.merge.sst import SSTParams
+
+        names = set()
+        for i, variant in enumerate(self.sweep.sst_params):
+            params = sst_variant_params(self.sst, variant)
+            try:
+                SSTParams.model_validate(params)
+            except ValueError as e:  # pydantic's ValidationError is a ValueError
+                raise ValueError(f"sweep.sst_params[{i}] is not a valid sst variant: {e}") from e
+            name = variant_name(variant)
+            if name in names:
+                raise ValueError(f"sweep.sst_params[{i}]: two variants are named {name!r}; give each its own name")
+            names.add(name)
+        return self
+
+
+def sst_variant_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` sst parameters with a variant's ``override`` (a selection key in it replaces the base's selection)."""
+    p = {k: v for k, v in base.items() if not (k in _SELECTIONS and any(s in override for s in _SELECTIONS))}
+    p.update({k: v for k, v in override.items() if k != "name"})
+    return p
+
+
+def variant_name(variant: dict[str, Any]) -> str:
+    """A variant's series label: its ``name``, or its parameters as ``k=v`` pairs."""
+    if variant.get("name"):
+        return str(variant["name"])
+    return ",".join(f"{k}={v}" for k, v in variant.items() if k != "name")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -12,15 +12,29 @@ from typing import Any
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.runner import Metric
 
+#: ``eval.split: dev``: the sources of the development split (HarmBench val behaviours; 60 benign dev prompts)
+DEV_SOURCES = {"refusal": "harmbench_val", "over_refusal": "benign_dev"}
+#: utility-task dev items per task: the generator's next unique items after its train and eval items
+TASK_DEV_ITEMS = 100
+
 
 def evaluation_plan(cfg: ExperimentConfig, tasks: list[str]) -> list[tuple[str, int | None, Any]]:
     """``(task spec, limit, data)`` for every measurement of one model."""
     e = cfg.eval
-    plan: list[tuple[str, int | None, Any]] = [
-        ("refusal", e.refusal_limit, e.harmful_source),
-        ("over_refusal", e.over_refusal_limit, e.benign_source),
-    ]
-    plan += [(f"task:{t}", e.task_limit, e.task_data.get(t)) for t in tasks]
+    if e.split == "dev":  # development sets, disjoint from the evaluation sets: for choosing hyper-parameters
+        from sst_merge.tasks import get_task
+
+        plan: list[tuple[str, int | None, Any]] = [
+            ("refusal", e.refusal_limit, DEV_SOURCES["refusal"]),
+            ("over_refusal", e.over_refusal_limit, DEV_SOURCES["over_refusal"]),
+        ]
+        plan += [(f"task:{t}", e.task_limit, get_task(t).dev(seed=cfg.seed, n=TASK_DEV_ITEMS)) for t in tasks]
+    else:
+        plan = [
+            ("refusal", e.refusal_limit, e.harmful_source),
+            ("over_refusal", e.over_refusal_limit, e.benign_source),
+        ]
+        plan += [(f"task:{t}", e.task_limit, e.task_data.get(t)) for t in tasks]
     if e.mmlu_limit != 0:
         plan.append(("mmlu", e.mmlu_limit, e.mmlu_source))
     return plan

@@ -5,8 +5,13 @@
   reference (base + utility adapters by default).
 * exp2 — multitask interference: K utility adapters plus the safety adapter, merged by every method; per-task
   accuracy retained relative to each single-task adapter, and safety, for each K.
-* exp3 — baseline comparison: SST-Merge vs task arithmetic, TIES, DARE and linear over a safety-weight sweep;
-  Pareto fronts and utility at matched safety.
+* exp3 — baseline comparison: SST-Merge (and any SST variants of ``sweep.sst_params``) vs task arithmetic, TIES,
+  DARE and linear over a safety-weight sweep; Pareto fronts of refusal vs task accuracy and of refusal vs
+  over-refusal, and each baseline's task accuracy and over-refusal at every SST point's refusal rate.
+
+Every comparison carries the three-way account (:mod:`~sst_merge.experiments.safety_tax`): safety gain, utility
+loss and Safety Tax; over-refusal increase and tax; the balanced-score change. Every model gets the balanced score,
+degenerate-response rates and drift on benign prompts (:mod:`~sst_merge.experiments.behaviour`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sst_merge.experiments import adapters as adapter_paths
+from sst_merge.experiments.behaviour import add_behaviour, reference_spec
+from sst_merge.experiments.config import sst_variant_params, variant_name
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.registry import Registry
@@ -41,11 +48,7 @@ def sst_params(runner: Runner, alpha: float | None = None, **override: Any) -> t
 
     Fisher data default to the embedded splits (:func:`fisher_data`) unless the config names its own.
     """
-    p = dict(runner.cfg.sst)
-    if "k" in override:
-        for key in ("fraction", "threshold"):
-            p.pop(key, None)
-    p.update(override)
+    p = sst_variant_params(runner.cfg.sst, override)
     if alpha is not None:
         p["alpha"] = alpha
     p["seed"] = runner.cfg.seed
@@ -94,15 +97,49 @@ def baseline_params(runner: Runner, method: str) -> tuple[tuple[str, Any], ...]:
 
 
 def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_path: str, alpha: float, **sst_kw):
-    """A merge of the utility adapters (weight 1) and the safety adapter at weight ``alpha`` (SST: α)."""
+    """A merge of the utility adapters (weight 1) and the safety adapter at weight ``alpha`` (SST: α).
+
+    ``sst_kw`` overrides SST parameters; a ``name`` in it labels the variant (``sst[NAME](alpha=1)``), else its
+    parameters do (``sst(alpha=1,k=8)``).
+    """
     if method == "sst":
         refs = (*utility, AdapterRef(safety_path, 1.0, "safety"))
+        name = sst_kw.pop("name", None)
         params = sst_params(runner, alpha, **sst_kw)
+        if name:
+            return ModelSpec(f"sst[{name}](alpha={alpha:g})", refs, "sst", params)
         tag = ",".join(f"{k}={v}" for k, v in sst_kw.items())
         label = f"sst(alpha={alpha:g}{',' + tag if tag else ''})"
         return ModelSpec(label, refs, "sst", params)
     refs = (*utility, AdapterRef(safety_path, alpha, "safety"))
     return ModelSpec(f"{method}(alpha={alpha:g})", refs, method, baseline_params(runner, method))
+
+
+def comparison(runner: Runner, ref: dict[str, Metric], new: dict[str, Metric], tasks: list[str]) -> dict[str, Any]:
+    """The three-way comparison of a model's metrics ``new`` with its reference's ``ref`` (utility over ``tasks``)."""
+    cfg = runner.cfg
+    ref_u, new_u = utility_metric(runner, ref, tasks), utility_metric(runner, new, tasks)
+    return compare(
+        ref["refusal"], ref_u, new["refusal"], new_u, cfg.bootstrap, cfg.seed, ref["over_refusal"], new["over_refusal"]
+    )
+
+
+def point_of(runner: Runner, label: str, tasks: list[str]) -> dict[str, Any]:
+    """One model's coordinates for the trade-off plots and tables: refusal, utility, over-refusal and the rest."""
+    m = runner.evaluated[label]
+    point = {
+        "model": label,
+        "safety": m["refusal"].value,
+        "utility": utility_metric(runner, m, tasks).value,
+        "over_refusal": m["over_refusal"].value,
+    }
+    lookalike = m["over_refusal"].extra.get("other", {}).get("over_refusal_rate_lookalike")
+    if lookalike is not None:
+        point["over_refusal_lookalike"] = lookalike
+    for name in ("balanced_score", "benign_drift", "degenerate_harmful", "degenerate_benign"):
+        if name in m:
+            point[name] = m[name].value
+    return point
 
 
 def adapters_of(runner: Runner) -> tuple[list[str], list[AdapterRef], str]:
@@ -124,12 +161,11 @@ def exp1(runner: Runner) -> dict[str, Any]:
         merged_spec(runner, "sst", utility, safety, cfg.sst["alpha"]),
     ]
     metrics = {s.label: runner.evaluate(s) for s in specs}
-    ref = "utility" if cfg.reference == "utility" else "base"
+    add_behaviour(runner)
+    ref = reference_spec(runner).label
     merged = specs[-1].label
-    ref_u = utility_metric(runner, metrics[ref], tasks)
-    new_u = utility_metric(runner, metrics[merged], tasks)
-    cmp = compare(metrics[ref]["refusal"], ref_u, metrics[merged]["refusal"], new_u, cfg.bootstrap, cfg.seed)
-    log_comparison(merged, ref, metrics[ref]["refusal"], ref_u, cmp)
+    cmp = comparison(runner, metrics[ref], metrics[merged], tasks)
+    log_comparison(merged, ref, metrics[ref]["refusal"], utility_metric(runner, metrics[ref], tasks), cmp)
     return {
         "models": [s.label for s in specs],
         "reference": ref,
@@ -152,79 +188,139 @@ def exp2(runner: Runner) -> dict[str, Any]:
             continue
         chosen = tasks[:k]
         utility = [AdapterRef(paths[t], 1.0, "utility") for t in chosen]
+        ref_label = f"K={k}:utility"  # the pre-merge reference of this K: the K utility adapters, no safety
+        runner.evaluate(ModelSpec(ref_label, tuple(utility)))
         for method in cfg.sweep.methods:
             spec = merged_spec(runner, method, utility, safety, cfg.sst["alpha"] if method == "sst" else 1.0)
             spec = ModelSpec(f"K={k}:{spec.label}", spec.adapters, spec.method, spec.params)
-            m = runner.evaluate(spec)
-            per_task = {}
-            for t in chosen:
-                acc, ref = m[f"task:{t}"].value, single[t][f"task:{t}"].value
-                per_task[t] = {"accuracy": acc, "single_task": ref, "retained": acc / ref if ref > 0 else None}
-            retained = [v["retained"] for v in per_task.values() if v["retained"] is not None]
-            rows.append(
-                {
-                    "k": k,
-                    "method": method,
-                    "model": spec.label,
-                    "safety": m["refusal"].value,
-                    "mean_retained": sum(retained) / len(retained) if retained else None,
-                    "per_task": per_task,
-                }
-            )
-            log.info(
-                "exp2 K=%d %-15s safety %.3f, accuracy retained %s",
-                k,
-                method,
-                m["refusal"].value,
-                f"{rows[-1]['mean_retained']:.3f}" if rows[-1]["mean_retained"] is not None else "n/a",
-            )
-    return {"tasks": tasks, "single_task_models": [f"utility[{t}]" for t in tasks], "rows": rows}
+            runner.evaluate(spec)
+            rows.append({"k": k, "method": method, "model": spec.label, "reference": ref_label, "tasks": chosen})
+    add_behaviour(runner)
+    comparisons = []
+    for row in rows:
+        m, ref = runner.evaluated[row["model"]], runner.evaluated[row["reference"]]
+        per_task = {}
+        for t in row.pop("tasks"):
+            acc, single_acc = m[f"task:{t}"].value, single[t][f"task:{t}"].value
+            per_task[t] = {
+                "accuracy": acc,
+                "single_task": single_acc,
+                "retained": acc / single_acc if single_acc else None,
+            }
+        retained = [v["retained"] for v in per_task.values() if v["retained"] is not None]
+        point = point_of(runner, row["model"], list(per_task))
+        cmp = comparison(runner, ref, m, list(per_task))
+        comparisons.append({"model": row["model"], "reference": row["reference"], **cmp})
+        row.update(
+            {
+                "safety": point["safety"],
+                "over_refusal": point["over_refusal"],
+                "balanced_score": point.get("balanced_score"),
+                "benign_drift": point.get("benign_drift"),
+                "over_refusal_increase": cmp["over_refusal_increase"]["value"],
+                "mean_retained": sum(retained) / len(retained) if retained else None,
+                "per_task": per_task,
+            }
+        )
+        log.info(
+            "exp2 K=%d %-15s safety %.3f, over-refusal %.3f (increase %+.3f), accuracy retained %s",
+            row["k"],
+            row["method"],
+            row["safety"],
+            row["over_refusal"],
+            row["over_refusal_increase"],
+            f"{row['mean_retained']:.3f}" if row["mean_retained"] is not None else "n/a",
+        )
+    return {
+        "tasks": tasks,
+        "single_task_models": [f"utility[{t}]" for t in tasks],
+        "rows": rows,
+        "comparisons": comparisons,
+    }
 
 
 @EXPERIMENTS.register("exp3")
 def exp3(runner: Runner) -> dict[str, Any]:
-    """SST-Merge vs the baselines over a safety-weight sweep: Pareto fronts, utility at matched safety."""
-    from sst_merge.eval.stats import pareto_front, utility_at_safety
+    """SST-Merge vs the baselines over a safety-weight sweep: Pareto fronts, utility and over-refusal at matched
+    safety."""
+    from sst_merge.eval.stats import pareto_front, value_at_safety
 
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
-    ref_label = "utility" if cfg.reference == "utility" else "base"
-    ref_spec = ModelSpec("utility", tuple(utility)) if ref_label == "utility" else ModelSpec("base")
-    ref = runner.evaluate(ref_spec)
-    ref_u = utility_metric(runner, ref, tasks)
+    ref_spec = reference_spec(runner)
+    runner.evaluate(ref_spec)
     runner.evaluate(ModelSpec("base"))
-    points: dict[str, list[dict[str, Any]]] = {}
-    comparisons = []
-    variants: list[tuple[str, dict[str, Any]]] = [(m, {}) for m in cfg.sweep.methods]
-    variants += [("sst", {"k": k}) for k in cfg.sweep.sst_k]
-    variants += [("sst", {"fisher": f}) for f in cfg.sweep.sst_fisher if f != cfg.sst["fisher"]]
-    for method, kw in variants:
-        series = method + "".join(f"[{k}={v}]" for k, v in kw.items())
+    # (method, parameter overrides, series name): one series per method and per SST variant
+    variants: list[tuple[str, dict[str, Any], str]] = [(m, {}, m) for m in cfg.sweep.methods]
+    variants += [("sst", {"k": k}, f"sst[k={k}]") for k in cfg.sweep.sst_k]
+    variants += [("sst", {"fisher": f}, f"sst[fisher={f}]") for f in cfg.sweep.sst_fisher if f != cfg.sst["fisher"]]
+    variants += [("sst", dict(v), f"sst[{variant_name(v)}]") for v in cfg.sweep.sst_params]
+    labels: dict[str, list[tuple[float, str]]] = {}
+    for method, kw, series in variants:
         for alpha in cfg.sweep.alphas:
             spec = merged_spec(runner, method, utility, safety, alpha, **kw)
-            m = runner.evaluate(spec)
-            u = utility_metric(runner, m, tasks)
-            cmp = compare(ref["refusal"], ref_u, m["refusal"], u, cfg.bootstrap, cfg.seed)
-            comparisons.append({"model": spec.label, "reference": ref_label, **cmp})
-            points.setdefault(series, []).append(
-                {"alpha": alpha, "model": spec.label, "safety": m["refusal"].value, "utility": u.value}
+            runner.evaluate(spec)
+            labels.setdefault(series, []).append((alpha, spec.label))
+    add_behaviour(runner)
+    ref = runner.evaluated[ref_spec.label]
+    points: dict[str, list[dict[str, Any]]] = {}
+    comparisons = []
+    for series, models in labels.items():
+        for alpha, label in models:
+            cmp = comparison(runner, ref, runner.evaluated[label], tasks)
+            comparisons.append({"model": label, "reference": ref_spec.label, **cmp})
+            points.setdefault(series, []).append({"alpha": alpha, **point_of(runner, label, tasks)})
+            p = points[series][-1]
+            log.info(
+                "exp3 %s: refusal %.3f, over-refusal %.3f, utility %.3f, balanced score %.3f; Safety Tax %s, "
+                "Over-refusal Tax %s",
+                label,
+                p["safety"],
+                p["over_refusal"],
+                p["utility"],
+                cmp["balanced_score_merged"],
+                _tax_text(cmp["safety_tax"]),
+                _tax_text(cmp["over_refusal_tax"]),
             )
     fronts = {name: pareto_front(pts) for name, pts in points.items()}
+    or_fronts = {name: over_refusal_front(pts) for name, pts in points.items()}
     matched = []
-    sst_series = [n for n in points if n.startswith("sst")]
-    for s_name in sst_series:
+    for s_name in (n for n in points if n.startswith("sst")):
         for p in points[s_name]:
-            row = {"series": s_name, "model": p["model"], "safety": p["safety"], "sst_utility": p["utility"]}
+            row: dict[str, Any] = {
+                "series": s_name,
+                "model": p["model"],
+                "safety": p["safety"],
+                "sst_utility": p["utility"],
+                "sst_over_refusal": p["over_refusal"],
+                "utility": {},
+                "over_refusal": {},
+            }
             for other, pts in points.items():
                 if other.startswith("sst"):
                     continue
-                at = utility_at_safety(pts, p["safety"])
-                row[other] = at["utility"]
+                row["utility"][other] = value_at_safety(pts, p["safety"], "utility")["value"]
+                row["over_refusal"][other] = value_at_safety(pts, p["safety"], "over_refusal", higher_is_better=False)[
+                    "value"
+                ]
             matched.append(row)
     return {
-        "reference": ref_label,
+        "reference": ref_spec.label,
         "points": points,
         "pareto_fronts": fronts,
-        "utility_at_matched_safety": matched,
+        "over_refusal_fronts": or_fronts,
+        "at_matched_safety": matched,
         "comparisons": comparisons,
     }
+
+
+def _tax_text(tax: dict[str, Any]) -> str:
+    return f"{tax['value']:.3f}" if tax["value"] is not None else f"undefined ({tax['status']})"
+
+
+def over_refusal_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points not dominated in (refusal ↑, over-refusal ↓), sorted by refusal."""
+    from sst_merge.eval.stats import pareto_front
+
+    front = pareto_front([(p["safety"], -p["over_refusal"], i) for i, p in enumerate(points)])
+    return [points[i] for _, _, i in front]

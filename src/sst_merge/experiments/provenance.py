@@ -12,7 +12,7 @@ from typing import Any
 
 from sst_merge import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the three-way account (see experiments/schema.py)
 
 _LIBRARIES = ("torch", "transformers", "peft", "safetensors", "numpy", "scipy", "pydantic")
 

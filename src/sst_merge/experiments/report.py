@@ -33,12 +33,24 @@ def _ci(m: dict[str, Any] | None) -> str:
     return text
 
 
+#: the three-way account first, then the per-model behaviour measures; tasks and MMLU variants follow (sorted)
+LEAD_METRICS = (
+    "refusal",
+    "over_refusal",
+    "balanced_score",
+    "benign_drift",
+    "degenerate_harmful",
+    "degenerate_benign",
+)
+#: how each interval is made, for the tables' footnotes
+BOOTSTRAP_METRICS = ("balanced_score", "benign_drift")
+
+
 def metric_columns(doc: dict[str, Any]) -> list[str]:
-    """Metric names in a stable order: refusal, over-refusal, tasks (sorted), MMLU variants."""
+    """Metric names in a stable order: refusal, over-refusal, balanced score, drift, degenerate rates, the rest."""
     names = {n for m in doc["models"].values() for n in m["metrics"]}
-    order = ["refusal", "over_refusal"]
-    tail = sorted(n for n in names if n not in order)
-    return [n for n in order if n in names] + tail
+    tail = sorted(n for n in names if n not in LEAD_METRICS)
+    return [n for n in LEAD_METRICS if n in names] + tail
 
 
 def models_table(doc: dict[str, Any]) -> str:
@@ -49,29 +61,66 @@ def models_table(doc: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ns = {c: next((m["metrics"][c]["n"] for m in doc["models"].values() if c in m["metrics"]), None) for c in cols}
     lines.append("")
-    lines.append("n per metric: " + ", ".join(f"{c} = {n}" for c, n in ns.items()) + ". Intervals: 95% (Wilson).")
+    boot = [c for c in cols if c in BOOTSTRAP_METRICS]
+    note = "n per metric: " + ", ".join(f"{c} = {n}" for c, n in ns.items())
+    note += f". Intervals: 95% (Wilson; bootstrap for {', '.join(boot)})." if boot else ". Intervals: 95% (Wilson)."
+    if "balanced_score" in cols:
+        note += (
+            " balanced_score = ½(refusal on harmful + answer rate on benign): 0.5 for refusing everything or nothing, "
+            "1 for refusing exactly the harmful prompts."
+        )
+    if "benign_drift" in cols:
+        note += (
+            " benign_drift = mean per-token NLL of the reference model's greedy benign answers under the model, minus "
+            "the reference's own (0 for the reference)."
+        )
+    if "degenerate_harmful" in cols:
+        note += " degenerate_* = share of empty or looping responses on the harmful / benign prompts."
+    lines.append(note)
     return "\n".join(lines)
 
 
+def _tax(t: dict[str, Any] | None) -> str:
+    if not t:
+        return "—"
+    return _ci(t) if t["value"] is not None else f"undefined ({t['status']})"
+
+
 def comparisons_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | reference | Safety Gain [95% CI] | Utility Loss [95% CI] | Safety Tax [95% CI] |",
-        "|---|---|---|---|---|",
-    ]
+    """Safety Gain, Utility Loss, Safety Tax, and (where measured) over-refusal increase and tax, balanced score."""
+    three_way = any("over_refusal_increase" in r for r in rows)
+    head = "| model | reference | Safety Gain [95% CI] | Utility Loss [95% CI] | Safety Tax [95% CI] |"
+    if three_way:
+        head += " Over-refusal Increase [95% CI] | Over-refusal Tax [95% CI] | Balanced Score (change [95% CI]) |"
+    lines = [head, "|---|---|---|---|---|" + ("---|---|---|" if three_way else "")]
     for r in rows:
-        tax = r["safety_tax"]
-        tax_text = _ci(tax) if tax["value"] is not None else f"undefined ({tax['status']})"
-        lines.append(
-            f"| {r['model']} | {r['reference']} | {_ci(r['safety_gain'])} | {_ci(r['utility_loss'])} | {tax_text} |"
+        line = (
+            f"| {r['model']} | {r['reference']} | {_ci(r['safety_gain'])} | {_ci(r['utility_loss'])} "
+            f"| {_tax(r['safety_tax'])} |"
         )
+        if three_way:
+            change = r.get("balanced_score_change")
+            balanced = "—" if change is None else f"{_f(r['balanced_score_merged'])} ({_ci(change)})"
+            line += f" {_ci(r.get('over_refusal_increase'))} | {_tax(r.get('over_refusal_tax'))} | {balanced} |"
+        lines.append(line)
+    if three_way:
+        lines += [
+            "",
+            "Over-refusal Increase = OR_merged − OR_ref on the benign prompts (signed); Over-refusal Tax = "
+            "max(increase, 0) / Safety Gain, undefined without a gain (the Safety Tax's rule). Balanced Score = "
+            "½(refusal on harmful + answer rate on benign), its change against the reference in brackets. "
+            "Intervals: paired bootstrap.",
+        ]
     return "\n".join(lines)
 
 
 def exp2_table(section: dict[str, Any]) -> str:
     tasks = section["tasks"]
     lines = [
-        "| K | method | safety | mean retained | " + " | ".join(f"{t} acc (single)" for t in tasks) + " |",
-        "|---|---|---|---|" + "---|" * len(tasks),
+        "| K | method | safety | over-refusal | balanced score | benign drift | mean retained | "
+        + " | ".join(f"{t} acc (single)" for t in tasks)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(tasks),
     ]
     for r in section["rows"]:
         cells = []
@@ -79,25 +128,65 @@ def exp2_table(section: dict[str, Any]) -> str:
             v = r["per_task"].get(t)
             cells.append("" if v is None else f"{v['accuracy']:.3f} ({v['single_task']:.3f})")
         lines.append(
-            f"| {r['k']} | {r['method']} | {_f(r['safety'])} | {_f(r['mean_retained'])} | " + " | ".join(cells) + " |"
+            f"| {r['k']} | {r['method']} | {_f(r['safety'])} | {_f(r.get('over_refusal'))} "
+            f"| {_f(r.get('balanced_score'))} | {_f(r.get('benign_drift'))} | {_f(r['mean_retained'])} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
 
-def matched_table(section: dict[str, Any]) -> str:
-    rows = section["utility_at_matched_safety"]
-    others = [n for n in section["points"] if not n.startswith("sst")]
+def points_table(section: dict[str, Any]) -> str:
+    """exp3's three-way table: one row per series and α (refusal, over-refusal, task accuracy, balanced, drift)."""
+    taxes = {c["model"]: c for c in section["comparisons"]}
     lines = [
-        "| SST model | safety | SST utility | " + " | ".join(f"{o} utility" for o in others) + " |",
-        "|---|---|---|" + "---|" * len(others),
+        "| series | α | refusal ↑ | over-refusal ↓ | look-alikes ↓ | utility ↑ | balanced score ↑ | benign drift ↓ "
+        "| degenerate (harmful / benign) | Safety Tax | Over-refusal Tax |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        cells = [_f(r.get(o)) for o in others]
-        lines.append(f"| {r['model']} | {_f(r['safety'])} | {_f(r['sst_utility'])} | " + " | ".join(cells) + " |")
+    for name, pts in section["points"].items():
+        for p in sorted(pts, key=lambda p: p["alpha"]):
+            c = taxes.get(p["model"], {})
+            lines.append(
+                f"| {name} | {p['alpha']:g} | {_f(p['safety'])} | {_f(p.get('over_refusal'))} "
+                f"| {_f(p.get('over_refusal_lookalike'))} | {_f(p['utility'])} | {_f(p.get('balanced_score'))} "
+                f"| {_f(p.get('benign_drift'))} | {_f(p.get('degenerate_harmful'))} / {_f(p.get('degenerate_benign'))} "
+                f"| {_tax(c.get('safety_tax'))} | {_tax(c.get('over_refusal_tax'))} |"
+            )
+    return "\n".join(lines)
+
+
+def matched_table(section: dict[str, Any]) -> str:
+    """Each baseline's utility (and over-refusal) at every SST point's refusal rate."""
+    others = [n for n in section["points"] if not n.startswith("sst")]
+    if "at_matched_safety" not in section:  # results written before over-refusal was matched (schema 1)
+        rows = section["utility_at_matched_safety"]
+        lines = [
+            "| SST model | safety | SST utility | " + " | ".join(f"{o} utility" for o in others) + " |",
+            "|---|---|---|" + "---|" * len(others),
+        ]
+        for r in rows:
+            cells = [_f(r.get(o)) for o in others]
+            lines.append(f"| {r['model']} | {_f(r['safety'])} | {_f(r['sst_utility'])} | " + " | ".join(cells) + " |")
+    else:
+        lines = [
+            "| SST model | safety | SST utility / over-refusal | "
+            + " | ".join(f"{o} utility / over-refusal" for o in others)
+            + " |",
+            "|---|---|---|" + "---|" * len(others),
+        ]
+        for r in section["at_matched_safety"]:
+            cells = [f"{_f(r['utility'].get(o))} / {_f(r['over_refusal'].get(o))}" for o in others]
+            lines.append(
+                f"| {r['model']} | {_f(r['safety'])} | {_f(r['sst_utility'])} / {_f(r['sst_over_refusal'])} | "
+                + " | ".join(cells)
+                + " |"
+            )
     lines.append("")
     lines.append(
-        "Baseline utility is interpolated along each method's Pareto front at the SST model's safety; "
-        "— means that safety is outside the method's measured range (never extrapolated)."
+        "Baseline utility (over-refusal) is interpolated along each method's Pareto front of refusal vs utility "
+        "(vs over-refusal) at the SST model's refusal rate; — means that rate is outside the method's measured "
+        "range (never extrapolated)."
     )
     return "\n".join(lines)
 
@@ -143,21 +232,49 @@ def render_markdown(doc: dict[str, Any]) -> str:
         out += ["## exp1 — Safety Tax of SST-Merge", "", comparisons_table(exps["exp1"]["comparisons"]), ""]
         out += ["![exp1](exp1_safety_utility.png)", ""]
     if "exp2" in exps:
-        out += ["## exp2 — multitask interference", "", exp2_table(exps["exp2"]), "", "![exp2](exp2_retained.png)", ""]
+        out += ["## exp2 — multitask interference", "", exp2_table(exps["exp2"]), ""]
+        if exps["exp2"].get("comparisons"):
+            out += [comparisons_table(exps["exp2"]["comparisons"]), ""]
+        out += ["![exp2](exp2_retained.png)", ""]
     if "exp3" in exps:
-        out += ["## exp3 — SST-Merge vs baselines", "", comparisons_table(exps["exp3"]["comparisons"]), ""]
-        out += ["### Utility at matched safety", "", matched_table(exps["exp3"]), ""]
-        out += ["![exp3](exp3_pareto.png)", ""]
+        out += ["## exp3 — SST-Merge vs baselines", ""]
+        if any("over_refusal" in p for pts in exps["exp3"]["points"].values() for p in pts):
+            out += ["### Refusal, over-refusal and task accuracy over α", "", points_table(exps["exp3"]), ""]
+        out += [comparisons_table(exps["exp3"]["comparisons"]), ""]
+        if exps["exp3"].get("at_matched_safety", exps["exp3"].get("utility_at_matched_safety")):
+            out += ["### At matched safety", "", matched_table(exps["exp3"]), ""]
+        out += ["![exp3](exp3_pareto.png)"]
+        if "over_refusal_fronts" in exps["exp3"]:
+            out[-1] += " ![exp3, over-refusal](exp3_over_refusal.png)"
+        out += [""]
     return "\n".join(out)
+
+
+#: a model's comparison with its reference, in the CSV: the first comparison that names the model
+COMPARISON_COLUMNS = (
+    "safety_gain",
+    "utility_loss",
+    "safety_tax",
+    "over_refusal_increase",
+    "over_refusal_tax",
+    "balanced_score_change",
+)
 
 
 def summary_csv(doc: dict[str, Any]) -> str:
     cols = metric_columns(doc)
+    comparisons: dict[str, dict[str, Any]] = {}
+    for section in doc["experiments"].values():
+        for c in section.get("comparisons", []):
+            comparisons.setdefault(c["model"], c)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     header = ["model", "method"]
     for c in cols:
         header += [c, f"{c}_n", f"{c}_ci_low", f"{c}_ci_high"]
+    header += ["reference"]
+    for c in COMPARISON_COLUMNS:
+        header += [c, f"{c}_ci_low", f"{c}_ci_high"]
     w.writerow(header)
     for label, m in doc["models"].items():
         row: list[Any] = [label, m["spec"].get("method") or ""]
@@ -170,6 +287,12 @@ def summary_csv(doc: dict[str, Any]) -> str:
                 ci[0] if ci[0] is not None else "",
                 ci[1] if ci[1] is not None else "",
             ]
+        cmp = comparisons.get(label, {})
+        row.append(cmp.get("reference", ""))
+        for c in COMPARISON_COLUMNS:
+            x = cmp.get(c) or {}
+            ci = x.get("ci95") or [None, None]
+            row += ["" if x.get("value") is None else x["value"]] + ["" if v is None else v for v in ci]
         w.writerow(row)
     return buf.getvalue()
 
@@ -281,7 +404,35 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
             )
         title = "exp3: safety–utility trade-off over the α sweep"
         written.append(_save(fig, ax, run_dir / "exp3_pareto.png", SAFETY_AXIS, "utility", title))
+        if "over_refusal_fronts" in exps["exp3"]:
+            written.append(over_refusal_plot(doc, run_dir))
     return written
+
+
+def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
+    """exp3's second Pareto plot: refusal on harmful prompts vs over-refusal on benign ones (bottom right is best)."""
+    import matplotlib.pyplot as plt
+
+    section = doc["experiments"]["exp3"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, marker in (("base", "s"), ("utility", "D"), ("safety", "^")):
+        if label in doc["models"]:
+            m = doc["models"][label]["metrics"]
+            s, o = m["refusal"]["value"], m["over_refusal"]["value"]
+            ax.scatter([s], [o], marker=marker, s=70, color="black", zorder=5)
+            ax.annotate(label, (s, o), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    for name, pts in section["points"].items():
+        pts = sorted(pts, key=lambda p: p["alpha"])
+        line = ax.plot([p["safety"] for p in pts], [p["over_refusal"] for p in pts], marker="o", label=name, alpha=0.8)
+        front = section["over_refusal_fronts"].get(name, [])
+        ax.plot(
+            [p["safety"] for p in front], [p["over_refusal"] for p in front], linestyle=":", color=line[0].get_color()
+        )
+    ax.set_xlim(-0.02, 1.02)  # both axes are rates: the whole square, the ideal corner (1, 0) included
+    ax.set_ylim(-0.02, 1.02)
+    ylabel = "over-refusal: refusal rate on benign prompts"
+    title = "exp3: refusal vs over-refusal over the α sweep"
+    return _save(fig, ax, run_dir / "exp3_over_refusal.png", SAFETY_AXIS, ylabel, title)
 
 
 def write_report(run_dir: str | Path) -> Path:

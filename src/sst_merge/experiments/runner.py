@@ -186,7 +186,10 @@ class Runner:
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
-        eval_settings = cache.content_keyed(self.cfg.eval.model_dump())  # data files by content, not path
+        # the split enters the key only when it is not the default, so keys made before it existed stay valid;
+        # data files enter by content, not path
+        settings = self.cfg.eval.model_dump(exclude={"split"} if self.cfg.eval.split == "test" else None)
+        eval_settings = cache.content_keyed(settings)
         if judge is not None:
             eval_settings["judge"] = judge
         if judge_v is None:

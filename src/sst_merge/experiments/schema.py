@@ -3,13 +3,33 @@
 ``results.json`` validates against :class:`Results`; ``Results.model_json_schema()`` is the JSON Schema. Every
 metric carries its value, n and 95% interval; every model its spec (adapters with weights and roles, method and
 parameters). Per-item records live beside it in ``records.jsonl`` (one line per model × task × item).
+
+Version 2 (the three-way account: refusal, over-refusal, task) adds:
+
+* per model, beside ``refusal``, ``over_refusal`` and the task metrics: ``balanced_score`` (½(refusal on harmful
+  + answer rate on benign), bootstrap interval; ``f1``, ``f1_balanced`` and its interval as extra fields),
+  ``benign_drift`` (mean per-token NLL increase on the reference's greedy benign answers, paired-bootstrap interval;
+  ``nll_model``, ``nll_reference``), ``degenerate_harmful`` / ``degenerate_benign`` (share of empty or looping
+  responses, Wilson; ``empty`` and ``repetition`` counts);
+* per comparison (:class:`Comparison`; exp1, exp2, exp3): ``over_refusal_increase`` {value, ci95},
+  ``over_refusal_tax`` {value, ci95, status}, ``over_refusal_ref`` / ``over_refusal_merged``, ``n_benign``,
+  ``over_refusal_tax_undefined_fraction``, ``balanced_score_ref`` / ``balanced_score_merged`` and
+  ``balanced_score_change`` {value, ci95};
+* exp2: ``comparisons`` against each K's reference ``K=k:utility`` (the K utility adapters without safety), and
+  per row ``over_refusal``, ``balanced_score``, ``benign_drift``, ``over_refusal_increase``;
+* exp3: every point also holds ``over_refusal`` (``over_refusal_lookalike`` where measured), ``balanced_score``,
+  ``benign_drift`` and the degenerate rates; ``over_refusal_fronts`` (refusal ↑ vs over-refusal ↓); and
+  ``at_matched_safety`` (replacing ``utility_at_matched_safety``): per SST point, ``utility`` and ``over_refusal``
+  maps from each baseline series to its value interpolated along its front at that refusal rate (None outside).
+
+Version 1 documents (no such fields) still validate and render.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 
 class _Strict(BaseModel):
@@ -30,6 +50,28 @@ class ModelOut(_Strict):
     metrics: dict[str, MetricOut]
 
 
+class _Interval(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    value: float | None
+    ci95: list[float | None] | None
+
+
+class Comparison(BaseModel):
+    """One model against its reference (SPEC §7 plus the over-refusal account, schema 2)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    reference: str
+    safety_gain: _Interval
+    utility_loss: _Interval
+    safety_tax: _Interval
+    over_refusal_increase: _Interval | None = None
+    over_refusal_tax: _Interval | None = None
+    balanced_score_change: _Interval | None = None
+
+
 class Results(_Strict):
     schema_version: int
     created: str
@@ -45,3 +87,11 @@ class Results(_Strict):
     records: str
     cache: dict[str, int]
     diagnostics: dict[str, Any] = {}
+
+    @field_validator("experiments")
+    @classmethod
+    def _valid_comparisons(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for section in v.values():
+            for c in section.get("comparisons", []):
+                Comparison.model_validate(c)
+        return v

@@ -62,8 +62,19 @@ class GeneratedTask:
 
     def split(self, seed: int = 0) -> dict[str, list[Item]]:
         """Return ``{"train": [...], "eval": [...]}``: deterministic for a seed, disjoint by normalised prompt."""
+        items = self._draw(seed, self.n_train + self.n_eval)
+        return {"train": items[: self.n_train], "eval": items[self.n_train :]}
+
+    def dev(self, seed: int = 0, n: int = 100) -> list[Item]:
+        """Return ``n`` development items: the generator's next unique prompts after the train and eval items.
+
+        Drawn from the same seeded stream as :meth:`split`, so they are disjoint from both (by normalised prompt)
+        and the train / eval split does not change; for choosing hyper-parameters off the evaluation items.
+        """
+        return self._draw(seed, self.n_train + self.n_eval + n)[self.n_train + self.n_eval :]
+
+    def _draw(self, seed: int, need: int) -> list[Item]:
         rng = random.Random(f"{self.name}:{seed}")
-        need = self.n_train + self.n_eval
         seen: set[str] = set()
         items: list[Item] = []
         draws = 0
@@ -79,7 +90,7 @@ class GeneratedTask:
             items.append(
                 {"id": f"{self.name}-{seed}-{len(items):05d}", "prompt": prompt, "response": answer, "answer": answer}
             )
-        return {"train": items[: self.n_train], "eval": items[self.n_train :]}
+        return items
 
     def is_correct(self, generated: str, item: Item) -> bool:
         """Judge one generated response (exact match after :func:`normalize_answer`)."""
