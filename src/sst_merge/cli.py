@@ -14,7 +14,7 @@ import sys
 from sst_merge import __version__
 from sst_merge.errors import SSTMergeError
 
-COMMANDS = ("merge", "list", "eval", "train", "run", "report", "demo")
+COMMANDS = ("merge", "list", "eval", "train", "run", "report", "demo", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:
