@@ -130,9 +130,9 @@ def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
         # plan's device part minus the loaded weights + the host statistics of ONE Fisher (F_s), as measured here
         from sst_merge.plan import fisher_host_bytes
 
-        # one statistic here: lowrank N×p rows; diagonal/kfac an fp64 accumulator, then its fp32 result beside it
-        one_stat = fisher_host_bytes(shape, s) / (2 if approx == "lowrank" else 1)
-        est_b = st.device_bytes - shape.params() * 4 + one_stat
+        # one statistic here (the plan's host part holds two, and the ΔW map of the targets)
+        est_b = st.device_bytes - shape.params() * 4 + st.host_bytes - fisher_host_bytes(shape, s) / 2
+        est_b -= sum(mods[t][0] * mods[t][1] for t in TARGETS) * 4
         exs = examples(length, batch if approx != "lowrank" else n)
         estimate_fisher(model, names, exs[:batch], approx, 0, batch_size=batch, show_progress=False)  # warm-up
         sec, peak, _ = timed(lambda exs=exs, approx=approx: estimate_fisher(

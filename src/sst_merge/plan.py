@@ -40,6 +40,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: seven projections, the MLP's gate/up outputs and SiLU, attention outputs and norms — measured on the seed
 #: architectures with ``bench/shapes.py`` (≈ 6·hidden + 4·intermediate).
 ACT_HIDDEN, ACT_INTER = 6, 4
+#: bytes per element of the temporaries of ``torch.isfinite`` (an fp32 ``abs`` copy and three bool masks)
+FINITE_CHECK_BYTES = 7
 
 #: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
 #: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
@@ -272,7 +274,9 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         act = ftok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + ftok * V * 4 * 3
         captured = ftok * sum(o + i for o, i in mods) * b
         per_ex = 0 if s.fisher == "kfac" else 2 * s.fisher_batch * big * 4
-        host = fisher_host_bytes(shape, s) + deltas
+        # finish() checks every statistic with isfinite: an fp32 |x| copy and bool masks of its largest tensor
+        largest = {"lowrank": s.n_samples * big, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
+        host = fisher_host_bytes(shape, s) + deltas + largest * FINITE_CHECK_BYTES
         n_ex = 2 * s.n_samples
         grad_flops = (0 if s.fisher == "kfac" else 2 * ftok * p) + (2 * ftok * sum(o * o + i * i for o, i in mods)
                                                                      if s.fisher == "kfac" else 0)  # fmt: skip
