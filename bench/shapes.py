@@ -44,6 +44,7 @@ from sst_merge.models.shapes import SEED_MODELS, SHAPES, random_model_dir, shape
 from sst_merge.plan import (  # noqa: E402
     GIB,
     GPUS,
+    Rates,
     Settings,
     Shape,
     estimate,
@@ -53,6 +54,7 @@ from sst_merge.plan import (  # noqa: E402
 from sst_merge.rehearsal import _rss_peak, _rss_peak_reset  # noqa: E402
 
 VOCAB = 512
+KFAC_SCALE = 2
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -144,11 +146,26 @@ def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
     # -- GEVP + projection per module shape ---------------------------------------------------------------------
     g = torch.Generator().manual_seed(1)
     for t in TARGETS:
-        o, i = mods[t]
-        tau = torch.randn(o, i, generator=g) * 1e-3
         for approx in ("diagonal", "kfac", "lowrank"):
+            # kfac's two dense fp64 eigenproblems (in×in, out×out) take minutes at 4096 on a loaded 2-core machine:
+            # measured at half the module's dims (the plan's d³ law carries it to the real shape)
+            o, i = (d // KFAC_SCALE for d in mods[t]) if approx == "kfac" else mods[t]
+            tau = torch.randn(o, i, generator=g) * 1e-3
             s = Settings(fisher=approx, n_samples=4, targets=[t])
-            st = {x.step.split(" ")[0]: x for x in estimate(Shape(**{**shape.__dict__, "layers": 1}), s, rates)}["gevp"]
+            one = Shape(**{**shape.__dict__, "layers": 1})
+            if approx == "kfac":  # the same module at the measured dims: scale the shape's sizes down
+                one = Shape(
+                    **{
+                        **one.__dict__,
+                        "hidden": shape.hidden // KFAC_SCALE,
+                        "heads": shape.heads // KFAC_SCALE,
+                        "kv_heads": max(1, shape.kv_heads // KFAC_SCALE),
+                        "intermediate": shape.intermediate // KFAC_SCALE,
+                    }
+                )
+                o, i = one.modules()[t]
+                tau = torch.randn(o, i, generator=g) * 1e-3
+            st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["gevp"]
             if approx == "diagonal":
                 ss, su = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
             elif approx == "kfac":
@@ -163,7 +180,7 @@ def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
             sec, peak, _ = timed(lambda a=approx, ss=ss, su=su, tau=tau: project_module(
                 a, ss, su, tau, 1e-3, Selection(fraction=0.1)))  # fmt: skip
             # the plan's gevp host bytes hold the statistics and the ΔW map too; those are this call's inputs
-            work = st.host_bytes - fisher_stats_bytes(shape, s, t) - o * i * 4
+            work = st.host_bytes - fisher_stats_bytes(one, s, t) - o * i * 4
             row(f"gevp {approx} {t} {o}x{i}", sec, peak, st.seconds, work)
 
     # -- merge per module ---------------------------------------------------------------------------------------
@@ -272,6 +289,57 @@ def cmd_rehearse(args) -> dict:
     return report
 
 
+def cmd_table(args) -> str:
+    """Markdown tables for docs/scaling.md from a ``measure`` JSON (measured rows) and the plan (fits per machine)."""
+    import json
+
+    from sst_merge.plan import Memory, check_fit
+
+    doc = json.loads(Path(args.input).read_text())
+    lines = ["| architecture | step (one layer, cut depth) | measured | plan | measured × layers | plan × layers |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for arch in doc["archs"]:
+        for r in arch["rows"]:
+            mem = f", +{r['measured_peak_bytes'] / 2**20:.0f} MiB" if r["measured_peak_bytes"] > 2**20 else ""
+            pmem = f", {r['plan_bytes'] / 2**20:.0f} MiB" if r["plan_bytes"] > 2**20 else ""
+            lines.append(f"| {arch['alias']} | {r['step']} | {r['measured_s']:.3g} s{mem} | {r['plan_s']:.3g} s{pmem} "
+                         f"| {_fmt(r.get('full_depth_s'))} | {_fmt(r.get('full_depth_plan_s'))} |")  # fmt: skip
+    lines += ["", "| architecture | machine | Fisher | weights | peak device GiB | peak host GiB | Fisher pass | GEVP "
+              "| eval batch (16 × 64 new tokens) | fits |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    cpu_rates = Rates(**{k: doc["rates"][k2] * 1e9 for k, k2 in (("matmul", "matmul_2048_fp32_gflops"),
+                      ("fp64", "fp64_gflops"), ("bandwidth", "bandwidth_gbs"))})  # fmt: skip
+    machines = [("this CPU (24 GiB)", Memory(24 * GIB, 24 * GIB), cpu_rates, "float32", False)]
+    machines += [(f"{g} (projected)", Memory(GPUS[g]["memory_gib"] * GIB, GPUS[g]["host_gib"] * GIB, 1, g),
+                  gpu_rates(g), "bfloat16", True) for g in GPUS]  # fmt: skip
+    for alias in SEED_MODELS:
+        full = Shape.from_config(shape_config(alias))
+        for name, mem, rates, dtype, on_gpu in machines:
+            for fisher in ("diagonal", "kfac", "lowrank"):
+                s = Settings(dtype=dtype, fisher=fisher, n_samples=64 if fisher != "lowrank" else 16, eval_batch=16,
+                             prompt_tokens=128, new_tokens=64)  # fmt: skip
+                steps = {st.step.split(" ")[0]: st for st in estimate(full, s, rates)}
+                from sst_merge.plan import Plan
+
+                plan = Plan(alias, s, list(steps.values()), mem, rates, on_gpu)
+                dev, host = plan.peaks()
+                problem = check_fit(full, s, mem, rates, on_gpu)
+                fits = (
+                    "yes" if problem is None else "no" + (f": {problem.split('; ')[-1]}" if "--set" in problem else "")
+                )
+                lines.append(f"| {alias} | {name} | {fisher}{' N=16' if fisher == 'lowrank' else ' N=64'} | {dtype} "
+                             f"| {dev / GIB:.1f} | {host / GIB:.1f} | {_fmt(steps['fisher'].seconds)} "
+                             f"| {_fmt(steps['gevp'].seconds)} | {_fmt(steps['eval'].seconds)} | {fits} |")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _fmt(sec: float | None) -> str:
+    if sec is None:
+        return "—"
+    return f"{sec:.2g} s" if sec < 120 else (f"{sec / 60:.1f} min" if sec < 7200 else f"{sec / 3600:.1f} h")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd")
@@ -292,8 +360,13 @@ def main() -> None:
     r.add_argument("--work", help="working directory (default: a new temporary one)")
     r.add_argument("--threads", type=int)
     r.add_argument("-o", "--output")
-    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "rehearse")
+    t = sub.add_parser("table")
+    t.add_argument("input", nargs="?", default="bench/results/shapes.json")
+    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "rehearse", "table")
                          else ["measure", *sys.argv[1:]])  # fmt: skip
+    if args.cmd == "table":
+        cmd_table(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     emit(cmd_measure(args) if args.cmd == "measure" else cmd_rehearse(args), args.output)

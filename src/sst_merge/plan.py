@@ -42,6 +42,12 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACT_HIDDEN, ACT_INTER = 6, 4
 #: bytes per element of the temporaries of ``torch.isfinite`` (an fp32 ``abs`` copy and three bool masks)
 FINITE_CHECK_BYTES = 7
+#: Calibrated on this project's 2-core CPU by ``bench/shapes.py`` (bench/results/shapes.json, Llama-3.1-8B layer):
+#: scipy's generalized ``eigh`` costs about this many d³ FLOPs at the fp64 matmul rate (9 d³ of arithmetic, run at
+#: about a fifth of the matmul rate); ``lowrank``'s solve + projection makes about this many fp64 passes over the
+#: N×p gradient rows (copies to fp64, Gram products, the B⁻¹ solve); the λ selection costs this multiple of a
+#: stable argsort of the module's p values (the λ grid, the gather and the mask around it).
+EIGH_FLOPS_PER_D3, LOWRANK_PASSES, SELECT_OVER_SORT = 41, 55, 1.65
 
 #: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
 #: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
@@ -285,18 +291,20 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
                           f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host"))  # fmt: skip
 
-        sort_s = sum(o * i * math.log2(o * i) for o, i in mods) / rates.sort if s.fisher != "lowrank" else 0
+        select_s = sum(o * i * math.log2(o * i) for o, i in mods) / rates.sort if s.fisher != "lowrank" else 0
+        select_s *= SELECT_OVER_SORT
         if s.fisher == "kfac":
-            g_flops = sum(9 * (o**3 + i**3) + 6 * o * i * (o + i) for o, i in mods)
+            g_flops = sum(EIGH_FLOPS_PER_D3 * (o**3 + i**3) + 6 * o * i * (o + i) for o, i in mods)
             g_mem = max(2 * (o * o + i * i) * 8 * 3 + o * i * 8 * 4 for o, i in mods)
         elif s.fisher == "lowrank":
             n = s.n_samples
-            g_flops = sum(2 * 4 * n * n * o * i + 2 * 4 * n * o * i for o, i in mods)
+            g_flops = sum(2 * 4 * n * n * o * i for o, i in mods)
+            select_s = LOWRANK_PASSES * n * p * 8 / rates.bandwidth  # memory-bound: passes over the rows
             g_mem = 2 * n * big * 8 + 4 * big * 8
         else:
             g_flops = 10 * p
             g_mem = 4 * big * 8
-        steps.append(Step("gevp + projection", W, host + g_mem, g_flops / rates.fp64 + sort_s,
+        steps.append(Step("gevp + projection", W, host + g_mem, g_flops / rates.fp64 + select_s,
                           f"largest module {max(mods)} ; {g_flops / 1e12:.2f} TFLOP fp64"))  # fmt: skip
 
     if s.output == "full":
