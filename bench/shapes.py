@@ -18,7 +18,7 @@ the same run (``measure_rates``: a 2048² fp32 matmul, fp64, memory bandwidth), 
 Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
 
     PYTHONPATH=src python bench/shapes.py rehearse --arch llama-3.1-8b --dtype bfloat16 --synthetic \\
-        --steps eval,exp1 --adapter-layers 28,29,30,31 -o bench/results/rehearse_llama8b_gpu.json
+        --steps eval,exp1 --adapter-layers 30,31 -o bench/results/rehearse_llama8b_gpu.json
 
 Usage::
 
