@@ -128,3 +128,29 @@ def _rss_current() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def test_cli_plans_a_merge_config_from_its_adapters(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from sst_merge.testing import random_lora, tiny_model
+
+    base = tiny_model()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapters = [random_lora(base, str(tmp_path / n), r=4, target_modules=targets, seed=i) for i, n in enumerate("us")]
+    cfg = {"base_model": str(tiny_model_dir), "method": "sst", "output": {"format": "full"},
+           "adapters": [{"path": adapters[0], "role": "utility"}, {"path": adapters[1], "role": "safety"}],
+           "params": {"fisher": "kfac", "n_samples": 8, "fraction": 0.1}}  # fmt: skip
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["targets"] == sorted(targets) and doc["settings"]["lora_rank"] == 4
+    steps = [s["step"] for s in doc["steps"]]
+    assert "fisher (kfac, N=8 × 2)" in steps and "full output" in steps and not any("train" in s for s in steps)
+    assert "plan for " in capsys.readouterr().out
+    cfg["params"].pop("fraction")  # SST's own validation, as one line before anything is estimated
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(path)]) == 2
+    assert "k, fraction, threshold" in capsys.readouterr().err

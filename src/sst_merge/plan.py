@@ -482,7 +482,7 @@ def settings_from_config(data: dict[str, Any], overrides: list[str] | None = Non
         if s.sst:
             from sst_merge.merge.sst import SSTParams
 
-            sp = SSTParams.model_validate(params)
+            sp = validate(SSTParams, dict(params), source="merge config params")
             s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
                                                                       sp.max_length)  # fmt: skip
             s.new_tokens = sp.max_new_tokens
