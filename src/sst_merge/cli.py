@@ -14,7 +14,7 @@ import sys
 from sst_merge import __version__
 from sst_merge.errors import SSTMergeError
 
-COMMANDS = ("merge", "list", "eval", "train", "run", "report", "demo", "cache")
+COMMANDS = ("merge", "list", "eval", "train", "run", "report", "demo", "plan", "cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,379 @@
+"""Benchmark: per-layer costs of the seed architectures at cut depth, extrapolated to full depth, vs ``sst-merge plan``.
+
+``measure`` (default) — for Mistral-7B, Llama-3.1-8B and Qwen2.5-14B, a randomly initialised model with the real
+per-layer shapes, one decoder layer and a 512-token vocabulary (fp32), on this machine:
+
+* Fisher per approximation (diagonal, kfac, lowrank at N=4) over q_proj and v_proj, one batch of 2 examples × 64
+  tokens: wall time and peak memory above the loaded model (resident-set high-water mark, reset before each step);
+* GEVP + projection per module shape (q_proj, v_proj), per approximation, with random statistics of the real sizes;
+* merge per module (task_arithmetic and TIES on two rank-8 ΔW of q_proj's shape);
+* generation per new token (batch 1, after a 32-token prompt).
+
+Each is compared with :mod:`sst_merge.plan`'s estimate for the same shapes and settings, using the rates measured in
+the same run (``measure_rates``: a 2048² fp32 matmul, fp64, memory bandwidth), and extrapolated to full depth
+(× layers; the output head analytically). GPU figures in the JSON are projections from nominal rates
+(``plan.GPUS``), marked ``projected``.
+
+``rehearse`` — the whole toolkit on one architecture (``sst_merge.rehearsal``), e.g. a full-depth random-init
+Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
+
+    PYTHONPATH=src python bench/shapes.py rehearse --arch llama-3.1-8b --dtype bfloat16 --synthetic \\
+        --steps eval,exp1 --adapter-layers 30,31 -o bench/results/rehearse_llama8b_gpu.json
+
+Usage::
+
+    PYTHONPATH=src nice python bench/shapes.py measure --threads 2 -o bench/results/shapes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import emit  # noqa: E402
+
+from sst_merge.models.shapes import SEED_MODELS, SHAPES, random_model_dir, shape_config  # noqa: E402
+from sst_merge.plan import (  # noqa: E402
+    GIB,
+    GPUS,
+    Rates,
+    Settings,
+    Shape,
+    estimate,
+    gpu_rates,
+    measure_rates,
+)
+from sst_merge.rehearsal import _rss_peak, _rss_peak_reset  # noqa: E402
+
+VOCAB = 512
+KFAC_SCALE = 2
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed(fn, repeat: int = 1) -> tuple[float, int, object]:
+    """Best wall seconds of ``repeat`` runs and the peak resident memory above the start (bytes)."""
+    best, peak, out = float("inf"), 0, None
+    for _ in range(repeat):
+        base = _rss()
+        _rss_peak_reset()
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+        peak = max(peak, (_rss_peak() or 0) - base)
+    return best, peak, out
+
+
+def examples(tok_len: int, n: int) -> list:
+    from sst_merge.fisher.data import Example
+
+    g = torch.Generator().manual_seed(0)
+    half = tok_len // 2
+    return [
+        Example(tuple(torch.randint(4, VOCAB, (half,), generator=g).tolist()),
+                tuple(torch.randint(4, VOCAB, (half,), generator=g).tolist()))
+        for _ in range(n)
+    ]  # fmt: skip
+
+
+def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from sst_merge.fisher.estimate import estimate_fisher
+    from sst_merge.fisher.gevp import Selection
+    from sst_merge.fisher.solve import project_module
+    from sst_merge.merge.sparsify import magnitude_trim
+
+    cfg = shape_config(alias, num_layers=1, vocab_size=VOCAB, pad_token_id=0, eos_token_id=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    shape = Shape.from_config(cfg)
+    full = Shape.from_config(shape_config(alias))
+    names = [f"model.layers.0.self_attn.{t}" for t in TARGETS]
+    mods = shape.modules()
+    out: dict = {"alias": alias, "source": SHAPES[alias]["source"], "layers_measured": 1, "vocab_measured": VOCAB,
+                 "full_layers": full.layers, "rows": []}  # fmt: skip
+    batch, length = 2, 64
+
+    def row(step: str, seconds: float, peak: int, est_s: float, est_b: float, per_layer: bool = True) -> None:
+        r = {"step": step, "measured_s": round(seconds, 4), "measured_peak_bytes": peak,
+             "plan_s": round(est_s, 4), "plan_bytes": int(est_b),
+             "time_ratio": round(seconds / est_s, 3) if est_s else None,
+             "memory_ratio": round(peak / est_b, 3) if est_b else None}  # fmt: skip
+        if per_layer:
+            r["full_depth_s"] = round(seconds * full.layers, 2)
+            r["full_depth_plan_s"] = round(est_s * full.layers, 2)
+        out["rows"].append(r)
+        print(f"  {alias} {step}: {seconds:.3f} s (plan {est_s:.3f}), peak +{peak / 2**20:.0f} MiB "
+              f"(plan {est_b / 2**20:.0f})", file=sys.stderr)  # fmt: skip
+
+    # -- Fisher per approximation -------------------------------------------------------------------------------
+    for approx, n in (("diagonal", 2), ("kfac", 2), ("lowrank", 4)):
+        s = Settings(
+            fisher=approx, n_samples=n, fisher_batch=batch, fisher_length=length, targets=TARGETS, new_tokens=0
+        )
+        st = {x.step.split(" ")[0]: x for x in estimate(shape, s, rates)}["fisher"]
+        est_s = st.seconds * batch / (2 * n)  # plan counts both statistics (2N examples); one batch measured here
+        # plan's device part minus the loaded weights + the host statistics of ONE Fisher (F_s), as measured here
+        from sst_merge.plan import fisher_host_bytes
+
+        # one statistic here (the plan's host part holds two, and the ΔW map of the targets)
+        est_b = st.device_bytes - shape.params() * 4 + st.host_bytes - fisher_host_bytes(shape, s) / 2
+        est_b -= sum(mods[t][0] * mods[t][1] for t in TARGETS) * 4
+        exs = examples(length, batch if approx != "lowrank" else n)
+        estimate_fisher(model, names, exs[:batch], approx, 0, batch_size=batch, show_progress=False)  # warm-up
+        sec, peak, _ = timed(lambda exs=exs, approx=approx: estimate_fisher(
+            model, names, exs, approx, 0, batch_size=batch, show_progress=False), repeat=2)  # fmt: skip
+        if approx == "lowrank":
+            sec *= batch / n  # per batch of 2, like the others
+        row(f"fisher {approx} (q,v; batch {batch}×{length})", sec, peak, est_s, est_b)
+
+    # -- GEVP + projection per module shape ---------------------------------------------------------------------
+    g = torch.Generator().manual_seed(1)
+    for t in TARGETS:
+        for approx in ("diagonal", "kfac", "lowrank"):
+            # kfac's two dense fp64 eigenproblems (in×in, out×out) take minutes at 4096 on a loaded 2-core machine:
+            # measured at half the module's dims (the plan's d³ law carries it to the real shape)
+            o, i = (d // KFAC_SCALE for d in mods[t]) if approx == "kfac" else mods[t]
+            tau = torch.randn(o, i, generator=g) * 1e-3
+            s = Settings(fisher=approx, n_samples=4, targets=[t])
+            one = Shape(**{**shape.__dict__, "layers": 1})
+            if approx == "kfac":  # the same module at the measured dims: scale the shape's sizes down
+                one = Shape(
+                    **{
+                        **one.__dict__,
+                        "hidden": shape.hidden // KFAC_SCALE,
+                        "heads": shape.heads // KFAC_SCALE,
+                        "kv_heads": max(1, shape.kv_heads // KFAC_SCALE),
+                        "intermediate": shape.intermediate // KFAC_SCALE,
+                    }
+                )
+                o, i = one.modules()[t]
+                tau = torch.randn(o, i, generator=g) * 1e-3
+            st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["gevp"]
+            if approx == "diagonal":
+                ss, su = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
+            elif approx == "kfac":
+
+                def spd(d):
+                    x = torch.randn(d, d // 4, generator=g)
+                    return x @ x.T / d + 0.1 * torch.eye(d)
+
+                ss, su = {"A": spd(i), "G": spd(o)}, {"A": spd(i), "G": spd(o)}
+            else:
+                ss, su = {"rows": torch.randn(4, o * i, generator=g)}, {"rows": torch.randn(4, o * i, generator=g)}
+            sec, peak, _ = timed(lambda a=approx, ss=ss, su=su, tau=tau: project_module(
+                a, ss, su, tau, 1e-3, Selection(fraction=0.1)))  # fmt: skip
+            # the plan's gevp host bytes hold the statistics and the ΔW map too; those are this call's inputs
+            work = st.host_bytes - fisher_stats_bytes(one, s, t) - o * i * 4
+            row(f"gevp {approx} {t} {o}x{i}", sec, peak, st.seconds, work)
+
+    # -- merge per module ---------------------------------------------------------------------------------------
+    o, i = mods["q_proj"]
+    factors = [(torch.randn(o, 8, generator=g), torch.randn(8, i, generator=g)) for _ in range(2)]
+    s = Settings(targets=["q_proj"], n_adapters=2, sst=False)
+    st = {x.step.split(" ")[0]: x for x in estimate(Shape(**{**shape.__dict__, "layers": 1}), s, rates)}["merge"]
+    # ΔW_i = B_i A_i (fp32) for both adapters, then the weighted sum: what task_arithmetic does per module
+    sec, peak, _ = timed(lambda: sum(1.0 * (b @ a) for b, a in factors), repeat=3)
+    row(f"merge task_arithmetic q_proj {o}x{i}", sec, peak, st.seconds, st.host_bytes - o * i * 4 * 2)
+    taus = [b @ a for b, a in factors]
+    sec, peak, _ = timed(lambda: [magnitude_trim(t, 0.5) for t in taus], repeat=1)
+    row(f"merge ties trim q_proj {o}x{i} (2 adapters; plan: task_arithmetic's)", sec, peak, st.seconds, 0)
+
+    # -- generation per token -----------------------------------------------------------------------------------
+    ids = torch.randint(4, VOCAB, (1, 32), generator=g)
+    s = Settings(eval_batch=1, prompt_tokens=32, new_tokens=gen_tokens, sst=False)
+    st = {x.step.split(" ")[0]: x for x in estimate(shape, s, rates)}["eval"]
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+        def gen(n):
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        t1, _, _ = timed(lambda: gen(1), repeat=2)
+        tn, peak, _ = timed(lambda: gen(gen_tokens + 1), repeat=2)
+    per_tok = (tn - t1) / gen_tokens
+    prefill = 2 * (shape.params() - VOCAB * shape.hidden) * 32 / rates.matmul
+    row("generation per new token (batch 1)", per_tok, peak, (st.seconds - prefill) / gen_tokens, 0)
+    # full depth: per layer × layers, plus the real output head (one hidden×vocab read per token)
+    head = full.vocab * full.hidden * 4 / rates.bandwidth
+    out["rows"][-1]["full_depth_s"] = round(per_tok * full.layers + head, 3)
+    out["rows"][-1]["full_depth_plan_s"] = round((st.seconds - prefill) / gen_tokens * full.layers + head, 3)
+    return out
+
+
+def fisher_stats_bytes(shape: Shape, s: Settings, t: str) -> float:
+    """The statistics handed to the GEVP (inputs of the measured call, allocated before it): not part of its peak."""
+    from sst_merge.plan import fisher_host_bytes
+
+    one = Shape(**{**shape.__dict__, "layers": 1})
+    return fisher_host_bytes(one, Settings(fisher=s.fisher, n_samples=s.n_samples, targets=[t])) + 0
+
+
+def projections(rates) -> dict:
+    """Full-depth plans of the three seed models on this CPU (measured rates) and on the GPUs (projected)."""
+    out = {}
+    for alias in SEED_MODELS:
+        full = Shape.from_config(shape_config(alias))
+        out[alias] = {"params": full.params()}
+        for fisher in ("diagonal", "kfac", "lowrank"):
+            for where, r, dtype in [("cpu", rates, "float32"), *[(g, gpu_rates(g), "bfloat16") for g in GPUS]]:
+                s = Settings(dtype=dtype, fisher=fisher, n_samples=64 if fisher != "lowrank" else 16,
+                             eval_batch=16, prompt_tokens=128, new_tokens=64, output="full")  # fmt: skip
+                steps = estimate(full, s, r)
+                out[alias][f"{where}/{fisher}"] = {
+                    "projected": where != "cpu",
+                    "steps": {st.step: {"device_gib": round(st.device_bytes / GIB, 2),
+                                        "host_gib": round(st.host_bytes / GIB, 2),
+                                        "seconds": round(st.seconds, 2)} for st in steps},
+                }  # fmt: skip
+    return out
+
+
+def cmd_measure(args) -> dict:
+    load = os.getloadavg()
+    rates = measure_rates("cpu", "float32", size=2048)
+    print(f"load {load}, 2048² fp32 matmul {rates.matmul / 1e9:.1f} GFLOP/s, fp64 {rates.fp64 / 1e9:.1f} GFLOP/s, "
+          f"bandwidth {rates.bandwidth / 1e9:.1f} GB/s", file=sys.stderr)  # fmt: skip
+    report = {
+        "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "loadavg_start": load, "torch": torch.__version__},
+        "rates": {"matmul_2048_fp32_gflops": round(rates.matmul / 1e9, 2), "fp64_gflops": round(rates.fp64 / 1e9, 2),
+                  "bandwidth_gbs": round(rates.bandwidth / 1e9, 2)},
+        "archs": [measure_arch(a, rates) for a in args.archs.split(",")],
+        "gpu_rates_projected": {g: {k: v for k, v in gpu_rates(g).__dict__.items()} for g in GPUS},
+    }  # fmt: skip
+    report["projections"] = projections(rates)
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    return report
+
+
+def cmd_rehearse(args) -> dict:
+    from sst_merge.rehearsal import rehearse
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="sst-rehearse-"))
+    t = time.perf_counter()
+    model_dir = random_model_dir(args.arch, work / "model", num_layers=args.layers, vocab_size=args.vocab,
+                                 dtype=args.dtype)  # fmt: skip
+    build = time.perf_counter() - t
+    layers = [int(x) for x in args.adapter_layers.split(",")] if args.adapter_layers else None
+    steps = tuple(args.steps.split(","))
+    t = time.perf_counter()
+    res = rehearse(model_dir, work / "run", synthetic=args.synthetic, steps=steps, dtype=args.dtype,
+                   adapter_layers=layers, exp1_fisher=args.fisher, n_items=args.items)  # fmt: skip
+    total = time.perf_counter() - t
+    report = {"arch": args.arch, "layers": args.layers or SHAPES[args.arch]["num_hidden_layers"], "dtype": args.dtype,
+              "build_model_s": round(build, 1), "rehearsal_s": round(total, 1), "steps": res,
+              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+              "peak_cuda_gib": max((r.get("peak_cuda_bytes") or 0) for r in res.values()) / GIB,
+              "peak_rss_gib": max((r.get("peak_rss_bytes") or 0) for r in res.values()) / GIB}  # fmt: skip
+    for name, r in res.items():
+        cuda = f", peak GPU {r['peak_cuda_bytes'] / GIB:.2f} GiB" if "peak_cuda_bytes" in r else ""
+        print(f"{name}: {r['seconds']:.1f} s, peak RSS {(r.get('peak_rss_bytes') or 0) / GIB:.2f} GiB{cuda}",
+              file=sys.stderr)  # fmt: skip
+    return report
+
+
+def cmd_table(args) -> str:
+    """Markdown tables for docs/scaling.md from a ``measure`` JSON (measured rows) and the plan (fits per machine)."""
+    import json
+
+    from sst_merge.plan import Memory, check_fit
+
+    doc = json.loads(Path(args.input).read_text())
+    lines = ["| architecture | step (one layer, cut depth) | measured | plan | measured × layers | plan × layers |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for arch in doc["archs"]:
+        for r in arch["rows"]:
+            mem = f", +{r['measured_peak_bytes'] / 2**20:.0f} MiB" if r["measured_peak_bytes"] > 2**20 else ""
+            pmem = f", {r['plan_bytes'] / 2**20:.0f} MiB" if r["plan_bytes"] > 2**20 else ""
+            # kfac's GEVP was measured at half the module's dims: d³ carries both columns to the real module
+            k = KFAC_SCALE**3 if r["step"].startswith("gevp kfac") else 1
+            full_m, full_p = (None if v is None else v * k for v in (r.get("full_depth_s"), r.get("full_depth_plan_s")))
+            lines.append(f"| {arch['alias']} | {r['step']} | {r['measured_s']:.3g} s{mem} | {r['plan_s']:.3g} s{pmem} "
+                         f"| {_fmt(full_m)} | {_fmt(full_p)} |")  # fmt: skip
+    lines += ["", "| architecture | machine | Fisher | weights | peak device GiB | peak host GiB | Fisher pass | GEVP "
+              "| eval batch (16 × 64 new tokens) | fits |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    cpu_rates = Rates(**{k: doc["rates"][k2] * 1e9 for k, k2 in (("matmul", "matmul_2048_fp32_gflops"),
+                      ("fp64", "fp64_gflops"), ("bandwidth", "bandwidth_gbs"))})  # fmt: skip
+    machines = [("this CPU (24 GiB)", Memory(24 * GIB, 24 * GIB), cpu_rates, "float32", False)]
+    machines += [(f"{g} (projected)", Memory(GPUS[g]["memory_gib"] * GIB, GPUS[g]["host_gib"] * GIB, 1, g),
+                  gpu_rates(g), "bfloat16", True) for g in GPUS]  # fmt: skip
+    for alias in SEED_MODELS:
+        full = Shape.from_config(shape_config(alias))
+        for name, mem, rates, dtype, on_gpu in machines:
+            for fisher in ("diagonal", "kfac", "lowrank"):
+                s = Settings(dtype=dtype, fisher=fisher, n_samples=64 if fisher != "lowrank" else 16, eval_batch=16,
+                             prompt_tokens=128, new_tokens=64)  # fmt: skip
+                steps = {st.step.split(" ")[0]: st for st in estimate(full, s, rates)}
+                from sst_merge.plan import Plan
+
+                plan = Plan(alias, s, list(steps.values()), mem, rates, on_gpu)
+                dev, host = plan.peaks()
+                problem = check_fit(full, s, mem, rates, on_gpu)
+                fits = (
+                    "yes" if problem is None else "no" + (f": {problem.split('; ')[-1]}" if "--set" in problem else "")
+                )
+                lines.append(f"| {alias} | {name} | {fisher}{' N=16' if fisher == 'lowrank' else ' N=64'} | {dtype} "
+                             f"| {dev / GIB:.1f} | {host / GIB:.1f} | {_fmt(steps['fisher'].seconds)} "
+                             f"| {_fmt(steps['gevp'].seconds)} | {_fmt(steps['eval'].seconds)} | {fits} |")  # fmt: skip
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def _fmt(sec: float | None) -> str:
+    if sec is None:
+        return "—"
+    return f"{sec:.2g} s" if sec < 120 else (f"{sec / 60:.1f} min" if sec < 7200 else f"{sec / 3600:.1f} h")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd")
+    m = sub.add_parser("measure")
+    m.add_argument("--archs", default=",".join(SEED_MODELS))
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("-o", "--output")
+    r = sub.add_parser("rehearse")
+    r.add_argument("--arch", default="llama-3.1-8b", choices=list(SHAPES))
+    r.add_argument("--layers", type=int, help="decoder layers (default: all)")
+    r.add_argument("--vocab", type=int, help="vocabulary (default: the real one)")
+    r.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    r.add_argument("--steps", default="train,merge,eval,exp1")
+    r.add_argument("--fisher", default="kfac", choices=["kfac", "diagonal", "lowrank"], help="SST's Fisher in exp1")
+    r.add_argument("--adapter-layers", help="comma-separated layers of the random adapters (without the train step)")
+    r.add_argument("--items", type=int, default=2)
+    r.add_argument("--synthetic", action="store_true", help="small generated prompt files instead of the packages")
+    r.add_argument("--work", help="working directory (default: a new temporary one)")
+    r.add_argument("--threads", type=int)
+    r.add_argument("-o", "--output")
+    t = sub.add_parser("table")
+    t.add_argument("input", nargs="?", default="bench/results/shapes.json")
+    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "rehearse", "table")
+                         else ["measure", *sys.argv[1:]])  # fmt: skip
+    if args.cmd == "table":
+        cmd_table(args)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    emit(cmd_measure(args) if args.cmd == "measure" else cmd_rehearse(args), args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""`sst-merge plan [CONFIG.yaml] [--model M] [--set key=value ...] [--memory-gib G] [--gpu NAME] [--json OUT]`."""
+
+from __future__ import annotations
+
+import argparse
+
+from sst_merge.commands.flags import add_set_flag
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "plan",
+        help="estimate memory and time of every step from the model's config (no weights); refuse what cannot fit",
+        description="Estimate the memory and time of each step of a run (an experiment or a merge config) from the "
+        "model's config alone, and check them against this machine (or --memory-gib / --gpu). Exit 2 with the "
+        "option that would fit when the run cannot fit.",
+    )
+    p.add_argument("config", nargs="?", help="experiment or merge config (YAML); default: the experiment defaults")
+    p.add_argument("--model", help="model alias, directory or hub id (overrides the config's model)")
+    p.add_argument("--mode", choices=["minimal", "full"], help="experiment preset (default: the config's, or minimal)")
+    add_set_flag(p, help="override a config value, e.g. --set sst.fisher=kfac --set dtype=bfloat16")
+    p.add_argument("--memory-gib", type=float, help="plan for this much device memory (GiB) instead of this machine's")
+    p.add_argument("--host-gib", type=float, help="plan for this much host memory (GiB) instead of this machine's")
+    p.add_argument("--gpu", help="plan for one GPU of the table (H100-80GB, H200-141GB), with projected rates")
+    p.add_argument("--json", dest="json_out", help="also write the plan as JSON to this file")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from sst_merge.config import load_yaml
+    from sst_merge.errors import ConfigError
+    from sst_merge.plan import GIB, GPUS, Memory, available_memory, gpu_rates, plan_run, settings_from_config
+
+    data = load_yaml(args.config) if args.config else {}
+    if args.model:
+        data["base_model" if "base_model" in data else "model"] = args.model
+    if args.mode and "base_model" not in data:
+        data["mode"] = args.mode
+    model, settings = settings_from_config(data, args.overrides)
+    memory, rates, on_gpu = available_memory(), None, None
+    if args.gpu:
+        if args.gpu not in GPUS:
+            raise ConfigError(f"--gpu {args.gpu!r} is not one of {', '.join(GPUS)}")
+        g = GPUS[args.gpu]
+        memory = Memory(device=g["memory_gib"] * GIB, host=g["host_gib"] * GIB, gpus=1, name=args.gpu)
+        rates, on_gpu = gpu_rates(args.gpu), True
+    if args.memory_gib is not None:  # on the CPU the device is the host: both get the given size
+        gib = args.memory_gib * GIB
+        memory = Memory(device=gib, host=memory.host if memory.gpus else gib, gpus=memory.gpus, name=memory.name)
+    if args.host_gib is not None:
+        memory = Memory(device=memory.device if memory.gpus else args.host_gib * GIB, host=args.host_gib * GIB,
+                        gpus=memory.gpus, name=memory.name)  # fmt: skip
+    plan = plan_run(model, settings, memory=memory, rates=rates, on_gpu=on_gpu)
+    print(plan.table())
+    if args.json_out:
+        from sst_merge.io import atomic_write_json
+
+        atomic_write_json(args.json_out, plan.to_json())
+    if plan.problem:
+        raise ConfigError(f"{model}: {plan.problem}")
+    return 0

@@ -1,0 +1,505 @@
+"""Plan a run before loading anything heavy: memory and time per step, from the model's config alone.
+
+:func:`plan_run` reads the model's shapes (:mod:`sst_merge.models.shapes` for the aliases, else ``config.json`` via
+``AutoConfig`` — no weights), the adapters' ``adapter_config.json`` (target modules, rank) and the settings, and
+estimates for every step what the code of this project allocates:
+
+* ``load`` — the weights in the chosen dtype (on the device);
+* ``train`` — ``sst-merge train`` loads the model in fp32, plus activations of one batch;
+* ``eval`` — generation: weights + KV cache (2 · layers · kv-heads · head-dim · (prompt + new) · batch) + the last
+  position's logits; log-likelihood scoring (MMLU cloze): the logits of every position;
+* ``fisher`` — device: weights + activations of a backward + the module inputs/output-gradients captured for every
+  target module + the per-example gradients of the largest module (``diagonal``/``lowrank``); host: the statistics
+  (``diagonal`` p·8 accumulating + p·4 result, ``kfac`` Σ(in²+out²)·(8 + 4), ``lowrank`` N·p·4 per statistic, both
+  held) — they are moved to the host after every batch;
+* ``gevp`` — per module: ``kfac`` two dense fp64 eigenproblems (in×in, out×out), ``lowrank`` N×N plus N·p products,
+  ``diagonal`` elementwise; the selection sorts the module's p values (fp64 + int64);
+* ``merge`` — the merged ΔW map (fp32, p·4) and the touched weights saved while it is applied;
+* ``full`` — the ``full`` output loads a fresh fp32 copy of the base on the host (P·4) and adds ΔW.
+
+Times come from FLOP counts and measured (or given) rates: a ``matmul`` rate for dense work, an ``fp64`` rate for
+the eigen-solvers, a memory ``bandwidth`` for generation (one read of the weights per new token). Memory is then
+checked against the device (GPU memory, or the host's available memory on the CPU); a run that cannot fit is refused
+with the option that would: ``kfac`` instead of ``lowrank``, a smaller N, ``bfloat16``, ``device_map=auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sst_merge.errors import ConfigError
+
+GIB = 2**30
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: bytes of activations kept per token and layer for a backward, in units of the model dtype: the inputs of the
+#: seven projections, the MLP's gate/up outputs and SiLU, attention outputs and norms — measured on the seed
+#: architectures with ``bench/shapes.py`` (≈ 6·hidden + 4·intermediate).
+ACT_HIDDEN, ACT_INTER = 6, 4
+#: bytes per element of the temporaries of ``torch.isfinite`` (an fp32 ``abs`` copy and three bool masks)
+FINITE_CHECK_BYTES = 7
+#: Calibrated on this project's 2-core CPU by ``bench/shapes.py`` (bench/results/shapes.json, Llama-3.1-8B layer):
+#: scipy's generalized ``eigh`` costs about this many d³ FLOPs at the fp64 matmul rate (9 d³ of arithmetic, run at
+#: about a fifth of the matmul rate); ``lowrank``'s solve + projection makes about this many fp64 passes over the
+#: N×p gradient rows (copies to fp64, Gram products, the B⁻¹ solve); the λ selection costs this multiple of a
+#: stable argsort of the module's p values (the λ grid, the gather and the mask around it).
+EIGH_FLOPS_PER_D3, LOWRANK_PASSES, SELECT_OVER_SORT = 41, 55, 1.65
+
+#: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
+#: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
+#: memory assumed beside one such GPU (128 GiB, the H200 machine this project was measured on); ``--host-gib``
+#: changes it.
+GPUS: dict[str, dict[str, float]] = {
+    "H100-80GB": {"memory_gib": 80e9 / GIB, "host_gib": 128, "matmul": 989e12, "fp64": 67e12, "bandwidth": 3.35e12},
+    "H200-141GB": {"memory_gib": 141e9 / GIB, "host_gib": 128, "matmul": 989e12, "fp64": 67e12, "bandwidth": 4.8e12},
+}
+GPU_EFFICIENCY = {"matmul": 0.4, "bandwidth": 0.6}
+#: Host rates assumed beside a GPU (a 16-core server): the GEVP's eigen-solvers (scipy) and the λ sort run there.
+HOST_FP64, HOST_SORT = 200e9, 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need of a decoder-only transformer."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Shape:
+        heads = cfg.num_attention_heads
+        return cls(
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            layers=cfg.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            vocab=cfg.vocab_size,
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+        )
+
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """Linear modules of one layer: name → (out, in)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+
+    def layer_params(self) -> int:
+        m = self.modules()
+        bias = (m["q_proj"][0] + 2 * m["k_proj"][0]) if self.qkv_bias else 0
+        return sum(o * i for o, i in m.values()) + bias + 2 * self.hidden  # + two RMSNorm weights
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        return self.layers * self.layer_params() + embed * (1 if self.tied else 2) + self.hidden
+
+
+def model_shape(model: str) -> Shape:
+    """Return the shapes of ``model`` (alias, local directory or hub id) from its config only — never its weights."""
+    from sst_merge.models.shapes import SHAPES, shape_config
+
+    if model in SHAPES:
+        return Shape.from_config(shape_config(model))
+    from transformers import AutoConfig
+
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model {model}: directory has no config.json; pass a Hugging Face model directory")
+    try:
+        return Shape.from_config(AutoConfig.from_pretrained(str(p) if p.is_dir() else model))
+    except OSError as e:
+        raise ConfigError(
+            f"model {model}: cannot read its config.json ({e.__class__.__name__}); pass a local model directory"
+        ) from e
+
+
+@dataclass
+class Settings:
+    """What the estimate depends on besides the model (experiment and merge settings)."""
+
+    dtype: str = "float32"
+    device_map: str | None = None
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_rank: int = 8
+    n_adapters: int = 2
+    fisher: str = "lowrank"
+    n_samples: int = 32
+    fisher_batch: int = 8
+    fisher_length: int = 256
+    eval_batch: int = 8
+    prompt_tokens: int = 128
+    new_tokens: int = 64
+    train_batch: int = 8
+    train_length: int = 256
+    output: str | None = None  # "peft" / "full" for a merge; None for an experiment (no output written)
+    sst: bool = True
+    train: bool = False  # an experiment whose adapters are not given trains them first
+
+
+@dataclass
+class Step:
+    """One step's estimate: peak bytes on the device and on the host (beyond the device's), FLOPs, seconds."""
+
+    step: str
+    device_bytes: float
+    host_bytes: float
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class Rates:
+    """Throughputs of the machine the plan is for (measured with :func:`measure_rates` or given)."""
+
+    matmul: float  # FLOP/s, dense matmul in the run's dtype
+    fp64: float  # FLOP/s, the eigen-solvers' fp64 work
+    bandwidth: float  # bytes/s, reading weights during generation
+    sort: float = 2e8  # elements·log2(elements) per second of a stable fp64 argsort (the λ selection)
+    measured: bool = True
+
+
+def measure_rates(device: str = "cpu", dtype: str = "float32", size: int = 1024) -> Rates:
+    """Measure a matmul rate (``size``² × ``size``), an fp64 rate and a copy bandwidth on ``device`` (≈ 1 s)."""
+    import torch
+
+    from sst_merge.models.loading import DTYPES
+
+    def rate(dt: torch.dtype, n: int) -> float:
+        a = torch.randn(n, n, device=device).to(dt)
+        (a @ a).sum().item()
+        best = math.inf
+        for _ in range(3):
+            t = time.perf_counter()
+            (a @ a).sum().item()
+            best = min(best, time.perf_counter() - t)
+        return 2 * n**3 / best
+
+    x = torch.randn(64 * 2**20 // 4, device=device)
+    y = torch.empty_like(x)  # preallocated: a fresh buffer would time page faults, not bandwidth
+    y.copy_(x)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        y.copy_(x)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    bw = 2 * x.numel() * 4 / best  # read + write
+    v = torch.rand(2**20, dtype=torch.float64, device=device)
+    t = time.perf_counter()
+    torch.argsort(v, descending=True, stable=True)
+    sort = v.numel() * 20 / (time.perf_counter() - t)
+    return Rates(matmul=rate(DTYPES[dtype], size), fp64=rate(torch.float64, size // 2), bandwidth=bw, sort=sort)
+
+
+def gpu_rates(name: str) -> Rates:
+    """Projected rates of a GPU of :data:`GPUS` (nominal × :data:`GPU_EFFICIENCY`)."""
+    g = GPUS[name]
+    # the eigen-solvers and the λ selection run on the host CPU (scipy), whatever the device: host rates assumed
+    return Rates(**{k: g[k] * GPU_EFFICIENCY[k] for k in ("matmul", "bandwidth")}, fp64=HOST_FP64, sort=HOST_SORT,
+                 measured=False)  # fmt: skip
+
+
+# -- the estimate ------------------------------------------------------------------------------------------------
+
+
+def targets_of(shape: Shape, targets: list[str]) -> list[tuple[int, int]]:
+    """(out, in) of every target module over all layers; raises on a name the architecture does not have."""
+    mods = shape.modules()
+    unknown = [t for t in targets if t not in mods]
+    if unknown:
+        raise ConfigError(f"target module {unknown[0]!r} is not a linear module of this model; use {', '.join(mods)}")
+    return [mods[t] for t in targets] * shape.layers
+
+
+def fisher_host_bytes(shape: Shape, s: Settings, fisher: str | None = None, n: int | None = None) -> float:
+    """Host bytes of both Fisher statistics at the end of the utility pass (F_s done, F_u accumulating)."""
+    fisher, n = fisher or s.fisher, n or s.n_samples
+    mods = targets_of(shape, s.targets)
+    p = sum(o * i for o, i in mods)
+    if fisher == "diagonal":
+        return p * 4 + p * 8  # F_s result (fp32) + F_u accumulator (fp64)
+    if fisher == "kfac":
+        f = sum(o * o + i * i for o, i in mods)
+        return f * 4 + f * 8
+    return 2 * n * p * 4  # lowrank: N rows of p, fp32, for both statistics
+
+
+def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
+    """Return the per-step estimates of a run with settings ``s`` on a machine with ``rates``."""
+    b = BYTES[s.dtype]
+    P = shape.params()
+    W = P * b
+    mods = targets_of(shape, s.targets)
+    p = sum(o * i for o, i in mods)
+    big = max(o * i for o, i in mods)
+    L, H, I, V = shape.layers, shape.hidden, shape.intermediate, shape.vocab
+    kv = shape.kv_heads * shape.head_dim
+    flops_tok = 2 * (P - V * H * (0 if shape.tied else 1))  # forward FLOPs per token (the embedding is a lookup)
+    steps: list[Step] = []
+
+    steps.append(Step("load", W, 0, W / rates.bandwidth, f"{P / 1e9:.2f} B parameters × {b} bytes ({s.dtype})"))
+
+    if s.train:
+        tok = s.train_batch * s.train_length
+        act = tok * L * (ACT_HIDDEN * H + ACT_INTER * I) * 4 + tok * V * 4 * 2
+        lora = sum(s.lora_rank * (o + i) for o, i in mods) * 4 * 4  # weights, grads, two Adam moments
+        steps.append(Step("train (one step)", P * 4 + act + lora, 0, 3 * flops_tok * tok / rates.matmul,
+                          f"fp32 copy (train loads float32), batch {s.train_batch}×{s.train_length}"))  # fmt: skip
+
+    T = s.prompt_tokens + s.new_tokens
+    cache = 2 * L * kv * T * s.eval_batch * b
+    logits = s.eval_batch * s.prompt_tokens * V * 4
+    gen_s = s.new_tokens * max(W / rates.bandwidth, flops_tok * s.eval_batch / rates.matmul)
+    prefill_s = flops_tok * s.eval_batch * s.prompt_tokens / rates.matmul
+    steps.append(Step("eval (one batch)", W + cache + logits, 0, gen_s + prefill_s,
+                      f"KV cache {cache / GIB:.2f} GiB at batch {s.eval_batch} × {T} tokens; "
+                      f"{(gen_s / max(s.new_tokens, 1)) * 1e3:.0f} ms per new token"))  # fmt: skip
+
+    deltas = p * 4
+    saved = p * b
+    steps.append(Step("merge (ΔW applied)", W + saved, deltas + s.n_adapters * big * 4,
+                      (s.n_adapters * 2 * s.lora_rank * p + 4 * p) / rates.matmul,
+                      f"ΔW map {deltas / GIB:.2f} GiB (fp32, host); saved originals {saved / GIB:.2f} GiB"))  # fmt: skip
+
+    if s.sst:
+        ftok = s.fisher_batch * s.fisher_length
+        act = ftok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + ftok * V * 4 * 3
+        captured = ftok * sum(o + i for o, i in mods) * b
+        per_ex = 0 if s.fisher == "kfac" else 2 * s.fisher_batch * big * 4
+        # finish() checks every statistic with isfinite: an fp32 |x| copy and bool masks of its largest tensor
+        largest = {"lowrank": s.n_samples * big, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
+        host = fisher_host_bytes(shape, s) + deltas + largest * FINITE_CHECK_BYTES
+        n_ex = 2 * s.n_samples
+        grad_flops = (0 if s.fisher == "kfac" else 2 * ftok * p) + (2 * ftok * sum(o * o + i * i for o, i in mods)
+                                                                     if s.fisher == "kfac" else 0)  # fmt: skip
+        sample_s = s.n_samples * s.new_tokens * max(W / rates.bandwidth, flops_tok / rates.matmul) / s.fisher_batch
+        fs = n_ex / s.fisher_batch * (3 * flops_tok * ftok + grad_flops) / rates.matmul + sample_s
+        steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
+                          f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host"))  # fmt: skip
+
+        select_s = sum(o * i * math.log2(o * i) for o, i in mods) / rates.sort if s.fisher != "lowrank" else 0
+        select_s *= SELECT_OVER_SORT
+        if s.fisher == "kfac":
+            g_flops = sum(EIGH_FLOPS_PER_D3 * (o**3 + i**3) + 6 * o * i * (o + i) for o, i in mods)
+            g_mem = max(2 * (o * o + i * i) * 8 * 3 + o * i * 8 * 4 for o, i in mods)
+        elif s.fisher == "lowrank":
+            n = s.n_samples
+            g_flops = sum(2 * 4 * n * n * o * i for o, i in mods)
+            select_s = LOWRANK_PASSES * n * p * 8 / rates.bandwidth  # memory-bound: passes over the rows
+            g_mem = 2 * n * big * 8 + 4 * big * 8
+        else:
+            g_flops = 10 * p
+            g_mem = 4 * big * 8
+        steps.append(Step("gevp + projection", W, host + g_mem, g_flops / rates.fp64 + select_s,
+                          f"largest module {max(mods)} ; {g_flops / 1e12:.2f} TFLOP fp64"))  # fmt: skip
+
+    if s.output == "full":
+        steps.append(Step("full output", 0, P * 4 + deltas, P * 4 * 3 / rates.bandwidth,
+                          f"a fresh fp32 copy of the base on the host: {P * 4 / GIB:.1f} GiB"))  # fmt: skip
+    return steps
+
+
+# -- fitting -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    """What the machine has: device bytes (one GPU, or the host when on the CPU), GPU count, host bytes."""
+
+    device: float
+    host: float
+    gpus: int = 0
+    name: str = "cpu"
+
+
+def available_memory() -> Memory:
+    """Return free GPU memory (per GPU) when CUDA is present, else the host's available memory, and host memory."""
+    host = _mem_available()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            free = min(torch.cuda.mem_get_info(i)[0] for i in range(n))
+            return Memory(device=free, host=host, gpus=n, name=torch.cuda.get_device_name(0))
+    except Exception:  # noqa: BLE001 — a broken CUDA setup plans for the CPU, like loading would
+        pass
+    return Memory(device=host, host=host)
+
+
+def _mem_available() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+@dataclass
+class Plan:
+    """The estimate of every step, the peaks, the machine, and whether (and how) it fits."""
+
+    model: str
+    settings: Settings
+    steps: list[Step]
+    memory: Memory
+    rates: Rates
+    on_gpu: bool
+    problem: str | None = None
+
+    def peaks(self) -> tuple[float, float]:
+        """Peak device and host bytes (on the CPU both live in host memory, so they add)."""
+        dev = max(st.device_bytes for st in self.steps)
+        host = max(st.host_bytes + (0 if self.on_gpu else st.device_bytes) for st in self.steps)
+        return (dev if self.on_gpu else host), host
+
+    def to_json(self) -> dict[str, Any]:
+        dev, host = self.peaks()
+        return {"model": self.model, "settings": asdict(self.settings), "steps": [asdict(s) for s in self.steps],
+                "memory": asdict(self.memory), "rates": asdict(self.rates), "on_gpu": self.on_gpu,
+                "peak_device_bytes": dev, "peak_host_bytes": host, "fits": self.problem is None,
+                "problem": self.problem}  # fmt: skip
+
+    def table(self) -> str:
+        where = f"GPU ({self.memory.name}, {self.memory.gpus}×)" if self.on_gpu else "CPU (host memory)"
+        lines = [f"plan for {self.model} on {where}, dtype {self.settings.dtype}"
+                 + (f", SST {self.settings.fisher} N={self.settings.n_samples}" if self.settings.sst else ""),
+                 f"{'step':<32} {'device GiB':>10} {'host GiB':>9} {'time':>10}  note"]  # fmt: skip
+        for st in self.steps:
+            host = st.host_bytes if self.on_gpu else st.host_bytes + st.device_bytes
+            dev = f"{st.device_bytes / GIB:.2f}" if self.on_gpu else "-"
+            lines.append(f"{st.step:<32} {dev:>10} {host / GIB:>9.2f} {_fmt_s(st.seconds):>10}  {st.note}")
+        dev, host = self.peaks()
+        lines.append(f"peak: device {dev / GIB:.2f} GiB of {self.memory.device / GIB:.1f} GiB available; host "
+                     f"{host / GIB:.2f} GiB of {self.memory.host / GIB:.1f} GiB"
+                     + ("" if self.rates.measured else " (projected rates)"))  # fmt: skip
+        return "\n".join(lines)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.2f} s" if s < 120 else (f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def _fits(shape: Shape, s: Settings, memory: Memory, rates: Rates, on_gpu: bool) -> tuple[bool, float, float]:
+    plan = Plan("", s, estimate(shape, s, rates), memory, rates, on_gpu)
+    dev, host = plan.peaks()
+    capacity = memory.device * (memory.gpus if on_gpu and s.device_map == "auto" and memory.gpus > 1 else 1)
+    return dev <= capacity and host <= memory.host, dev, host
+
+
+def check_fit(shape: Shape, s: Settings, memory: Memory, rates: Rates, on_gpu: bool) -> str | None:
+    """Return ``None`` when the run fits, else one line: what does not fit, and the option that would."""
+    from dataclasses import replace
+
+    ok, dev, host = _fits(shape, s, memory, rates, on_gpu)
+    if ok:
+        return None
+    cap = memory.device / GIB
+    what = (f"needs {dev / GIB:.1f} GiB on the device ({cap:.1f} GiB free) and {host / GIB:.1f} GiB of host memory "
+            f"({memory.host / GIB:.1f} GiB available)")  # fmt: skip
+    tries: list[tuple[str, Settings]] = []
+    if s.sst and s.fisher == "lowrank":
+        tries.append(("sst.fisher=kfac", replace(s, fisher="kfac")))
+        for n in (16, 8, 4, 2):
+            if n < s.n_samples:
+                tries.append((f"sst.n_samples={n}", replace(s, n_samples=n)))
+    if s.dtype == "float32":
+        tries.append(("dtype=bfloat16", replace(s, dtype="bfloat16")))
+    if on_gpu and memory.gpus > 1 and s.device_map != "auto":
+        tries.append(("device_map=auto", replace(s, device_map="auto")))
+    if s.dtype == "float32":
+        tries.append(("dtype=bfloat16 and sst.fisher=kfac", replace(s, dtype="bfloat16", fisher="kfac")))
+    for label, alt in tries:
+        if _fits(shape, alt, memory, rates, on_gpu)[0]:
+            return f"does not fit: {what}; --set {label} would fit"
+    return f"does not fit: {what}; no single option fits (fewer target modules or a bigger machine)"
+
+
+def plan_run(
+    model: str,
+    settings: Settings,
+    memory: Memory | None = None,
+    rates: Rates | None = None,
+    on_gpu: bool | None = None,
+) -> Plan:
+    """Estimate every step of a run of ``model`` with ``settings`` and check it against the machine's memory."""
+    shape = model_shape(model)
+    memory = memory or available_memory()
+    on_gpu = memory.gpus > 0 and settings.device_map != "cpu" if on_gpu is None else on_gpu
+    if rates is None:
+        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype)
+    steps = estimate(shape, settings, rates)
+    plan = Plan(model, settings, steps, memory, rates, on_gpu)
+    plan.problem = check_fit(shape, settings, memory, rates, on_gpu)
+    return plan
+
+
+# -- settings from the project's configs -------------------------------------------------------------------------
+
+
+def _adapter_settings(paths: list[str]) -> dict[str, Any]:
+    targets: list[str] = []
+    rank = 0
+    for path in paths:
+        cfg_path = Path(path) / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise ConfigError(f"adapter {path}: no adapter_config.json; pass a PEFT LoRA adapter directory")
+        cfg = json.loads(cfg_path.read_text())
+        mods = cfg.get("target_modules") or []
+        targets += [m.rsplit(".", 1)[-1] for m in ([mods] if isinstance(mods, str) else mods)]
+        rank = max(rank, int(cfg.get("r", 8)))
+    return {"targets": sorted(set(targets)) or ["q_proj", "v_proj"], "lora_rank": rank or 8}
+
+
+def settings_from_config(data: dict[str, Any], overrides: list[str] | None = None) -> tuple[str, Settings]:
+    """Return ``(model, Settings)`` from a merge config (``base_model`` + ``method``) or an experiment config."""
+    if "base_model" in data:
+        from sst_merge.config import apply_overrides, validate
+        from sst_merge.merge.api import MergeConfig
+
+        cfg = validate(MergeConfig, apply_overrides(dict(data), overrides), source="merge config")
+        params = cfg.params
+        s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
+                     **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
+        if s.sst:
+            from sst_merge.merge.sst import SSTParams
+
+            sp = validate(SSTParams, dict(params), source="merge config params")
+            s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
+                                                                      sp.max_length)  # fmt: skip
+            s.new_tokens = sp.max_new_tokens
+        return cfg.base_model, s
+    from sst_merge.experiments.config import resolve_config
+    from sst_merge.merge.sst import SSTParams
+    from sst_merge.train.adapter import TrainConfig
+
+    cfg = resolve_config(data.get("mode", "minimal"), data, overrides)
+    sp = SSTParams.model_validate(cfg.sst)
+    paths = [p for p in [cfg.adapters.safety, *cfg.adapters.utility.values()] if p]
+    train = TrainConfig()
+    adapter = _adapter_settings(paths) if paths else {"targets": train.target_modules, "lora_rank": train.rank}
+    s = Settings(dtype=cfg.dtype, device_map=cfg.device_map, fisher=sp.fisher, n_samples=sp.n_samples,
+                 fisher_batch=sp.batch_size, fisher_length=sp.max_length, eval_batch=cfg.eval.batch_size,
+                 new_tokens=cfg.eval.max_new_tokens, n_adapters=1 + max(1, len(cfg.utility_tasks)),
+                 train_batch=train.batch_size, train_length=train.max_length,
+                 train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks),
+                 **adapter)  # fmt: skip
+    return cfg.model, s

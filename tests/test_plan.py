@@ -1,0 +1,156 @@
+"""``sst-merge plan``: estimates from the config alone, checked by hand and against measured memory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sst_merge.cli import main
+from sst_merge.plan import GIB, Memory, Rates, Settings, Shape, estimate, fisher_host_bytes, model_shape, plan_run
+
+RATES = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, sort=1e8)  # fixed: no measurement in the tests
+LLAMA_P = 32 * (4096 * 4096 + 1024 * 4096)  # q_proj + v_proj weights over 32 layers = 671 088 640
+
+
+def test_llama_targets_and_statistics_by_hand():
+    shape = model_shape("llama-3.1-8b")
+    assert shape.params() == 8_030_261_248
+    s = Settings(fisher="lowrank", n_samples=16)
+    assert fisher_host_bytes(shape, s) == 2 * 16 * LLAMA_P * 4  # 80 GiB: N rows of p fp32, F_s and F_u
+    kfac = 32 * (4096**2 + 4096**2 + 4096**2 + 1024**2)  # A and G of q (4096², 4096²) and v (4096², 1024²)
+    assert fisher_host_bytes(shape, Settings(fisher="kfac")) == kfac * (4 + 8)
+    assert fisher_host_bytes(shape, Settings(fisher="diagonal")) == LLAMA_P * (4 + 8)
+    steps = {st.step.split(" ")[0]: st for st in estimate(shape, Settings(dtype="bfloat16"), RATES)}
+    assert steps["load"].device_bytes == 8_030_261_248 * 2
+    assert steps["merge"].host_bytes >= LLAMA_P * 4  # the fp32 ΔW map
+    kv = 2 * 32 * 8 * 128 * (128 + 64) * 8 * 2  # K and V × layers × kv heads × head dim × tokens × batch × bf16
+    assert steps["eval"].note.startswith(f"KV cache {kv / GIB:.2f} GiB")
+
+
+def test_plan_of_a_local_directory_reads_its_config(tiny_model_dir):
+    from sst_merge.testing import tiny_model
+
+    shape = model_shape(str(tiny_model_dir))
+    assert shape.params() == sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_cli_refuses_lowrank_on_an_80gb_gpu_and_names_kfac(capsys):
+    # lowrank N=64 on q,v of all 32 layers: 2 × 64 × 671 088 640 × 4 bytes = 320 GiB of statistics > 128 GiB host
+    rc = main(["plan", "--model", "llama-3.1-8b", "--mode", "full", "--set", "dtype=bfloat16", "--gpu", "H100-80GB"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "does not fit" in err[0] and "--set sst.fisher=kfac would fit" in err[0]
+
+
+def test_cli_accepts_kfac_on_an_80gb_gpu(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    rc = main(["plan", "--model", "llama-3.1-8b", "--mode", "full", "--set", "dtype=bfloat16", "--set",
+               "sst.fisher=kfac", "--gpu", "H100-80GB", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    assert "fisher (kfac, N=64" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["fits"] and doc["peak_device_bytes"] < 80e9 and doc["rates"]["measured"] is False
+
+
+def _adapter(path: Path) -> str:
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj", "v_proj"]}))
+    return str(path)
+
+
+def test_float32_that_does_not_fit_suggests_bfloat16(tmp_path):
+    from sst_merge.plan import settings_from_config
+
+    data = {"model": "llama-3.1-8b", "dtype": "float32", "sst": {"fisher": "kfac"},
+            "adapters": {"safety": _adapter(tmp_path / "s"), "utility": {"passage_qa": _adapter(tmp_path / "u")}}}  # fmt: skip
+    model, s = settings_from_config(data)
+    assert not s.train and s.targets == ["q_proj", "v_proj"]
+    cpu = Memory(device=64 * GIB, host=64 * GIB)  # on the CPU, weights, activations and statistics share the host
+    plan = plan_run(model, s, memory=cpu, rates=RATES, on_gpu=False)
+    assert plan.problem is not None and plan.problem.endswith("--set dtype=bfloat16 would fit")
+    s.dtype = "bfloat16"
+    assert plan_run(model, s, memory=cpu, rates=RATES, on_gpu=False).problem is None
+
+
+def test_lowrank_that_does_not_fit_suggests_kfac_first_then_a_smaller_n():
+    shape = model_shape("llama-3.1-8b")
+    s = Settings(dtype="bfloat16", fisher="lowrank", n_samples=32)
+    big_host = Memory(device=80 * GIB, host=1000 * GIB, gpus=1)
+    assert plan_run("llama-3.1-8b", s, memory=big_host, rates=RATES, on_gpu=True).problem is None
+    # 60 GiB of host memory: kfac (≈ 21 GiB of statistics) fits, lowrank N=32 (160 GiB) does not
+    plan = plan_run("llama-3.1-8b", s, memory=Memory(80 * GIB, 60 * GIB, gpus=1), rates=RATES, on_gpu=True)
+    assert plan.problem.endswith("--set sst.fisher=kfac would fit")
+    assert fisher_host_bytes(shape, s, n=2) < 60 * GIB
+
+
+def test_estimate_vs_measured_peak_memory_of_the_fisher_pass():
+    """The plan's Fisher step (activations, captured inputs, per-example gradients, one statistic) vs the measured
+    peak resident memory of one ``estimate_fisher`` call on a narrow Llama layer; tolerance ±35%."""
+    from transformers import AutoModelForCausalLM
+
+    from sst_merge.fisher.data import Example
+    from sst_merge.fisher.estimate import estimate_fisher
+    from sst_merge.models.shapes import shape_config
+    from sst_merge.rehearsal import _rss_peak, _rss_peak_reset
+
+    if not _rss_peak_reset():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak resident memory")
+    cfg = shape_config("llama-3.1-8b", num_layers=1, vocab_size=512, narrow=8, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    shape = Shape.from_config(cfg)
+    g = torch.Generator().manual_seed(0)
+    n, length = 96, 64
+    exs = [Example(tuple(torch.randint(4, 512, (32,), generator=g).tolist()),
+                   tuple(torch.randint(4, 512, (32,), generator=g).tolist())) for _ in range(n)]  # fmt: skip
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    estimate_fisher(model, names, exs[:8], "lowrank", 0, batch_size=8, show_progress=False)  # warm-up allocations
+    s = Settings(fisher="lowrank", n_samples=n, fisher_batch=8, fisher_length=length, new_tokens=0)
+    fisher = next(st for st in estimate(shape, s, RATES) if st.step.startswith("fisher"))
+    # one statistic here (the plan's host part holds two, and the ΔW map of the targets)
+    planned = fisher.device_bytes - shape.params() * 4 + fisher.host_bytes - fisher_host_bytes(shape, s) / 2
+    planned -= sum(o * i for o, i in (shape.modules()["q_proj"], shape.modules()["v_proj"])) * 4
+
+    before = _rss_current()
+    _rss_peak_reset()
+    stats = estimate_fisher(model, names, exs, "lowrank", 0, batch_size=8, show_progress=False)
+    measured = _rss_peak() - before
+    # the statistic itself is exactly what the plan counts: N rows of p fp32
+    assert sum(t.nbytes for st in stats.values() for t in st.values()) == fisher_host_bytes(shape, s) / 2
+    assert 0.65 * planned <= measured <= 1.35 * planned, (measured / 2**20, planned / 2**20)
+
+
+def _rss_current() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_cli_plans_a_merge_config_from_its_adapters(tiny_model_dir, tmp_path, capsys):
+    import yaml
+
+    from sst_merge.testing import random_lora, tiny_model
+
+    base = tiny_model()
+    targets = ["q_proj", "v_proj", "down_proj"]
+    adapters = [random_lora(base, str(tmp_path / n), r=4, target_modules=targets, seed=i) for i, n in enumerate("us")]
+    cfg = {"base_model": str(tiny_model_dir), "method": "sst", "output": {"format": "full"},
+           "adapters": [{"path": adapters[0], "role": "utility"}, {"path": adapters[1], "role": "safety"}],
+           "params": {"fisher": "kfac", "n_samples": 8, "fraction": 0.1}}  # fmt: skip
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["targets"] == sorted(targets) and doc["settings"]["lora_rank"] == 4
+    steps = [s["step"] for s in doc["steps"]]
+    assert "fisher (kfac, N=8 × 2)" in steps and "full output" in steps and not any("train" in s for s in steps)
+    assert "plan for " in capsys.readouterr().out
+    cfg["params"].pop("fraction")  # SST's own validation, as one line before anything is estimated
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["plan", str(path)]) == 2
+    assert "k, fraction, threshold" in capsys.readouterr().err
