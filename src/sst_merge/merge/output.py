@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sst_merge import __version__
 from sst_merge.adapters.lora import CONFIG_NAME
-from sst_merge.adapters.lowrank import concat_factors, svd_factors
+from sst_merge.adapters.lowrank import concat_factors, randomized_svd_factors, svd_factors
 from sst_merge.adapters.save import save_lora
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
 from sst_merge.models.loading import DTYPES
@@ -72,12 +72,20 @@ def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, di
     else:
         bar = tqdm(deltas, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
         for m, delta in bar:
-            A, B, err = svd_factors(delta, rank=out.rank, energy=out.energy)
+            A, B, err = _truncate(delta, out.rank, out.energy)
             factors[m] = (A, B)
             stats[m] = {"rank": int(A.shape[0]), "rel_frobenius_error": err}
     dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
     save_lora(out_dir, factors, base_model=plan.config.base_model, embedding_modules=embedding, dtype=dtype)
     return stats
+
+
+def _truncate(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A fixed rank uses the randomised SVD (its sketch seeded per module, so the output does not depend on module
+    order); an energy target needs the whole spectrum, so it uses the exact one."""
+    if rank is not None:
+        return randomized_svd_factors(delta, rank, generator=torch.Generator().manual_seed(0))
+    return svd_factors(delta, energy=energy)
 
 
 def _base_dtype(base_model: str) -> torch.dtype:
@@ -141,6 +149,7 @@ def _metadata(plan: Any, modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if out.format == "peft":
         summary |= {
             "exact": out.rank is None and out.energy is None,
+            "svd": None if out.rank is None and out.energy is None else "randomized" if out.rank else "exact",
             "rank": out.rank,
             "energy": out.energy,
             "max_rank": max(ranks),
@@ -195,7 +204,7 @@ def model_card(meta: dict[str, Any]) -> str:
         else:
             how = f"rank {out['rank']}" if out["rank"] is not None else f"energy {out['energy']}"
             lines.append(
-                f"  — truncated SVD at {how} (max rank {out['max_rank']}); relative Frobenius error per module: "
+                f"  — truncated {out.get('svd') or 'exact'} SVD at {how} (max rank {out['max_rank']}); relative Frobenius error per module: "
                 f"max {out['max_rel_frobenius_error']:.4g}, mean {out['mean_rel_frobenius_error']:.4g} "
                 "(all modules in merge_metadata.json)"
             )
