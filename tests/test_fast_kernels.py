@@ -84,3 +84,16 @@ def test_randomized_svd_reproducible_and_falls_back_to_exact_when_narrow():
     assert torch.equal(a1[0], a2[0]) and torch.equal(a1[1], a2[1])
     # rank + oversample ≥ min(shape): the exact SVD answers
     assert a1[2] == pytest.approx(svd_factors(x, rank=20)[2], abs=1e-6)
+
+
+def test_gguf_parse_memo_shares_results_and_restores():
+    gguf = pytest.importorskip("gguf")
+    from sst_merge.models.embedded import _gguf_parsed_once
+
+    before = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    arch = next(iter(gguf.MODEL_ARCH_NAMES))
+    with _gguf_parsed_once():
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)  # built once
+        assert gguf.GGUFReader is not before[0]
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 2)
