@@ -36,7 +36,7 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * n))
     mag = flat.abs()
     keep = mag >= kth_largest(mag, k)
-    if int(keep.sum()) != k:  # ties at the threshold
+    if int(torch.count_nonzero(keep)) != k:  # ties at the threshold
         keep = torch.zeros_like(keep)
         keep[torch.topk(mag, k, sorted=False).indices] = True
     return (flat * keep).view_as(tau)
@@ -62,9 +62,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     sample = values[:: n // _SAMPLE].float()
     q, m = 1 - k / n, sample.numel()
     margin = 4 * (q * (1 - q) / m) ** 0.5 + 2 / m  # 4 standard errors of a sample quantile, plus rounding
-    lo = torch.quantile(sample, max(0.0, q - margin)).to(values.dtype)
-    hi = torch.quantile(sample, min(1.0, q + margin)).to(values.dtype)
-    above = int((values > hi).sum())
+    lo = float(torch.quantile(sample, max(0.0, q - margin)))  # sample values: exact in the input's dtype
+    hi = float(torch.quantile(sample, min(1.0, q + margin)))
+    above = int(torch.count_nonzero(values > hi))
     band = values[(values >= lo) & (values <= hi)]
     j = k - above  # rank of the answer inside the band, counted from its top
     if 1 <= j <= band.numel():
