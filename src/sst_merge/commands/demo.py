@@ -56,12 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_model(cfg.model)  # the first run converts the embedded GGUF into the cache
     stages.done("model files")
+    given = [p for p in (cfg.adapters.safety, *(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)) if p]
     utility = adapter_paths.utility_adapters(cfg, cfg.utility_tasks)
     safety = adapter_paths.safety_adapter(cfg)
     paths = [*utility.values(), safety]
     shipped = sum(Path(p).resolve().is_relative_to(SHIPPED_ROOT) for p in paths)
-    source = (f"{shipped} of {len(paths)} adapters shipped with sst-merge" if shipped
-              else "adapters trained by sst-merge train (cached)")  # fmt: skip
+    source = f"adapters: {shipped} shipped with sst-merge, {len(given)} given, {len(paths) - shipped - len(given)} " \
+             "trained by sst-merge train (or from its cache)"  # fmt: skip
     stages.done("adapters", source)
     pinned = [f"adapters.safety={safety}", *(f"adapters.utility.{t}={p}" for t, p in utility.items())]
     cfg = resolve_config("minimal", data, [*overrides, *pinned])
