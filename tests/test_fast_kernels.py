@@ -97,3 +97,45 @@ def test_gguf_parse_memo_shares_results_and_restores():
         assert gguf.GGUFReader is not before[0]
     assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
     assert gguf.get_tensor_name_map(arch, 2) is not gguf.get_tensor_name_map(arch, 2)
+
+
+def test_prefetched_keeps_order_and_raises_where_the_error_happened():
+    from sst_merge.merge.output import _prefetched
+
+    assert list(_prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("module 3 failed")
+
+    got = []
+    with pytest.raises(ValueError, match="module 3 failed"):
+        for x in _prefetched(failing()):
+            got.append(x)
+    assert got == [1, 2]
+    # the consumer stopping early does not hang the producer
+    for x in _prefetched(iter(range(100)), depth=1):
+        if x == 3:
+            break
+
+
+def test_peft_output_same_with_and_without_prefetch(tmp_path, monkeypatch):
+    import json
+
+    from sst_merge.merge import output
+    from sst_merge.merge.api import merge
+    from sst_merge.testing import random_lora, tiny_model
+
+    base = tiny_model("llama")
+    paths = [random_lora(base, str(tmp_path / f"a{i}"), r=4, seed=i) for i in range(2)]
+    cfg = {"base_model": "tiny-llama", "method": "dare_linear", "params": {"density": 0.5, "seed": 3},
+           "adapters": [{"path": p} for p in paths], "output": {"format": "peft", "rank": 2}}  # fmt: skip
+    outs = []
+    for pays in (True, False):
+        monkeypatch.setattr(output, "_pipeline_pays", lambda pays=pays: pays)
+        outs.append(merge(cfg, tmp_path / f"out{pays}", show_progress=False))
+    a, b = (open(o / "adapter_model.safetensors", "rb").read() for o in outs)
+    assert a == b
+    meta = json.loads((outs[0] / "merge_metadata.json").read_text())
+    assert meta["output"]["svd"] == "randomized"

@@ -14,9 +14,12 @@ import datetime as _dt
 import json
 import logging
 import math
-from collections.abc import Iterable
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 Deltas = Iterable[tuple[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 def write_output(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, Any]:
@@ -70,7 +74,8 @@ def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, di
             factors[m] = concat_factors([a.factors[m] for a, _ in have], [c * a.scale(m) for a, c in have])
             stats[m] = {"rank": int(factors[m][0].shape[0]), "rel_frobenius_error": 0.0}
     else:
-        bar = tqdm(deltas, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
+        stream = _prefetched(deltas) if _pipeline_pays() else deltas
+        bar = tqdm(stream, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
         for m, delta in bar:
             A, B, err = _truncate(delta, out.rank, out.energy)
             factors[m] = (A, B)
@@ -78,6 +83,56 @@ def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, di
     dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
     save_lora(out_dir, factors, base_model=plan.config.base_model, embedding_modules=embedding, dtype=dtype)
     return stats
+
+
+def _pipeline_pays() -> bool:
+    """Whether a spare core is idle while torch computes: then merging the next module while this one is truncated
+    overlaps the two (torch releases the GIL inside its kernels); with every core already in torch's pool it
+    would only oversubscribe them."""
+    return (os.cpu_count() or 1) > torch.get_num_threads()
+
+
+def _prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items`` in order, computed ahead by one background thread (at most ``depth`` waiting).
+
+    The iterator runs entirely in that thread (so a method's generator draws in the same order as without it);
+    an exception there is raised here, at the item where it happened.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():  # the consumer may have stopped (an error there): never block on a full queue
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="merge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _truncate(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
