@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's code, also in this process (the mergekit cross-check and the SVD check run here), not whichever
+# sst_merge the interpreter has installed; the workers get the same through PYTHONPATH.
+sys.path.insert(0, str(ROOT / "src"))
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
