@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's code, also in this process (the mergekit cross-check and the SVD check run here), not whichever
+# sst_merge the interpreter has installed; the workers get the same through PYTHONPATH.
+sys.path.insert(0, str(ROOT / "src"))
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -292,6 +295,33 @@ def mergekit_crosscheck(workdir: Path, venv: Path, density: float) -> dict:
     return report
 
 
+# ----------------------------------------------------------------------------------------------- SVD error
+
+
+def svd_error_check(adapters: list[str], rank: int, density: float) -> dict:
+    """Per module of real adapters' merges: relative Frobenius error of the randomised rank-``rank`` SVD (what a
+    fixed-rank PEFT output records) minus the exact truncation's (the optimum, Eckart–Young)."""
+    import torch
+
+    from sst_merge.adapters.lowrank import randomized_svd_factors, svd_factors
+    from sst_merge.merge.api import merge_deltas
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    report: dict = {"adapters": adapters, "rank": rank}
+    for method, params in [("ties", {"density": density}), ("dare_linear", {"density": density, "seed": 0})]:
+        config = {"base_model": "unused", "method": method, "params": params,
+                  "adapters": [{"path": p, "weight": 1.0} for p in adapters], "output": {"rank": rank}}  # fmt: skip
+        diffs, exact_errs = [], []
+        for d in merge_deltas(config, show_progress=False).values():
+            exact = svd_factors(d, rank=rank)[2]
+            approx = randomized_svd_factors(d, rank, generator=torch.Generator().manual_seed(0))[2]
+            diffs.append(approx - exact)
+            exact_errs.append(exact)
+        report[method] = {"modules": len(diffs), "max_error_increase": max(diffs), "min_error_increase": min(diffs),
+                          "mean_exact_error": sum(exact_errs) / len(exact_errs)}  # fmt: skip
+    return report
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -311,6 +341,13 @@ def main() -> int:
         help="speed pairs to run",
     )
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument(
+        "--real-adapters",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="also compare the randomised with the exact rank-16 SVD on these trained adapters' ties / dare merges",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -380,6 +417,17 @@ def main() -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
+    if args.real_adapters:
+        svd = svd_error_check(args.real_adapters, args.rank, args.density)
+        results["randomized_svd_vs_exact"] = svd
+        print(f"\nrandomised vs exact rank-{args.rank} SVD on {', '.join(args.real_adapters)}:")
+        for method in ("ties", "dare_linear"):
+            r = svd[method]
+            print(
+                f"  {method:<12} relative Frobenius error increase over {r['modules']} modules: max "
+                f"{r['max_error_increase']:.2e} (min {r['min_error_increase']:.2e}; exact error mean "
+                f"{r['mean_exact_error']:.3f})"
+            )
     if not args.skip_mergekit:
         mk = mergekit_crosscheck(workdir, Path(args.mergekit_venv), args.density)
         results["mergekit"] = mk

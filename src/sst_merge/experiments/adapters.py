@@ -1,4 +1,5 @@
-"""Find the adapters an experiment needs: the user's paths, or adapters trained (and cached) by ``sst-merge train``."""
+"""Find the adapters an experiment needs: the user's paths, the shipped ones, or adapters trained (and cached) by
+``sst-merge train``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ log = logging.getLogger(__name__)
 
 def _train(cfg: ExperimentConfig, task: str) -> str:
     from sst_merge.train import train_adapter
+    from sst_merge.train.shipped import shipped_adapter
 
+    if cfg.adapters.shipped and cfg.adapters.train_steps is None:
+        path, why = shipped_adapter(cfg.model, task, seed=cfg.seed)
+        if path is not None:
+            log.info("adapter for %r: the one shipped with sst-merge (%s)", task, path)
+            return str(path)
+        log.info("adapter for %r: not using a shipped one: %s", task, why)
     kwargs = {"seed": cfg.seed}
     if cfg.adapters.train_steps is not None:
         kwargs["steps"] = cfg.adapters.train_steps
@@ -20,12 +28,12 @@ def _train(cfg: ExperimentConfig, task: str) -> str:
 
 
 def safety_adapter(cfg: ExperimentConfig) -> str:
-    """Path of the safety adapter (trained on first use when the config names none)."""
+    """Path of the safety adapter (shipped, or trained on first use, when the config names none)."""
     return cfg.adapters.safety or _train(cfg, "safety")
 
 
 def utility_adapters(cfg: ExperimentConfig, tasks: list[str]) -> dict[str, str]:
-    """Path of each utility task's adapter, in ``tasks`` order (trained on first use when not given)."""
+    """Path of each utility task's adapter, in ``tasks`` order (shipped, or trained on first use, when not given)."""
     out = {}
     for task in tasks:
         given = cfg.adapters.utility.get(task)

@@ -79,6 +79,9 @@ class AdapterSettings(_Strict):
     safety: str | None = None
     utility: dict[str, str | None] = {}
     train_steps: int | None = None
+    #: use the adapters that ship with the project when they equal what training would give (``sst-merge demo
+    #: --retrain`` sets false: train, or reuse the cache, as ``sst-merge train`` does)
+    shipped: bool = True
 
 
 class ExperimentConfig(_Strict):

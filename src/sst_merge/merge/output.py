@@ -14,16 +14,19 @@ import datetime as _dt
 import json
 import logging
 import math
-from collections.abc import Iterable
+import os
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
 
 from sst_merge import __version__
 from sst_merge.adapters.lora import CONFIG_NAME
-from sst_merge.adapters.lowrank import concat_factors, svd_factors
+from sst_merge.adapters.lowrank import concat_factors, randomized_svd_factors, svd_factors
 from sst_merge.adapters.save import save_lora
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
 from sst_merge.models.loading import DTYPES
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 Deltas = Iterable[tuple[str, torch.Tensor]]
+T = TypeVar("T")
 
 
 def write_output(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, Any]:
@@ -70,14 +74,73 @@ def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, di
             factors[m] = concat_factors([a.factors[m] for a, _ in have], [c * a.scale(m) for a, c in have])
             stats[m] = {"rank": int(factors[m][0].shape[0]), "rel_frobenius_error": 0.0}
     else:
-        bar = tqdm(deltas, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
+        stream = _prefetched(deltas) if _pipeline_pays() else deltas
+        bar = tqdm(stream, total=len(ctx.modules), desc="merge + SVD", disable=not ctx.show_progress, leave=False)
         for m, delta in bar:
-            A, B, err = svd_factors(delta, rank=out.rank, energy=out.energy)
+            A, B, err = _truncate(delta, out.rank, out.energy)
             factors[m] = (A, B)
             stats[m] = {"rank": int(A.shape[0]), "rel_frobenius_error": err}
     dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
     save_lora(out_dir, factors, base_model=plan.config.base_model, embedding_modules=embedding, dtype=dtype)
     return stats
+
+
+def _pipeline_pays() -> bool:
+    """Whether a spare core is idle while torch computes: then merging the next module while this one is truncated
+    overlaps the two (torch releases the GIL inside its kernels); with every core already in torch's pool it
+    would only oversubscribe them."""
+    return (os.cpu_count() or 1) > torch.get_num_threads()
+
+
+def _prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``items`` in order, computed ahead by one background thread (at most ``depth`` waiting).
+
+    The iterator runs entirely in that thread (so a method's generator draws in the same order as without it);
+    an exception there is raised here, at the item where it happened.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():  # the consumer may have stopped (an error there): never block on a full queue
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            put((done, e))
+
+    thread = threading.Thread(target=produce, name="merge-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _truncate(delta: torch.Tensor, rank: int | None, energy: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A fixed rank uses the randomised SVD (its sketch seeded per module, so the output does not depend on module
+    order); an energy target needs the whole spectrum, so it uses the exact one."""
+    if rank is not None:
+        return randomized_svd_factors(delta, rank, generator=torch.Generator().manual_seed(0))
+    return svd_factors(delta, energy=energy)
 
 
 def _base_dtype(base_model: str) -> torch.dtype:
@@ -141,6 +204,7 @@ def _metadata(plan: Any, modules: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if out.format == "peft":
         summary |= {
             "exact": out.rank is None and out.energy is None,
+            "svd": None if out.rank is None and out.energy is None else "randomized" if out.rank else "exact",
             "rank": out.rank,
             "energy": out.energy,
             "max_rank": max(ranks),
@@ -195,7 +259,7 @@ def model_card(meta: dict[str, Any]) -> str:
         else:
             how = f"rank {out['rank']}" if out["rank"] is not None else f"energy {out['energy']}"
             lines.append(
-                f"  — truncated SVD at {how} (max rank {out['max_rank']}); relative Frobenius error per module: "
+                f"  — truncated {out.get('svd') or 'exact'} SVD at {how} (max rank {out['max_rank']}); relative Frobenius error per module: "
                 f"max {out['max_rel_frobenius_error']:.4g}, mean {out['mean_rel_frobenius_error']:.4g} "
                 "(all modules in merge_metadata.json)"
             )

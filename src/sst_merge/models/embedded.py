@@ -9,8 +9,10 @@ is a plain ``from_pretrained`` of that directory (< 1 s).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,40 @@ def pin_end_of_turn(model: Any, tok: Any, token: str) -> None:
         cfg.pad_token_id = pad_id
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Memoise ``gguf.GGUFReader`` and ``gguf.get_tensor_name_map`` while the block runs.
+
+    transformers parses the GGUF file three times (tokenizer, config, weights) and builds the tensor-name map once
+    per tensor; both are pure functions of their arguments, so one parse and one map serve every call (about half
+    of the conversion time). transformers imports both from ``gguf`` at call time, which is what makes this work;
+    if a version stops doing so the patch is simply not used.
+    """
+    import functools
+
+    import gguf
+
+    saved = {n: getattr(gguf, n, None) for n in ("GGUFReader", "get_tensor_name_map")}
+    if None in saved.values():
+        yield
+        return
+    readers: dict[tuple, Any] = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = saved["GGUFReader"](path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.cache(saved["get_tensor_name_map"])
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(gguf, n, f)
+
+
 def ensure_cached(name: str = "smollm2-135m") -> Path:
     """Return the fp32 safetensors directory of an embedded model, converting the GGUF file on first use.
 
@@ -89,8 +125,9 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s (%s) to an fp32 safetensors cache at %s (once)", name, gguf.name, target)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a model that still claims to be quantized; the weights are already fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

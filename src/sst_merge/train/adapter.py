@@ -142,6 +142,24 @@ def training_items(task: GeneratedTask | str, seed: int, model: Any, tokenizer: 
     return split["train"], {"train": [i["id"] for i in split["train"]], "eval": [i["id"] for i in split["eval"]]}
 
 
+def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int = 8, lr: float | None = None,
+                 **settings: Any) -> TrainConfig:  # fmt: skip
+    """Return the resolved settings ``train_adapter`` uses for ``task`` (the per-task defaults where ``None``)."""
+    if steps is None:
+        steps = DEFAULT_STEPS.get(task, FALLBACK_STEPS)
+    if lr is None:
+        lr = DEFAULT_LR.get(task, FALLBACK_LR)
+    try:
+        return TrainConfig(steps=steps, seed=seed, rank=rank, lr=lr, **settings)
+    except Exception as e:  # pydantic's report → one line naming the setting
+        from pydantic import ValidationError
+
+        if isinstance(e, ValidationError):
+            err = e.errors()[0]
+            raise ConfigError(f"training setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+        raise
+
+
 def train_adapter(
     model_name: str,
     task: str | GeneratedTask,
@@ -171,19 +189,7 @@ def train_adapter(
     """
     t = resolve_task(task)
     name = SAFETY if t == SAFETY else t.name
-    if steps is None:
-        steps = DEFAULT_STEPS.get(name, FALLBACK_STEPS)
-    if lr is None:
-        lr = DEFAULT_LR.get(name, FALLBACK_LR)
-    try:
-        config = TrainConfig(steps=steps, seed=seed, rank=rank, lr=lr, **settings)
-    except Exception as e:  # pydantic's report → one line naming the setting
-        from pydantic import ValidationError
-
-        if isinstance(e, ValidationError):
-            err = e.errors()[0]
-            raise ConfigError(f"training setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
-        raise
+    config = train_config(name, steps=steps, seed=seed, rank=rank, lr=lr, **settings)
     if out_dir is not None:
         check_output_dir(out_dir, force)  # before any heavy work
     cached = adapter_cache_path(model_name, t, config)
