@@ -13,8 +13,7 @@ from sst_merge.eval.base import EvalSettings
 
 # -- eval/mmlu_cloze.py, eval/mmlu.py ---------------------------------------------------------------------------
 def _cloze_run(monkeypatch, evaluator_name, items, lls):
-    from sst_merge.eval import get_evaluator
-    from sst_merge.eval import mmlu
+    from sst_merge.eval import get_evaluator, mmlu
 
     seen = {}
 
