@@ -70,3 +70,74 @@ def test_argmax_first(values, first):
     from sst_merge.eval.mmlu import argmax_first
 
     assert argmax_first(values) == first
+
+
+# -- experiments/safety_tax.py ------------------------------------------------------------------------------------
+def _metric(items):
+    from sst_merge.experiments.runner import Metric
+
+    return Metric(value=sum(items.values()) / len(items), n=len(items), ci=None, items=items)
+
+
+def test_compare_pairs_items_by_id_and_signs_every_number():
+    from sst_merge.eval.stats import safety_tax_report
+    from sst_merge.experiments.safety_tax import compare
+
+    ref_s = _metric({"h0": 0, "h1": 1, "h2": 0, "h3": 0})
+    new_s = _metric({"h3": 0, "h2": 1, "h1": 1, "h0": 1})  # another order: pairing must go by id
+    ref_u = _metric({"a0": 1, "a1": 1, "a2": 1})
+    new_u = _metric({"a2": 0, "a0": 1, "a1": 1})
+    cmp = compare(ref_s, ref_u, new_s, new_u, n_boot=300, seed=3)
+    # S 1/4 → 3/4: gain 0.5; U 1 → 2/3: loss 1/3; tax (1/3) / 0.5 = 2/3.
+    assert cmp["safety_gain"]["value"] == pytest.approx(0.5)
+    assert cmp["utility_loss"]["value"] == pytest.approx(1 / 3)
+    assert cmp["safety_tax"]["value"] == pytest.approx(2 / 3) and cmp["safety_tax"]["status"] == "ok"
+    assert (cmp["safety_ref"], cmp["safety_merged"]) == (0.25, 0.75)
+    assert (cmp["utility_ref"], cmp["utility_merged"]) == (1.0, pytest.approx(2 / 3))
+    assert (cmp["n_safety"], cmp["n_utility"]) == (4, 3)
+    ref = safety_tax_report([0, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1], [1, 1, 0], n_boot=300, seed=3)
+    assert cmp["safety_gain"]["ci95"] == ref["safety_gain_ci95"]  # the bootstrap saw the id-paired items
+    assert cmp["utility_loss"]["ci95"] == ref["utility_loss_ci95"]
+    assert cmp["safety_tax"]["ci95"] == ref["safety_tax_ci95"]
+    assert cmp["tax_undefined_fraction"] == ref["tax_undefined_fraction"]
+    assert cmp["bootstrap"] == {"n_boot": 300, "seed": 3, "level": 0.95, "method": "paired percentile"}
+    assert compare(ref_s, ref_u, new_s, new_u, n_boot=0, seed=3)["bootstrap"]["n_boot"] == 1  # at least one
+
+
+@pytest.mark.parametrize("which", ["safety", "utility"])
+def test_compare_refuses_items_that_do_not_pair(which):
+    from sst_merge.experiments.safety_tax import compare
+
+    s, u = _metric({"h0": 0, "h1": 1}), _metric({"a0": 1})
+    other_s = _metric({"h0": 0, "h9": 1}) if which == "safety" else s
+    other_u = _metric({"a0": 1, "a1": 0}) if which == "utility" else u
+    with pytest.raises(ValueError, match="different items"):
+        compare(s, u, other_s, other_u, n_boot=10, seed=0)
+
+
+def test_log_comparison_lines(caplog):
+    import logging
+
+    from sst_merge.experiments.safety_tax import log_comparison
+
+    cmp = {
+        "safety_gain": {"value": 0.5, "ci95": [0.25, 0.75]},
+        "utility_loss": {"value": -0.125, "ci95": [None, 0.5]},
+        "safety_tax": {"value": 0.0, "ci95": None, "status": "ok"},
+    }
+    with caplog.at_level(logging.INFO, logger="sst_merge.experiments.safety_tax"):
+        log_comparison("sst(alpha=1)", "utility", _metric({"h0": 1, "h1": 0}), _metric({"a0": 1}), cmp)
+        log_comparison("m", "base", _metric({"h0": 1}), _metric({"a0": 1}), {**cmp, "safety_tax": {
+            "value": None, "ci95": [None, None], "status": "no safety gain"}})  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:7] == [
+        "Reference (pre-merge) model: utility",
+        "Baseline (pre-merge) metrics:",
+        "  Baseline Safety (Refusal Rate): 0.5000",
+        "  Baseline Utility (Accuracy): 1.0000",
+        "Merged model: [sst(alpha=1)]",
+        "Safety Gain: 0.5000 (95% CI 0.2500 to 0.7500)",
+        "Utility Loss: -0.1250",  # an open interval is not printed as a number
+    ]
+    assert lines[7] == "Safety Tax: 0.0000"
+    assert lines[-1] == "Safety Tax: undefined (no safety gain)"
