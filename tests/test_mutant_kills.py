@@ -141,3 +141,84 @@ def test_log_comparison_lines(caplog):
     ]
     assert lines[7] == "Safety Tax: 0.0000"
     assert lines[-1] == "Safety Tax: undefined (no safety gain)"
+
+
+# -- merge/sparsify.py --------------------------------------------------------------------------------------------
+def test_weighted_sum_accumulates_in_fp32_and_refuses_unpaired_weights():
+    import torch
+
+    from sst_merge.merge.sparsify import sign_consensus_merge, weighted_sum
+
+    taus = [torch.full((3,), 1.0, dtype=torch.bfloat16), torch.full((3,), 2.0**-9, dtype=torch.bfloat16)]
+    out = weighted_sum(taus, [1.0, 1.0])
+    assert out.dtype == torch.float32
+    assert out.tolist() == [1 + 2.0**-9] * 3  # in bf16 (8 bits of mantissa) 1 + 2⁻⁹ would round back to 1
+    for kernel in (weighted_sum, sign_consensus_merge):
+        with pytest.raises(ValueError):  # zip(strict=True): a missing weight is an error, not a dropped adapter
+            kernel(taus, [1.0])
+
+
+def test_magnitude_trim_keeps_all_but_one():
+    import torch
+
+    from sst_merge.merge.sparsify import magnitude_trim
+
+    tau = torch.tensor([0.4, -0.1, 0.3, -0.2])
+    # density 0.8 of 4 entries: k = int(3.2) = 3, the 3 largest magnitudes stay; the k-th largest is the 2nd smallest
+    assert magnitude_trim(tau, 0.8).tolist() == pytest.approx([0.4, 0.0, 0.3, -0.2])
+    assert magnitude_trim(tau, 0.3).tolist() == pytest.approx([0.4, 0.0, 0.0, 0.0])  # k = max(1, int(1.2)) = 1
+
+
+def test_dare_drop_at_density_one_draws_no_random_numbers():
+    import torch
+
+    from sst_merge.merge.sparsify import dare_drop
+
+    g = torch.Generator().manual_seed(5)
+    tau = torch.randn(10)
+    assert dare_drop(tau, 1.0, g) is tau
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_dare_mask_does_not_depend_on_the_input_dtype():
+    import torch
+
+    from sst_merge.merge.sparsify import dare_drop
+
+    tau = torch.randn(200, dtype=torch.float64)
+    a = dare_drop(tau, 0.3, torch.Generator().manual_seed(1), rescale="none")
+    b = dare_drop(tau.float(), 0.3, torch.Generator().manual_seed(1), rescale="none")
+    assert torch.equal(a != 0, b != 0)  # the Bernoulli draws are fp32 whatever τ's dtype (fp32 inside)
+
+
+def _seed_with_mask(p, want):
+    import torch
+
+    for seed in range(10_000):
+        mask = torch.bernoulli(torch.full((len(want),), p), generator=torch.Generator().manual_seed(seed))
+        if mask.tolist() == want:
+            return seed
+    raise AssertionError("no seed gives the wanted mask")
+
+
+def test_dare_l1_rescale_small_norms_and_all_dropped():
+    import torch
+
+    from sst_merge.merge.sparsify import dare_drop
+
+    # L1 below 1 is still rescaled: τ = (0.25, −0.25, 0.5), drop the second → L1 1.0 before, 0.75 after, × 4/3
+    tau = torch.tensor([0.25, -0.25, 0.5])
+    seed = _seed_with_mask(0.5, [1.0, 0.0, 1.0])
+    out = dare_drop(tau, 0.5, torch.Generator().manual_seed(seed), rescale="l1")
+    assert out.tolist() == pytest.approx([0.25 * 4 / 3, 0.0, 0.5 * 4 / 3])
+    tiny = tau * 4e-7  # L1 4e-7 before, 3e-7 after: both above mergekit's 1e-7, still rescaled
+    out = dare_drop(tiny, 0.5, torch.Generator().manual_seed(seed), rescale="l1")
+    assert out.tolist() == pytest.approx([1e-7 * 4 / 3, 0.0, 2e-7 * 4 / 3], rel=1e-5)
+    # everything dropped: after = 0 < 1e-7, nothing to rescale — zeros, never NaN or inf
+    seed = _seed_with_mask(0.5, [0.0, 0.0, 0.0])
+    assert dare_drop(tau, 0.5, torch.Generator().manual_seed(seed), rescale="l1").tolist() == [0.0, 0.0, 0.0]
+    # at the tolerance exactly (after = 1e-7 in fp32) the kept entries are still rescaled: 1e-7 × (2e-7 / 1e-7)
+    tau = torch.tensor([1e-7, 1e-7])
+    seed = _seed_with_mask(0.5, [1.0, 0.0])
+    out = dare_drop(tau, 0.5, torch.Generator().manual_seed(seed), rescale="l1")
+    assert out.tolist() == pytest.approx([2e-7, 0.0], rel=1e-6)
