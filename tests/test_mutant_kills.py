@@ -222,3 +222,71 @@ def test_dare_l1_rescale_small_norms_and_all_dropped():
     seed = _seed_with_mask(0.5, [1.0, 0.0])
     out = dare_drop(tau, 0.5, torch.Generator().manual_seed(seed), rescale="l1")
     assert out.tolist() == pytest.approx([2e-7, 0.0], rel=1e-6)
+
+
+# -- eval/stats.py ------------------------------------------------------------------------------------------------
+def test_mean_stderr_and_rate_metric_by_hand():
+    import math
+
+    import numpy as np
+
+    from sst_merge.eval.stats import mean_stderr, rate_metric
+
+    assert mean_stderr([0, 1]) == pytest.approx(0.5)  # sample sd √0.5, ÷ √2
+    assert math.isnan(mean_stderr([1]))  # one item: no spread to estimate
+    x = np.array([0.1, 0.2, 0.7], dtype=np.float32)
+    exact = float(np.std(x.astype(np.float64), ddof=1) / math.sqrt(3))
+    assert mean_stderr(x) == exact  # computed in float64 even for float32 scores
+    m = rate_metric([1, 0, 1, 1])
+    assert m["higher_is_better"] is True and m["interval"] == "wilson"
+    assert m["value"] == 0.75 and m["stderr"] == pytest.approx(0.25)  # sd 0.5, ÷ √4
+    assert rate_metric([1])["stderr"] is None
+    assert rate_metric([0, 1], higher_is_better=False)["higher_is_better"] is False
+
+
+@pytest.mark.parametrize("call", ["rate_metric", "mean_stderr"])
+def test_empty_statistics_say_why(call):
+    from sst_merge.errors import DataError
+    from sst_merge.eval import stats
+
+    with pytest.raises(
+        DataError, match=r"^a statistic needs at least one item \(n = 0\); evaluate on a non-empty set$"
+    ):
+        getattr(stats, call)([])
+
+
+def test_aligned_scores_names_an_unpaired_id():
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import aligned_scores
+
+    a = [{"id": "x", "score": 1}, {"id": "y", "score": 0}]
+    with pytest.raises(DataError, match=r"1 item id\(s\) appear in only one evaluation \(e\.g\. 'y'\)"):
+        aligned_scores(a, [{"id": "x", "score": 1}])
+
+
+def test_pareto_front_ties_and_order():
+    from sst_merge.eval.stats import pareto_front
+
+    # the same utility at less safety is dominated; the front comes back sorted by safety whatever the input order
+    pts = [(0.9, 0.5), (0.8, 0.6), (0.5, 0.6), (0.2, 0.9)]
+    assert pareto_front(pts) == [(0.2, 0.9), (0.8, 0.6), (0.9, 0.5)]
+
+
+def test_utility_at_safety_edges():
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import utility_at_safety
+
+    pts = [(0.2, 0.9), (0.6, 0.7), (1.0, 0.5)]
+    assert utility_at_safety(pts, 0.2) == {"utility": 0.9, "status": "ok"}  # both ends are inside the range
+    assert utility_at_safety(pts, 1.0) == {"utility": 0.5, "status": "ok"}
+    assert utility_at_safety(pts, 0.8) == {"utility": pytest.approx(0.6), "status": "ok"}  # in the last segment
+    assert utility_at_safety(pts, 0.9)["utility"] == pytest.approx(0.55)
+    assert utility_at_safety(pts, 1.01)["utility"] is None
+    assert utility_at_safety([(0.5, 0.7)], 0.5) == {"utility": 0.7, "status": "ok"}  # one point, at the target
+    assert utility_at_safety([(0.5, 0.7)], 0.6)["utility"] is None
+    # without the front: dict points sorted by safety, equal safeties take the first without dividing by zero
+    dicts = [{"safety": 0.9, "utility": 0.1}, {"safety": 0.5, "utility": 0.2}, {"safety": 0.5, "utility": 0.4}]
+    assert utility_at_safety(dicts, 0.5, use_front=False) == {"utility": 0.2, "status": "ok"}
+    assert utility_at_safety(dicts, 0.7, use_front=False)["utility"] == pytest.approx(0.25)  # (0.4 → 0.1) halfway
+    with pytest.raises(DataError, match=r"^utility at matched safety needs at least one \(safety, utility\) point$"):
+        utility_at_safety([], 0.5)
