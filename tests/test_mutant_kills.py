@@ -290,3 +290,16 @@ def test_utility_at_safety_edges():
     assert utility_at_safety(dicts, 0.7, use_front=False)["utility"] == pytest.approx(0.25)  # (0.4 → 0.1) halfway
     with pytest.raises(DataError, match=r"^utility at matched safety needs at least one \(safety, utility\) point$"):
         utility_at_safety([], 0.5)
+
+
+def test_rate_metric_interval_and_wilson_messages():
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import rate_metric, wilson_interval
+
+    assert rate_metric([1, 0, 1, 1])["ci95"] == list(wilson_interval(3, 4))
+    with pytest.raises(DataError, match=r"^a rate needs at least one item \(n = 0\); evaluate on a non-empty set$"):
+        wilson_interval(0, 0)
+    with pytest.raises(DataError, match=r"^rate numerator 5 is outside \[0, 4\]$"):
+        wilson_interval(5, 4)
+    with pytest.raises(DataError, match=r"^rate numerator -1 is outside \[0, 4\]$"):
+        wilson_interval(-1, 4)
