@@ -303,3 +303,36 @@ def test_rate_metric_interval_and_wilson_messages():
         wilson_interval(5, 4)
     with pytest.raises(DataError, match=r"^rate numerator -1 is outside \[0, 4\]$"):
         wilson_interval(-1, 4)
+
+
+def test_wilson_upper_end_is_capped_at_one():
+    from sst_merge.eval.stats import wilson_interval
+
+    # at k = n the upper end is 1 exactly in exact arithmetic; in floating point it rounds above 1 for n = 16
+    assert wilson_interval(16, 16)[1] == 1.0
+    assert wilson_interval(0, 16)[0] == 0.0
+
+
+@pytest.mark.parametrize("position", ["safety_ref", "safety_merged", "utility_ref", "utility_merged"])
+def test_safety_tax_report_names_the_bad_array(position):
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import safety_tax_report
+
+    arrays = {"safety_ref": [1, 0], "safety_merged": [1, 1], "utility_ref": [1, 1], "utility_merged": [0, 1]}
+    with pytest.raises(DataError, match=rf"^{position}: need a non-empty 1-D array"):
+        safety_tax_report(**{**arrays, position: []})
+    with pytest.raises(DataError, match=rf"^{position}: per-item scores contain NaN or Inf$"):
+        safety_tax_report(**{**arrays, position: [1.0, float("nan")]})
+
+
+def test_safety_tax_report_defaults_float64_and_every_index():
+    import numpy as np
+
+    from sst_merge.eval.stats import paired_bootstrap_indices, safety_tax_report
+
+    u = np.array([0.1, 0.2, 0.7, 0.3, 0.9], dtype=np.float32)
+    r = safety_tax_report([0, 0, 1], [1, 0, 1], u, u[::-1].copy())
+    assert r["bootstrap"] == {"n_boot": 2000, "seed": 0, "level": 0.95, "method": "paired percentile"}
+    assert r["utility_ref"] == float(u.astype(np.float64).mean())  # float64 inside (the float32 mean differs)
+    idx = paired_bootstrap_indices(2, 200, np.random.default_rng(0))
+    assert idx.shape == (200, 2) and set(np.unique(idx)) == {0, 1}  # both items drawn, index 0 included
