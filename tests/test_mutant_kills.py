@@ -336,3 +336,71 @@ def test_safety_tax_report_defaults_float64_and_every_index():
     assert r["utility_ref"] == float(u.astype(np.float64).mean())  # float64 inside (the float32 mean differs)
     idx = paired_bootstrap_indices(2, 200, np.random.default_rng(0))
     assert idx.shape == (200, 2) and set(np.unique(idx)) == {0, 1}  # both items drawn, index 0 included
+
+
+def _reference_report(sr, sm, ur, um, n_boot, seed, level):
+    """SPEC §7's paired bootstrap written out with loops (only the documented draw order is shared with the code)."""
+    import math
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, len(sr), size=(n_boot, len(sr)))
+    ui = rng.integers(0, len(ur), size=(n_boot, len(ur)))
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    gains = [mean([sm[i] for i in row]) - mean([sr[i] for i in row]) for row in si]
+    losses = [mean([ur[i] for i in row]) - mean([um[i] for i in row]) for row in ui]
+    a = (1 - level) / 2
+
+    def linear(values, q):  # numpy's default quantile: linear between order statistics
+        s = sorted(values)
+        h = (len(s) - 1) * q
+        lo = math.floor(h)
+        return s[lo] + (h - lo) * (s[min(lo + 1, len(s) - 1)] - s[lo])
+
+    def order_stat(values, q):  # inverted CDF: the smallest value whose empirical CDF reaches q
+        s = sorted(values)
+        return s[max(0, math.ceil(q * len(s) - 1e-12) - 1)]
+
+    taxes = [max(loss, 0.0) / g for g, loss in zip(gains, losses, strict=True) if g > 0]
+    ranked = taxes + [math.inf] * (n_boot - len(taxes))
+    tax_ci = [order_stat(ranked, a), order_stat(ranked, 1 - a)] if taxes else [None, None]
+    return {
+        "safety_gain_ci95": [linear(gains, a), linear(gains, 1 - a)],
+        "utility_loss_ci95": [linear(losses, a), linear(losses, 1 - a)],
+        "safety_tax_ci95": [None if t is None or math.isinf(t) else t for t in tax_ci],
+        "tax_undefined_fraction": 1 - len(taxes) / n_boot,
+    }
+
+
+@pytest.mark.parametrize(
+    "sr,sm,ur,um,level",
+    [
+        ([0, 0, 0, 1, 0, 0, 1, 0], [1, 1, 0, 1, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 1], 0.95),
+        ([0, 0, 0, 1, 0, 0, 1, 0], [1, 1, 0, 1, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 1], 0.8),
+        ([0, 1, 0, 1], [1, 1, 0, 0], [1, 0, 1], [0, 0, 1], 0.95),  # no gain: most replicates have no tax
+        ([0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 1], [1, 1], [1, 0], 0.95),  # some replicates without a tax
+    ],
+)
+def test_safety_tax_report_intervals_against_a_loop_reference(sr, sm, ur, um, level):
+    from sst_merge.eval.stats import safety_tax_report
+
+    got = safety_tax_report(sr, sm, ur, um, n_boot=400, seed=11, level=level)
+    ref = _reference_report(sr, sm, ur, um, 400, 11, level)
+    for key in ("safety_gain_ci95", "utility_loss_ci95"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-12), key
+    assert got["tax_undefined_fraction"] == pytest.approx(ref["tax_undefined_fraction"], abs=1e-12)
+    assert [None if v is None else pytest.approx(v, abs=1e-12) for v in ref["safety_tax_ci95"]] == got[
+        "safety_tax_ci95"
+    ]
+
+
+def test_unpaired_utility_arrays_say_so():
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import safety_tax_report
+
+    with pytest.raises(DataError, match=r"^utility arrays are not paired: 3 reference items vs 2 merged items$"):
+        safety_tax_report([1], [1], [1, 0, 1], [1, 0])
