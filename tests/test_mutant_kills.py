@@ -383,6 +383,7 @@ def _reference_report(sr, sm, ur, um, n_boot, seed, level):
         ([0, 0, 0, 1, 0, 0, 1, 0], [1, 1, 0, 1, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1], [1, 0, 1, 0, 1, 1], 0.8),
         ([0, 1, 0, 1], [1, 1, 0, 0], [1, 0, 1], [0, 0, 1], 0.95),  # no gain: most replicates have no tax
         ([0, 0, 0, 0, 0, 1], [1, 0, 0, 0, 0, 1], [1, 1], [1, 0], 0.95),  # some replicates without a tax
+        ([1] * 5 + [0], [0] * 5 + [1], [1, 1], [1, 0], 0.95),  # 98.5% without a tax: both ends unbounded
     ],
 )
 def test_safety_tax_report_intervals_against_a_loop_reference(sr, sm, ur, um, level):
@@ -404,3 +405,15 @@ def test_unpaired_utility_arrays_say_so():
 
     with pytest.raises(DataError, match=r"^utility arrays are not paired: 3 reference items vs 2 merged items$"):
         safety_tax_report([1], [1], [1, 0, 1], [1, 0])
+
+
+@pytest.mark.parametrize("position", range(4))
+def test_safety_tax_names_the_non_finite_input(position):
+    from sst_merge.errors import DataError
+    from sst_merge.eval.stats import safety_tax
+
+    args = [0.1, 0.6, 0.8, 0.75]
+    args[position] = float("nan")
+    name = ["s_ref", "s_merged", "u_ref", "u_merged"][position]
+    with pytest.raises(DataError, match=rf"^Safety Tax input {name} is nan; it must be a measured, finite score$"):
+        safety_tax(*args)
