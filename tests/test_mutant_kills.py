@@ -417,3 +417,10 @@ def test_safety_tax_names_the_non_finite_input(position):
     name = ["s_ref", "s_merged", "u_ref", "u_merged"][position]
     with pytest.raises(DataError, match=rf"^Safety Tax input {name} is nan; it must be a measured, finite score$"):
         safety_tax(*args)
+
+
+def test_no_utility_change_is_a_zero_tax_with_status_ok():
+    from sst_merge.eval.stats import safety_tax
+
+    r = safety_tax(0.25, 0.75, 0.5, 0.5)  # gain 0.5, loss exactly 0: tax 0, and not "utility improved"
+    assert r == {"safety_gain": 0.5, "utility_loss": 0.0, "safety_tax": 0.0, "safety_tax_status": "ok"}
