@@ -424,3 +424,32 @@ def test_no_utility_change_is_a_zero_tax_with_status_ok():
 
     r = safety_tax(0.25, 0.75, 0.5, 0.5)  # gain 0.5, loss exactly 0: tax 0, and not "utility improved"
     assert r == {"safety_gain": 0.5, "utility_loss": 0.0, "safety_tax": 0.0, "safety_tax_status": "ok"}
+
+
+def test_tax_interval_order_statistics_on_many_distinct_taxes():
+    """Order statistics, not interpolation: with 40 items the bootstrap taxes are nearly all distinct."""
+    import numpy as np
+
+    from sst_merge.eval.stats import safety_tax_report
+
+    g = np.random.default_rng(4)
+    sr, ur = (g.random(40) < 0.3).astype(int).tolist(), (g.random(40) < 0.8).astype(int).tolist()
+    sm, um = (g.random(40) < 0.7).astype(int).tolist(), (g.random(40) < 0.6).astype(int).tolist()
+    for level in (0.95, 0.8):
+        got = safety_tax_report(sr, sm, ur, um, n_boot=300, seed=2, level=level)
+        ref = _reference_report(sr, sm, ur, um, 300, 2, level)
+        assert got["safety_tax_ci95"] == pytest.approx(ref["safety_tax_ci95"], abs=1e-12)
+
+
+def test_tax_interval_with_a_single_defined_replicate():
+    """One replicate of 20 has a gain: its tax is the lower end (the 0.5-th of 20 order statistics), the upper None."""
+    from sst_merge.eval.stats import safety_tax_report
+
+    sr, sm, ur, um = [1] * 5 + [0], [0] * 5 + [1], [1, 1, 0], [1, 0, 0]
+    seed = next(
+        s for s in range(1000) if _reference_report(sr, sm, ur, um, 20, s, 0.95)["tax_undefined_fraction"] == 0.95
+    )
+    got = safety_tax_report(sr, sm, ur, um, n_boot=20, seed=seed)
+    ref = _reference_report(sr, sm, ur, um, 20, seed, 0.95)
+    assert ref["safety_tax_ci95"][0] is not None and ref["safety_tax_ci95"][1] is None
+    assert got["safety_tax_ci95"] == pytest.approx(ref["safety_tax_ci95"], abs=1e-12)
