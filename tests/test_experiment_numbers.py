@@ -105,10 +105,10 @@ def scripted(tmp_path_factory, tiny_model_dir):
     return data, load, fisher
 
 
-def _run(scripted, tmp_path, experiment, **extra):
+def _run(scripted, tmp_path, experiment, run="run", **extra):
     data, load, _ = scripted
     cfg = resolve_config("minimal", {**data, "experiment": experiment, **extra})
-    return run_experiment(cfg, tmp_path / "run", load=load, show_progress=False)
+    return run_experiment(cfg, tmp_path / run, load=load, show_progress=False)
 
 
 def test_the_script_is_read_from_the_applied_deltas(scripted):
@@ -236,3 +236,13 @@ def test_exp3_points_taxes_and_matched_safety_by_hand(scripted, tmp_path):
     assert m05["linear"] is None and m1["linear"] is None and m1["task_arithmetic"] is None
     # One evaluation per distinct model: utility, base, and 3 methods × 2 alphas = 8, none twice.
     assert doc["cache"] == {"hits": 0, "misses": 8}
+
+
+def test_a_second_sweep_reads_every_model_from_the_cache(scripted, tmp_path):
+    first = _run(scripted, tmp_path, "exp3", run="a", cache_dir=str(tmp_path / "cache"))
+    again = _run(scripted, tmp_path, "exp3", run="b", cache_dir=str(tmp_path / "cache"))
+    # utility, base, and 3 methods × 2 alphas: 8 distinct models, each evaluated once across both runs
+    assert first["cache"] == {"hits": 0, "misses": 8} and again["cache"] == {"hits": 8, "misses": 0}
+    assert again["experiments"]["exp3"]["points"] == first["experiments"]["exp3"]["points"]
+    keys = {label: m["cache_key"] for label, m in first["models"].items()}
+    assert len(set(keys.values())) == len(keys) == 8
