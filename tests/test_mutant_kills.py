@@ -111,7 +111,9 @@ def test_compare_refuses_items_that_do_not_pair(which):
     s, u = _metric({"h0": 0, "h1": 1}), _metric({"a0": 1})
     other_s = _metric({"h0": 0, "h9": 1}) if which == "safety" else s
     other_u = _metric({"a0": 1, "a1": 0}) if which == "utility" else u
-    with pytest.raises(ValueError, match="different items"):
+    with pytest.raises(
+        ValueError, match=r"^reference and merged model were evaluated on different items; cannot pair them$"
+    ):
         compare(s, u, other_s, other_u, n_boot=10, seed=0)
 
 
