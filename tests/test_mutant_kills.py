@@ -455,3 +455,67 @@ def test_tax_interval_with_a_single_defined_replicate():
     ref = _reference_report(sr, sm, ur, um, 20, seed, 0.95)
     assert ref["safety_tax_ci95"][0] is not None and ref["safety_tax_ci95"][1] is None
     assert got["safety_tax_ci95"] == pytest.approx(ref["safety_tax_ci95"], abs=1e-12)
+
+
+# -- fisher/gevp.py -----------------------------------------------------------------------------------------------
+def test_selection_bounds_and_messages():
+    from sst_merge.fisher.gevp import Selection
+
+    with pytest.raises(ValueError, match=r"^exactly one of k, fraction, threshold must be set$"):
+        Selection()
+    with pytest.raises(ValueError, match=r"^k must be >= 0$"):
+        Selection(k=-1)
+    with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\]$"):
+        Selection(fraction=1.5)
+    with pytest.raises(ValueError, match=r"^threshold must be >= 0$"):
+        Selection(threshold=-0.1)
+    import torch
+
+    lam = torch.tensor([3.0, 2.0, 0.0])
+    assert Selection(k=0).count(lam, 3) == 0  # k = 0 is allowed: nothing kept
+    assert Selection(threshold=0.0).count(torch.zeros(3), 3) == 0  # nothing positive: nothing above any threshold
+
+
+def test_count_positive_edges():
+    import torch
+
+    from sst_merge.fisher.gevp import count_positive
+
+    assert count_positive(torch.tensor([])) == 0
+    assert count_positive(torch.tensor([0.0, -1.0])) == 0
+    assert count_positive(torch.tensor([0.5, 0.25, 0.0])) == 2  # below 1 is still positive
+    assert count_positive(torch.tensor([1.0, 1e-9])) == 1  # exactly POSITIVE_RTOL·λ_max is round-off
+    assert count_positive(torch.tensor([2.0, 1e-9])) == 1  # relative to λ_max = 2: 1e-9 < 2e-9
+
+
+def test_select_grid_breaks_ties_by_index_and_returns_a_bool_mask():
+    import torch
+
+    from sst_merge.fisher.gevp import Selection, select_grid
+
+    lam = torch.ones(4000)
+    lam[3000:] = 2.0
+    mask, lam_desc, n = select_grid(lam.reshape(40, 100), Selection(k=1010))
+    assert mask.dtype == torch.bool and n == 1010
+    expect = torch.zeros(4000, dtype=torch.bool)
+    expect[3000:] = True
+    expect[:10] = True  # the 10 extra among the 3000 tied ones: the first by index
+    assert torch.equal(mask.reshape(-1), expect)
+
+
+def test_dense_gevp_ties_keep_the_solver_order_and_project_keeps_the_dtype():
+    import torch
+
+    from sst_merge.fisher.gevp import Selection, dense_gevp, dense_project
+
+    a = torch.eye(6, dtype=torch.float64)
+    lam, V = dense_gevp(a, torch.eye(6, dtype=torch.float64))
+    assert lam.tolist() == [1.0] * 6
+    import scipy.linalg
+
+    _, ref = scipy.linalg.eigh(a.numpy(), torch.eye(6, dtype=torch.float64).numpy())
+    assert torch.equal(V, torch.from_numpy(ref))  # a stable sort leaves tied eigenvectors in the solver's order
+    x = torch.randn(2, 3)
+    a2 = torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5]))
+    y, _, n = dense_project(x, a2, torch.eye(6), Selection(k=2))
+    assert y.dtype == torch.float32 and n == 2
