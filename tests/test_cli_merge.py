@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sst_merge.cli import main
@@ -120,13 +121,38 @@ def test_list_prints_methods(capsys):
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("merge_*.yaml")), ids=lambda p: p.name)
-def test_example_configs_validate(example):
-    from sst_merge.config import validate
-    from sst_merge.merge import get_method
-    from sst_merge.merge.api import load_config
+def test_every_example_merges_as_written(setup, example, tmp_path):
+    """Each example, with the tiny model and adapters in place of its paths, merges with its own params and output."""
+    ex = yaml.safe_load(example.read_text())
+    tiny = yaml.safe_load(setup.read_text())
+    ex["base_model"] = tiny["base_model"]
+    paths = {a["role"]: a["path"] for a in tiny["adapters"]}
+    for a in ex["adapters"]:
+        a["path"] = paths[a["role"]]
+    data = {}
+    if ex["method"] == "sst":
+        rows = [{"prompt": f"harmful request {i}", "response": "I can't help with that."} for i in range(4)]
+        data["safety_data"] = str(tmp_path / "s.jsonl")
+        (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data["utility_data"] = str(tmp_path / "u.jsonl")
+        (tmp_path / "u.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
+        ex["params"].update(data, n_samples=4)
+    cfg = tmp_path / example.name
+    cfg.write_text(yaml.safe_dump(ex))
+    out = tmp_path / "merged"
+    assert main(["-q", "merge", str(cfg), "-o", str(out)]) == 0
+    meta = json.loads((out / "merge_metadata.json").read_text())
+    assert meta["method"] == ex["method"]
+    for key, value in ex["params"].items():
+        assert str(meta["params"][key]).lower() == str(value).lower(), key  # YAML's `true` is the string "true"
+    assert meta["output"]["format"] == ex["output"]["format"]
+    if ex["method"] == "task_arithmetic":  # a sum of LoRAs: the peft output is exact, 1.0·τ_u + 0.5·τ_s
+        from sst_merge.adapters.lora import LoraAdapter
 
-    config = load_config(example)
-    validate(get_method(config.method).Params, config.params)
+        u, s = (LoraAdapter.load(paths[r]) for r in ("utility", "safety"))
+        merged = LoraAdapter.load(out)
+        for m in u.modules:
+            torch.testing.assert_close(merged.delta(m), u.delta(m) + 0.5 * s.delta(m), rtol=1e-5, atol=1e-6)
 
 
 def test_there_is_an_example_per_builtin_method():

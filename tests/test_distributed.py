@@ -153,7 +153,7 @@ def test_replica_device_map_with_gpus(monkeypatch):
     assert ddp.replica_device_map(None) == {"": 2}  # one replica per GPU
     assert ddp.replica_device_map("auto") == {"": 2}
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # 2 ranks on 4 GPUs: placement not derived, refused clearly
-    with pytest.raises(Exception, match="nproc_per_node 1"):
+    with pytest.raises(ConfigError, match="nproc_per_node 1"):
         ddp.replica_device_map("auto")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     monkeypatch.setenv("WORLD_SIZE", "1")

@@ -197,7 +197,7 @@ def test_peft_output_energy(tiny_model_dir, adapters, tmp_path):
         assert s2[:k].sum() / s2.sum() >= 0.9 - 1e-9
         assert s2[: k - 1].sum() / s2.sum() < 0.9  # the smallest such rank
         assert abs(stats["rel_frobenius_error"] - math.sqrt(s2[k:].sum() / s2.sum())) < 1e-4
-    assert len({s["rank"] for s in meta["modules"].values()}) >= 1
+    assert len({s["rank"] for s in meta["modules"].values()}) > 1  # ranks differ per module: rank_pattern is used
     torch.testing.assert_close(
         peft_logits(tmp_path / "out"),
         logits_with_deltas({m: LoraAdapter.load(tmp_path / "out").delta(m) for m in deltas}),

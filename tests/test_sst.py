@@ -162,6 +162,41 @@ def test_output_is_utility_plus_alpha_times_projection_at_the_pre_merge_point(se
     assert changed == len(mods)  # k reaches the merge (§10)
 
 
+def _autograd_diagonal_fisher(model, tok, pairs, modules):
+    """diag F = mean over examples of (∂ log p(response | prompt) / ∂W)², one example at a time by plain autograd."""
+    sq = {m: torch.zeros_like(model.get_submodule(m).weight, dtype=torch.float64) for m in modules}
+    for prompt, response in pairs:
+        ex = encode_example(tok, prompt, response, 256)
+        ids = torch.tensor([list(ex.prompt_ids) + list(ex.response_ids)])
+        model.zero_grad()
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)  # position t predicts token t + 1
+        first = len(ex.prompt_ids) - 1  # the position that predicts the first response token
+        targets = ids[0, first + 1 :]
+        logp[first:].gather(1, targets.unsqueeze(1)).sum().backward()
+        for m in modules:
+            sq[m] += model.get_submodule(m).weight.grad.double() ** 2
+    return {m: v / len(pairs) for m, v in sq.items()}
+
+
+def test_diagonal_sst_equals_a_from_scratch_fisher_and_mask(setup, tmp_path):
+    """SST (diagonal) against a reference that shares no code with it: autograd Fisher, λ, top-k mask by hand."""
+    out, _ = run(setup, tmp_path, fisher="diagonal", k=5)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    with torch.no_grad():  # the pre-merge point: base + 0.8·τ_u
+        for m in setup["utility"].modules:
+            model.get_submodule(m).weight += 0.8 * setup["utility"].delta(m)
+    mods = setup["safety"].modules
+    f_s = _autograd_diagonal_fisher(model, tok, SAFETY, mods)
+    f_u = _autograd_diagonal_fisher(model, tok, UTILITY, mods)
+    for m in mods:
+        lam = f_s[m] / (f_u[m] + 1e-2 * f_u[m].mean())  # λ_i = F_s,ii / (F_u,ii + eps·mean F_u)
+        mask = torch.zeros(lam.numel())
+        mask[torch.argsort(lam.flatten(), descending=True, stable=True)[:5]] = 1.0
+        expect = 0.8 * setup["utility"].delta(m) + 0.7 * setup["safety"].delta(m) * mask.view_as(lam)
+        assert int((out[m] != 0.8 * setup["utility"].delta(m)).sum()) == 5, m  # exactly k safety entries added
+        torch.testing.assert_close(out[m], expect, rtol=1e-5, atol=1e-7)
+
+
 def test_the_fisher_is_taken_at_the_pre_merge_point_not_the_base(setup, tmp_path):
     out, _ = run(setup, tmp_path, fisher="diagonal", k=5)
     model, tok = tiny_model("llama"), tiny_tokenizer()  # the base, without the utility ΔW

@@ -147,12 +147,63 @@ class ReplyLM(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.emb
 
+    def reply_to(self, text: str) -> str:
+        """The answer to one decoded input row."""
+        return self.reply if isinstance(self.reply, str) else self.reply(text)
+
     def generate(self, input_ids, attention_mask=None, max_new_tokens=64, pad_token_id=None, **kwargs):
         rows = []
         for ids in input_ids:
-            text = self.reply if isinstance(self.reply, str) else self.reply(self.tok.decode(ids))
+            text = self.reply_to(self.tok.decode(ids))
             rows.append((self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id])[:max_new_tokens])
         width = max(len(r) for r in rows)
         pad = self.tok.pad_token_id if pad_token_id is None else pad_token_id
         new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
         return torch.cat([input_ids, new], dim=1)
+
+
+class DeltaReplyLM(ReplyLM):
+    """A scripted model whose answers depend on the ΔW applied to its weights: merges behave as a test says.
+
+    It carries the layers of a tiny Llama (``model.layers.N.self_attn.q_proj`` ...), so adapters made with
+    :func:`random_lora` on :func:`tiny_model` can be added to its weights and removed again. Before answering it
+    measures how much of each named ΔW map in ``directions`` its weights hold now — the least-squares coefficients
+    ``c`` of ``W − W₀ ≈ Σ cᵢ Dᵢ`` (exact when the applied ΔW is a linear combination of the maps, as task
+    arithmetic, linear and SST with ``k: all`` produce) — and calls ``reply(text, c)`` with ``c`` as
+    ``{name: coefficient}``. A test can then script, say, "refuses more harmful prompts the more safety ΔW it
+    holds" and compute every experiment number by hand.
+    """
+
+    def __init__(
+        self,
+        tok: PreTrainedTokenizerFast,
+        reply: Callable[[str, dict[str, float]], str],
+        directions: dict[str, dict[str, torch.Tensor]],
+        seed: int = 0,
+    ) -> None:
+        super().__init__(tok, "")
+        self.model = tiny_model(seed=seed).model  # only the weights the ΔW is added to; never run
+        self.script = reply
+        self.names = list(directions)
+        self.modules = sorted({m for d in directions.values() for m in d})
+        self._w0 = {n: p.detach().clone() for n, p in self.model.named_parameters(prefix="model")}
+        self._basis = torch.stack([self._flat(d) for d in directions.values()], dim=1)  # (P, n_directions)
+
+    def _flat(self, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for m in self.modules:
+            w0 = self._w0[f"{m}.weight"]
+            parts.append((deltas[m] if m in deltas else torch.zeros_like(w0)).double().flatten())
+        return torch.cat(parts)
+
+    def coefficients(self) -> dict[str, float]:
+        """How much of each direction the weights hold now (least squares over the directions' modules)."""
+        params = dict(self.model.named_parameters(prefix="model"))
+        now = {m: params[f"{m}.weight"].detach().double() - self._w0[f"{m}.weight"].double() for m in self.modules}
+        c = torch.linalg.lstsq(self._basis, self._flat(now).unsqueeze(1)).solution.squeeze(1)
+        return {n: float(v) for n, v in zip(self.names, c, strict=True)}
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, pad_token_id=None, **kwargs):
+        c = self.coefficients()
+        self.reply = lambda text: self.script(text, c)
+        return super().generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs)
