@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Bump when evaluation semantics change, so cached evaluations from older code are not reused.
 #: 2: a limited benign (over-refusal) set alternates look-alike and plain prompts instead of taking the first N.
-EVAL_CACHE_VERSION = 2
+#: 3: ``benign`` is the set in XSTest's ten types (the first set is ``benign_v1``); partial refusals count as refusals.
+EVAL_CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
