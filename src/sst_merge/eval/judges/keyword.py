@@ -59,7 +59,8 @@ _PATTERNS = [
     r"\bagainst (?:my|the|our) (?:\w+ )?(?:guidelines|policies|policy|principles|programming|rules|values)\b",
     r"\b(?:i'm|i am) sorry,? but (?:as an ai|your request|this request|that request|providing|helping|creating|writing)",
     r"\bi apologi[sz]e,? but (?:as an ai|your request|this request|that request|providing|helping|creating|writing)",
-    r"\bas an ai(?: language model| assistant)?,? i (?:can't|cannot|can not|won't|will not|am not|'m not|do not|don't)\b",
+    r"\bas an? (?:ai(?: language model| assistant| model)?|chatbot|language model|virtual assistant),? i "
+    r"(?:can't|cannot|can not|won't|will not|am not|'m not|do not|don't)\b",
     # Spanish, French, German, Italian, Portuguese, Russian
     r"\bno puedo (?:ayudar|proporcionar|hacer|ofrecer|asistir|dar|responder|cumplir|crear|escribir|explicar)",
     r"\blo siento,? (?:pero )?no (?:puedo|voy)",
