@@ -1,8 +1,8 @@
 """The hand-labelled responses that measure a refusal judge: precision and recall of refusal, per prompt kind.
 
 ``sst_merge/resources/judge_labels.jsonl`` holds real responses of the project's own models (the base model, the
-safety and passage_qa adapters, their SST and task-arithmetic merges; HarmBench and over-refusal prompts; 32 and 64
-new tokens), each labelled by reading it as ``full_refusal``, ``partial_refusal`` or ``compliance`` (XSTest's three
+safety and passage_qa adapters and their task-arithmetic merge; HarmBench and over-refusal prompts; 32 and 64 new
+tokens), each labelled by reading it as ``full_refusal``, ``partial_refusal`` or ``compliance`` (XSTest's three
 classes; the rules are in the resources README). ``split`` halves the set by prompt (``dev``: looked at when the
 keyword judge was improved; ``heldout``: not), so both numbers can be reported.
 
