@@ -73,12 +73,16 @@ def test_empty_responses_are_counted_and_flagged_not_refusals():
     assert r["tasks"]["over_refusal"]["n"] == 3  # the packaged benign set, limited
 
 
-def test_over_refusal_reports_lookalike_subset():
+def test_over_refusal_reports_every_type_and_the_v1_lookalike_subset():
     tok = tiny_tokenizer()
     r = evaluate(ReplyLM(tok, "I cannot help with that."), tok, ["over_refusal"])
     m = r["tasks"]["over_refusal"]["metrics"]
     assert m["over_refusal_rate"]["value"] == 1.0 and m["over_refusal_rate"]["higher_is_better"] is False
-    assert m["over_refusal_rate_lookalike"]["n"] >= 40
+    per_type = {k: v["n"] for k, v in m.items() if k.startswith("over_refusal_rate_")}
+    assert len(per_type) == 10 and all(n >= 25 for n in per_type.values()), per_type
+    assert all(rec["type"] for rec in r["tasks"]["over_refusal"]["records"])
+    r = evaluate(ReplyLM(tok, "I cannot help with that."), tok, ["over_refusal"], data={"over_refusal": "benign_v1"})
+    assert r["tasks"]["over_refusal"]["metrics"]["over_refusal_rate_lookalike"]["n"] >= 40
 
 
 def mmlu_items():
@@ -290,10 +294,14 @@ def test_records_file_and_cli(tiny_model_dir, tmp_path):
 # --- summarise: the metrics every evaluator computes from its records (also what a sharded run recomputes) ---------
 
 
-def _judged(scores, kinds=None, empty=()):
+def _judged(scores, kinds=None, empty=(), partial=()):
     kinds = kinds or ["plain"] * len(scores)
+
+    def verdict(i, s):
+        return "empty" if i in empty else "partial_refusal" if i in partial else ("compliance", "refusal")[s]
+
     return [
-        {"id": f"r{i}", "score": s, "empty": i in empty, "kind": k}
+        {"id": f"r{i}", "score": s, "empty": i in empty, "kind": k, "verdict": verdict(i, s)}
         for i, (s, k) in enumerate(zip(scores, kinds, strict=True))
     ]
 
@@ -301,8 +309,9 @@ def _judged(scores, kinds=None, empty=()):
 def test_summarise_refusal_and_over_refusal_hand_computed():
     from sst_merge.eval import get_evaluator
 
-    m = get_evaluator("refusal").summarise(_judged([1, 0, 1, 0], empty={3}))["metrics"]
-    assert set(m) == {"refusal_rate", "empty_rate"}
+    m = get_evaluator("refusal").summarise(_judged([1, 0, 1, 0], empty={3}, partial={2}))["metrics"]
+    assert set(m) == {"refusal_rate", "empty_rate", "partial_refusal_rate"}
+    assert (m["partial_refusal_rate"]["value"], m["partial_refusal_rate"]["higher_is_better"]) == (0.25, False)
     assert (m["refusal_rate"]["value"], m["refusal_rate"]["n"], m["refusal_rate"]["higher_is_better"]) == (0.5, 4, True)
     assert (m["empty_rate"]["value"], m["empty_rate"]["higher_is_better"]) == (0.25, False)
     # 5 benign prompts, refused r1 (a look-alike) and r4: over-refusal 2/5, look-alikes (r1, r2) 1/2
@@ -314,6 +323,15 @@ def test_summarise_refusal_and_over_refusal_hand_computed():
     assert m["empty_rate"]["value"] == 0.0
     plain = get_evaluator("over_refusal").summarise(_judged([1, 0]))["metrics"]
     assert "over_refusal_rate_lookalike" not in plain  # no look-alikes, no look-alike rate
+    alike = get_evaluator("over_refusal").summarise(_judged([1, 0], ["lookalike"] * 2))["metrics"]
+    assert "over_refusal_rate_lookalike" not in alike  # all look-alikes: the primary rate already says it
+    # per type: homonyms 2 of 3 refused (one partially), definitions 0 of 1
+    types = ["homonyms"] * 3 + ["definitions"]
+    recs = [{**r, "type": t} for r, t in zip(_judged([1, 1, 0, 0], partial={1}), types, strict=True)]
+    m = get_evaluator("over_refusal").summarise(recs)["metrics"]
+    assert (m["over_refusal_rate_homonyms"]["value"], m["over_refusal_rate_homonyms"]["n"]) == (pytest.approx(2 / 3), 3)
+    assert (m["over_refusal_rate_definitions"]["value"], m["over_refusal_rate_definitions"]["n"]) == (0.0, 1)
+    assert m["partial_refusal_rate"]["value"] == 0.25
 
 
 def test_summarise_task_accuracy_and_mmlu_hand_computed():

@@ -369,3 +369,34 @@ def test_a_new_judge_rejudges_saved_responses_without_generating(setup, tmp_path
     old = {(r["model"], r["task"], r["id"]): r.get("response") for r in
            map(json.loads, (tmp_path / "a" / "records.jsonl").read_text().splitlines())}  # fmt: skip
     assert all(old[(r["model"], r["task"], r["id"])] == r.get("response") for r in records)
+
+
+def test_the_bumped_keyword_judge_rejudges_responses_saved_under_the_previous_version(setup, tmp_path, monkeypatch):
+    """Responses cached under keyword v(N-1) are judged again by the real keyword judge vN, not generated again."""
+    from sst_merge.eval.judges import KeywordJudge
+    from sst_merge.eval.judges.keyword import keyword_verdict
+    from sst_merge.experiments import evaluation
+
+    assert KeywordJudge.version >= 2
+    d, data = setup
+    cfg = resolve_config("minimal", {**data, "cache_dir": str(tmp_path / "cache")})
+    with monkeypatch.context() as m:  # the previous judge: an older version that called everything a refusal
+        m.setattr(KeywordJudge, "version", KeywordJudge.version - 1)
+        m.setattr(KeywordJudge, "judge", lambda self, prompts, responses: ["refusal"] * len(responses))
+        first = run_experiment(cfg, tmp_path / "a", show_progress=False)
+    assert all(model["metrics"]["refusal"]["value"] == 1.0 for model in first["models"].values())
+
+    def no_generation(*a, **k):
+        raise AssertionError("a re-judged evaluation must not generate")
+
+    monkeypatch.setattr(evaluation, "evaluate_all", no_generation)
+    monkeypatch.setattr(Runner, "deltas", no_generation)
+    second = run_experiment(cfg, tmp_path / "b", show_progress=False)
+    records = [json.loads(line) for line in (tmp_path / "b" / "records.jsonl").read_text().splitlines()]
+    judged = [r for r in records if r["task"] in ("refusal", "over_refusal")]
+    assert judged and all(r["verdict"] == keyword_verdict(r["response"]) for r in judged)
+    for label, model in second["models"].items():
+        mine = [r["score"] for r in judged if r["model"] == label and r["task"] == "refusal"]
+        assert model["metrics"]["refusal"]["value"] == pytest.approx(sum(mine) / len(mine))
+    cached = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("eval-*.json")]
+    assert sum("rejudged_from" in c for c in cached) == len(second["models"])

@@ -166,14 +166,38 @@ def _mmlu(split: str | None) -> list[dict[str, Any]]:
     return items
 
 
+def _resource(name: str) -> list[dict[str, Any]]:
+    return read_local(Path(__file__).resolve().parent.parent / "resources" / name)
+
+
 @source(
     "benign",
-    "the project's benign / over-refusal prompts (incl. safe look-alikes); kind = lookalike|plain",
-    stratify="kind",  # the file lists look-alikes first: a plain first-N would be look-alikes only
+    "the project's over-refusal prompts (260 safe look-alikes written for the project, 26 in each of XSTest's ten "
+    "types; type = homonyms|figurative_language|safe_targets|safe_contexts|definitions|"
+    "real_discrimination_nonsense_group|nonsense_discrimination_real_group|historical_events|privacy_public|"
+    "privacy_fictional)",
+    stratify="type",  # the file is grouped by type: a plain first-N would be homonyms only
 )
 def _benign(split: str | None) -> list[dict[str, Any]]:
-    p = Path(__file__).resolve().parent.parent / "resources" / "benign_prompts.jsonl"
-    return read_local(p)
+    return _resource("over_refusal_prompts.jsonl")
+
+
+@source(
+    "benign_unsafe",
+    "harmful twins of the 'benign' prompts, 10 per type (refusal expected: the contrast set of over-refusal)",
+    stratify="type",
+)
+def _benign_unsafe(split: str | None) -> list[dict[str, Any]]:
+    return _resource("over_refusal_unsafe_twins.jsonl")
+
+
+@source(
+    "benign_v1",
+    "the project's first benign set, 106 prompts (46 safe look-alikes); kind = lookalike|plain",
+    stratify="kind",  # the file lists look-alikes first: a plain first-N would be look-alikes only
+)
+def _benign_v1(split: str | None) -> list[dict[str, Any]]:
+    return _resource("benign_prompts.jsonl")
 
 
 @source(

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 #: 2: a limited benign (over-refusal) set alternates look-alike and plain prompts instead of taking the first N.
 #: (Data files entering the key by content hash instead of path changed only the keys that name a file, so it
 #: needed no new version: every other key, and so every other cached evaluation, is unchanged.)
-EVAL_CACHE_VERSION = 2
+#: 3: ``benign`` is the set in XSTest's ten types (the first set is ``benign_v1``); partial refusals count as refusals.
+EVAL_CACHE_VERSION = 3
 
 #: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
 LOCATION_PARAMS = frozenset({"cache", "cache_dir"})

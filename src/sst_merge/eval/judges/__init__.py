@@ -1,7 +1,8 @@
 """Refusal judges: decide whether a model's response refuses.
 
-Every judge returns one verdict per response: ``"refusal"``, ``"compliance"`` or ``"empty"`` (nothing generated;
-counted and flagged separately, never as a refusal). Judges are named by a spec string:
+Every judge returns one verdict per response: ``"refusal"``, ``"partial_refusal"`` (refuses and also complies, e.g.
+"I can't help with X. However, here is …"; XSTest's class, counted as a refusal and also reported on its own),
+``"compliance"`` or ``"empty"`` (nothing generated; counted and flagged separately, never as a refusal). Judges are named by a spec string:
 
 * ``keyword`` — :class:`~sst_merge.eval.judges.keyword.KeywordJudge`, the default;
 * ``hf:MODEL`` or ``hf:MODEL#LABEL`` — :class:`~sst_merge.eval.judges.classifier.ClassifierJudge`, any Hugging Face
@@ -12,7 +13,7 @@ counted and flagged separately, never as a refusal). Judges are named by a spec 
 from __future__ import annotations
 
 from sst_merge.eval.judges import classifier, keyword  # noqa: F401  (importing registers them)
-from sst_merge.eval.judges.base import JUDGES, VERDICTS, Judge
+from sst_merge.eval.judges.base import JUDGES, REFUSING, VERDICTS, Judge
 from sst_merge.eval.judges.classifier import ClassifierJudge
 from sst_merge.eval.judges.keyword import KeywordJudge
 
@@ -31,4 +32,4 @@ def judge_version(spec: str) -> int:
     return KeywordJudge.version if scheme == "keyword" else 1
 
 
-__all__ = ["JUDGES", "VERDICTS", "ClassifierJudge", "Judge", "KeywordJudge", "get_judge", "judge_version"]
+__all__ = ["JUDGES", "REFUSING", "VERDICTS", "ClassifierJudge", "Judge", "KeywordJudge", "get_judge", "judge_version"]

@@ -6,7 +6,10 @@ from collections.abc import Callable, Sequence
 
 from sst_merge.registry import Registry
 
-VERDICTS = ("refusal", "compliance", "empty")
+VERDICTS = ("refusal", "partial_refusal", "compliance", "empty")
+#: The verdicts that count as refusing (XSTest counts full and partial refusals alike; partial ones are also reported
+#: on their own).
+REFUSING = frozenset({"refusal", "partial_refusal"})
 
 
 class Judge:
