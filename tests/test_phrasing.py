@@ -66,7 +66,7 @@ def test_no_training_template_phrases_an_evaluation_prompt():
     (Natural prompts — StrongREJECT's, the hand-written benign ones — include plain "How do I ...?" questions;
     the rule is about the templates the project phrases intents with.)
     """
-    from sst_merge.tasks.safety import BENIGN_TRAIN_ROWS, TRAIN_FORMS, WRAPPERS, harmful_train_items
+    from sst_merge.tasks.safety import BENIGN_FORM_ROWS, TRAIN_FORMS, WRAPPERS, harmful_train_items
 
     eval_templates = {r["template"] for r in ALL}
     train_templates = {t for ts in TRAIN_FORMS.values() for t in ts} | {t for ts in WRAPPERS.values() for t in ts}
@@ -75,7 +75,7 @@ def test_no_training_template_phrases_an_evaluation_prompt():
     worded = [t for t in eval_templates if re.search(r"[a-z]", t.replace("{vp}", ""), re.I)]
     patterns = [re.compile(re.escape(t).replace(re.escape("{vp}"), ".+") + "$", re.I) for t in worded]
     templated = [i["prompt"] for i in harmful_train_items(0) if i["form"] != "original"]
-    templated += [r["prompt"] for r in BENIGN_TRAIN_ROWS if "form" in r]
+    templated += [r["prompt"] for r in BENIGN_FORM_ROWS]
     assert len(templated) >= 300
     fits = [(p, pat.pattern) for p in templated for pat in patterns if pat.match(p)]
     assert not fits, fits[:5]
@@ -83,10 +83,17 @@ def test_no_training_template_phrases_an_evaluation_prompt():
 
 def test_phrasing_prompts_are_not_near_duplicates_of_any_training_fisher_or_evaluation_prompt():
     from sst_merge.data import load_source
-    from sst_merge.tasks.safety import BENIGN_TRAIN_PROMPTS, harmbench_prompts, harmful_train_items, safety_splits
+    from sst_merge.tasks.safety import (
+        BENIGN_FORM_ROWS,
+        BENIGN_TRAIN_PROMPTS,
+        harmbench_prompts,
+        harmful_train_items,
+        safety_splits,
+    )
 
     split = safety_splits(0)
     training = [i["prompt"] for i in harmful_train_items(0, split)] + BENIGN_TRAIN_PROMPTS
+    training += [r["prompt"] for r in BENIGN_FORM_ROWS]
     fisher = [i["prompt"] for i in split["fisher"]]
     strongreject = [r["prompt"] for r in load_source("strongreject")]  # every split of it, held-out one included
     evaluation = harmbench_prompts() + [r["prompt"] for r in load_source("benign")]

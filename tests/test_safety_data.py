@@ -9,6 +9,7 @@ import pytest
 from sst_merge.errors import DataError
 from sst_merge.tasks import normalize_text
 from sst_merge.tasks.safety import (
+    BENIGN_FORM_ROWS,
     BENIGN_TRAIN_ROWS,
     REFUSALS,
     TRAIN_FORMS,
@@ -78,10 +79,19 @@ def test_harmful_train_items_forms_share_and_hygiene():
 def test_packaged_training_data_has_every_form_for_both_kinds():
     """Neither kind owns a form: harmful and benign training prompts both come in every training form."""
     harmful = Counter(it["form"] for it in harmful_train_items(0))
-    benign = Counter(r["form"] for r in BENIGN_TRAIN_ROWS if "form" in r)
+    benign = Counter(r["form"] for r in BENIGN_FORM_ROWS)
     for form in TRAIN_FORMS:
         assert harmful[form] >= 20 and benign[form] >= 15, (form, harmful[form], benign[form])
     assert harmful["original"] >= 200
-    n_harmful, n_benign = sum(harmful.values()), len(BENIGN_TRAIN_ROWS)
+    rows = BENIGN_TRAIN_ROWS + BENIGN_FORM_ROWS
+    n_harmful, n_benign = sum(harmful.values()), len(rows)
     assert 0.4 <= n_benign / (n_harmful + n_benign) <= 0.6  # neither kind dominates the mix
-    assert len({normalize_text(r["prompt"]) for r in BENIGN_TRAIN_ROWS}) == len(BENIGN_TRAIN_ROWS)
+    assert len({normalize_text(r["prompt"]) for r in rows}) == len(rows)
+
+
+def test_benign_form_rows_are_not_near_duplicates_of_the_over_refusal_set():
+    from sst_merge.data import load_source
+    from tests.test_phrasing import near_duplicates
+
+    dups = near_duplicates([r["prompt"] for r in BENIGN_FORM_ROWS], [r["prompt"] for r in load_source("benign")])
+    assert not dups, dups[:3]

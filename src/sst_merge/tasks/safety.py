@@ -11,8 +11,13 @@
   :data:`TRAIN_FORMS` — templates that the phrasing evaluation (``phrasing_prompts.jsonl``) never uses.
 * Benign prompts (:data:`BENIGN_TRAIN_PROMPTS`, written for this project and *not* the over-refusal evaluation
   set) are paired with the base model's own greedy answers (:func:`benign_items`), so that the safety adapter
-  learns to refuse harmful requests rather than everything. Part of them are benign intents phrased with the same
-  :data:`TRAIN_FORMS` as the harmful ones, so no form predicts a refusal.
+  learns to refuse harmful requests rather than everything. :data:`BENIGN_FORM_ROWS` are benign intents phrased
+  with the same :data:`TRAIN_FORMS` as the harmful ones, so that no form predicts a refusal.
+
+The default training recipe (``sst_merge.train.adapter``) uses StrongREJECT's training split and
+:data:`BENIGN_TRAIN_PROMPTS`; :func:`harmful_train_items` and :data:`BENIGN_FORM_ROWS` are the form-varied data
+measured against it with the ``phrasing`` evaluation — not the default, because with it the adapter refused
+nearly every benign prompt that is not a "How do I …?" question (see the resources' README).
 """
 
 from __future__ import annotations
@@ -91,6 +96,11 @@ def _resource_rows(name: str) -> list[dict[str, str]]:
 
 def _benign_train_rows() -> list[dict[str, str]]:
     return _resource_rows(BENIGN_TRAIN_FILE)
+
+
+#: Benign intents phrased with :data:`TRAIN_FORMS` (``{"id", "prompt", "kind", "form"}``), written for this project.
+BENIGN_FORMS_FILE = "benign_train_forms.jsonl"
+BENIGN_FORM_ROWS = _resource_rows(BENIGN_FORMS_FILE)
 
 
 BENIGN_TRAIN_ROWS = _benign_train_rows()

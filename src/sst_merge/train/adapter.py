@@ -98,7 +98,8 @@ def _data_fingerprint(task: GeneratedTask | str, seed: int) -> str:
     if task == SAFETY:
         from sst_merge.tasks import safety
 
-        return _fingerprint([safety.harmful_train_items(seed), safety.BENIGN_TRAIN_PROMPTS])
+        split = safety.safety_splits(seed)
+        return _fingerprint([split["train"], safety.BENIGN_TRAIN_PROMPTS])
     return _fingerprint(task.split(seed)["train"])
 
 
@@ -132,9 +133,8 @@ def training_items(task: GeneratedTask | str, seed: int, model: Any, tokenizer: 
         benign = safety.benign_items(model, tokenizer, cache_key=model_key,
                                      max_new_tokens=config.benign_max_new_tokens,
                                      batch_size=config.benign_batch_size)  # fmt: skip
-        harmful = safety.harmful_train_items(seed, split)
-        items = harmful + benign
-        ids = {"train_harmful": [i["id"] for i in harmful], "train_benign": [i["id"] for i in benign],
+        items = split["train"] + benign
+        ids = {"train_harmful": [i["id"] for i in split["train"]], "train_benign": [i["id"] for i in benign],
                "fisher": [i["id"] for i in split["fisher"]]}  # fmt: skip
         return items, ids
     split = task.split(seed)
