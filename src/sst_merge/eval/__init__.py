@@ -8,7 +8,7 @@ Tasks are registered in :data:`TASKS` (one file per evaluator); judges in :mod:`
 statistics in :mod:`sst_merge.eval.stats`.
 """
 
-from sst_merge.eval import mmlu, mmlu_cloze, over_refusal, refusal, task_accuracy  # noqa: F401  (registration)
+from sst_merge.eval import mmlu, mmlu_cloze, over_refusal, phrasing, refusal, task_accuracy  # noqa: F401  (registration)
 from sst_merge.eval.base import TASKS, EvalSettings, Evaluator, get_evaluator, register_task
 from sst_merge.eval.harness import (
     DEFAULT_TASKS,
