@@ -105,14 +105,25 @@ def test_every_evaluation_setting_changes_the_key(setup, tmp_path):
     current = r.cfg.eval.model_dump()
     assert set(current) == set(EvalSettings.model_fields)
     for name, value in current.items():
-        if name == "judge":
-            continue  # below: a judge must name a registered one
+        if name in ("judge", "split"):
+            continue  # below: a judge must name a registered one; the split takes only test or dev
         changed = _runner(data, tmp_path, eval={**data["eval"], name: _changed(value)})
         assert changed.cfg.eval.model_dump()[name] != value, name
         assert changed.spec_key(spec) != key, f"eval.{name} does not enter the cache key"
     other_judge = _runner(data, tmp_path, eval={**data["eval"], "judge": "hf:some/classifier"})
     assert other_judge.spec_key(spec) != key
     assert r.spec_key(spec, judge="hf:some/classifier") == other_judge.spec_key(spec)
+
+
+def test_the_dev_split_changes_the_key(setup, tmp_path):
+    _, data, paths = setup
+    # the dev split refuses custom prompt sources, so this config keeps the packaged ones
+    custom = ("harmful_source", "benign_source", "task_data")
+    plain = {**data, "eval": {k: v for k, v in data["eval"].items() if k not in custom}}
+    spec = ModelSpec("utility", (AdapterRef(paths["toy_a"], 1.0, "utility"),))
+    test_key = _runner(plain, tmp_path).spec_key(spec)
+    assert _runner(plain, tmp_path, eval={**plain["eval"], "split": "test"}).spec_key(spec) == test_key
+    assert _runner(plain, tmp_path, eval={**plain["eval"], "split": "dev"}).spec_key(spec) != test_key
 
 
 def test_seed_tasks_and_base_change_the_key(setup, tmp_path):
