@@ -67,32 +67,47 @@ def _parse(spec: str) -> tuple[str, dict]:
     params: dict = {}
     for p in pairs:
         k, v = p.split("=", 1)
-        params[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" and v not in ("true", "false") else v
-        if v in ("true", "false"):
-            params[k] = v == "true"
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
     return name, params
 
 
 def refusal_loglik(model, tok, prompts: list[str], m: int = 4) -> float:
     """Mean over prompts of log Σ_templates p(first m tokens of a refusal template | prompt) (teacher forced)."""
-    from sst_merge.fisher.data import encode_example
+    from sst_merge.fisher.data import Example, collate, encode_example
     from sst_merge.tasks.safety import REFUSALS
 
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     vals = []
     with torch.no_grad():
         for p in prompts:
-            lps = []
+            exs = []
             for r in REFUSALS:
                 ex = encode_example(tok, p, r, 512)
-                ids = torch.tensor([ex.prompt_ids + ex.response_ids[:m]])
-                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-                n_p = len(ex.prompt_ids)
-                lps.append(float(sum(logp[t - 1, ids[0, t]] for t in range(n_p, ids.shape[1]))))
-            vals.append(float(torch.logsumexp(torch.tensor(lps), 0)))
+                exs.append(Example(ex.prompt_ids, ex.response_ids[:m]))
+            batch = collate(exs, pad)
+            logp = torch.log_softmax(
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1
+            )
+            tgt = batch.input_ids[:, 1:]
+            picked = logp[:, :-1].gather(-1, tgt[..., None])[..., 0] * batch.response_mask[:, 1:]
+            vals.append(float(torch.logsumexp(picked.sum(1), 0)))
     return sum(vals) / len(vals)
 
 
-def run(out: Path, utility: str, safety: str, variants: list[str], model_name: str, n_samples: int) -> None:
+def run(
+    out: Path,
+    utility: str,
+    safety: str,
+    variants: list[str],
+    model_name: str,
+    n_samples: int,
+    limit: int | None,
+    max_new_tokens: int,
+    generate: bool,
+) -> None:
     from sst_merge.adapters.lora import LoraAdapter
     from sst_merge.eval import evaluate
     from sst_merge.experiments.experiments import fisher_data
@@ -157,28 +172,27 @@ def run(out: Path, utility: str, safety: str, variants: list[str], model_name: s
             diag_summary = {k: d.get(k) for k in ("kept_norm_share", "directions_ranked_mean", "directions_kept_mean",
                                                   "modules_keeping_whole_range", "fisher_cache")}  # fmt: skip
         t_merge = time.perf_counter() - t0
-        with applied_deltas(model, {k: v for k, v in deltas.items()}):
-            res = evaluate(model, tok, ["refusal", "over_refusal", "task:passage_qa"], batch_size=8, max_new_tokens=32,
-                           data={"refusal": str(out / "dev_harmful.jsonl"), "over_refusal": str(out / "dev_benign.jsonl"),
-                                 "task:passage_qa": str(out / "dev_task.jsonl")}, show_progress=False)  # fmt: skip
-            ll_h = refusal_loglik(model, tok, harmful[:20])
-            ll_b = refusal_loglik(model, tok, benign[:20])
-        t = res["tasks"]
-        recs = t["over_refusal"]["records"]
-        look = [r for r in recs if r.get("kind") == "lookalike"]
-        row = {
-            "name": name,
-            "spec": spec,
-            "refusal": t["refusal"]["metrics"][t["refusal"]["primary"]],
-            "over_refusal": t["over_refusal"]["metrics"][t["over_refusal"]["primary"]],
-            "over_refusal_lookalike": sum(r["score"] for r in look) / len(look) if look else None,
-            "task": t["task:passage_qa"]["metrics"][t["task:passage_qa"]["primary"]],
-            "refusal_loglik_harmful": ll_h,
-            "refusal_loglik_benign": ll_b,
-            "sst": diag_summary,
-            "seconds_merge": round(t_merge, 1),
-            "seconds": round(time.perf_counter() - t0, 1),
-        }
+        harmful_ll, benign_ll = harmful[: limit or 20], benign[: limit or 20]
+        with applied_deltas(model, deltas):
+            ll_h = refusal_loglik(model, tok, harmful_ll)
+            ll_b = refusal_loglik(model, tok, benign_ll)
+            row: dict = {"name": name, "spec": spec, "refusal_loglik_harmful": ll_h, "refusal_loglik_benign": ll_b}
+            if generate:
+                data = {"refusal": str(out / "dev_harmful.jsonl"), "over_refusal": str(out / "dev_benign.jsonl"),
+                        "task:passage_qa": str(out / "dev_task.jsonl")}  # fmt: skip
+                res = evaluate(model, tok, list(data), limit=limit, batch_size=8, max_new_tokens=max_new_tokens,
+                               data=data, show_progress=False)  # fmt: skip
+                t = res["tasks"]
+                look = [r for r in t["over_refusal"]["records"] if r.get("kind") == "lookalike"]
+                row.update(
+                    refusal=t["refusal"]["metrics"][t["refusal"]["primary"]],
+                    over_refusal=t["over_refusal"]["metrics"][t["over_refusal"]["primary"]],
+                    over_refusal_lookalike=sum(r["score"] for r in look) / len(look) if look else None,
+                    task=t["task:passage_qa"]["metrics"][t["task:passage_qa"]["primary"]],
+                    responses={k: [(r.get("prompt", "")[:60], r.get("response", "")) for r in t[k]["records"][:3]]
+                               for k in ("refusal", "over_refusal")},
+                )  # fmt: skip
+        row.update(sst=diag_summary, seconds_merge=round(t_merge, 1), seconds=round(time.perf_counter() - t0, 1))
         with res_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         log.info("%s: %s", name, json.dumps(row))
@@ -197,13 +211,26 @@ def main(argv: list[str] | None = None) -> int:
     p2.add_argument("--safety", required=True)
     p2.add_argument("--model", default="smollm2-135m")
     p2.add_argument("--n-samples", type=int, default=16)
+    p2.add_argument("--limit", type=int, help="items per dev set (default: all; log-likelihoods: 20)")
+    p2.add_argument("--max-new-tokens", type=int, default=32)
+    p2.add_argument("--no-generate", action="store_true", help="teacher-forced refusal log-likelihoods only")
     p2.add_argument("variants", nargs="+")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "prepare":
         prepare(args.out, args.harmful, args.task)
     else:
-        run(args.out, args.utility, args.safety, args.variants, args.model, args.n_samples)
+        run(
+            args.out,
+            args.utility,
+            args.safety,
+            args.variants,
+            args.model,
+            args.n_samples,
+            args.limit,
+            args.max_new_tokens,
+            not args.no_generate,
+        )
     return 0
 
 
