@@ -1,18 +1,27 @@
 """SST-Merge: ``ΔW = Σ_utility wᵢ τᵢ + α · P_k(τ_safety)`` with a Fisher-GEVP projector (SPEC §5).
 
 ``P_k`` keeps the directions with the highest safety gain per unit of utility damage: the top generalized
-eigenvectors of ``F_s v = λ (F_u + εI) v``, as the oblique projector ``V_k V_kᵀ B``. Both Fishers are estimated at
-the *pre-merge point* — the base model plus the weighted utility ΔW — in eval mode, with respect to the full weight
-``W`` of every module the safety adapter changes (the space the projection acts on):
+eigenvectors of ``F_s v = λ (F_u + β F_b + εI) v``, as the oblique projector ``V_k V_kᵀ B``. The Fishers are
+estimated at the *pre-merge point* — the base model plus the weighted utility ΔW — in eval mode, with respect to the
+full weight ``W`` of every module the safety adapter changes (the space the projection acts on), by one call of
+:func:`sst_merge.fisher.pipeline.fisher_statistics` over objectives given as data (:mod:`sst_merge.fisher.objective`):
 
 * ``F_s``: per-example gradients of ``log p(refusal | harmful prompt)`` on ``safety_data``; response tokens only.
+  With ``benign_share > 0`` that share of the ``n_samples`` examples are benign prompts → a compliant answer (the
+  pre-merge model's greedy answer, or ``benign_data``'s given responses): the *contrastive* ``F_s`` of the safety
+  adapter's own objective (refuse harmful requests, keep answering benign ones).
 * ``F_u``: per-example gradients of ``log p(y | x)`` on ``utility_data``; ``y`` sampled from the pre-merge model with
   a seeded generator (``utility_fisher: true``, the default: the true Fisher) or the dataset's responses
   (``empirical``).
+* ``F_b`` (``beta > 0``): the Fisher of a refusal's first ``benign_refusal_tokens`` tokens on benign prompts (where a
+  refusal is decided), so directions that make benign prompts refuse cost utility.
 
-Approximations: ``diagonal``, ``kfac``, ``lowrank`` (see :mod:`sst_merge.fisher`). Statistics are cached on disk,
-so sweeping α, k, fraction, threshold or eps re-uses them. ``lambda`` (from the shared parameters) scales the whole
-result, like task arithmetic's λ; the safety adapter's own ``weight`` must stay 1 (its scale is ``alpha``).
+Approximations come from a registry (``dense``, ``diagonal``, ``kfac``, ``lowrank``; see :mod:`sst_merge.fisher`).
+Statistics are cached on disk per objective, so sweeping α, β, k, fraction, threshold or eps re-uses them.
+``lambda`` (from the shared parameters) scales the whole result, like task arithmetic's λ; the safety adapter's own
+``weight`` must stay 1 (its scale is ``alpha``). With lowrank, ``F_s`` has rank ≤ its number of examples per module,
+so a ``k`` / ``fraction`` at or above that keeps every ranked direction: the diagnostics report the ranked and kept
+directions, and the method warns (``full_range: error`` refuses).
 
 A failure in the Fisher step raises; the method never returns an unmerged or utility-only model in its place.
 With ``alpha = 0`` the result is exactly the utility part, and when every direction is kept (``k: all`` or
