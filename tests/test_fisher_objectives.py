@@ -339,3 +339,18 @@ def test_selection_that_keeps_the_whole_range_is_reported(sst_setup, tmp_path, c
     _, ctx2 = sst_run(sst_setup, tmp_path, k=2, full_range="error")
     assert ctx2.diagnostics["sst"]["modules_keeping_whole_range"] == 0
     assert ctx2.diagnostics["sst"]["directions_kept_mean"] == 2
+
+
+@pytest.mark.parametrize("approx", ["dense", "diagonal", "lowrank", "kfac"])
+def test_trace_of_each_approximation(approx):
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    kind = get_approximation(approx)
+    if approx == "kfac":
+        A, G = torch.randn(4, 4, generator=g), torch.randn(3, 3, generator=g)
+        A, G = A @ A.T, G @ G.T
+        assert kind.trace({"A": A, "G": G}) == pytest.approx(float(torch.kron(A, G).diagonal().sum()), rel=1e-5)
+        return
+    F = rows.T @ rows / 5
+    stats = {"dense": {"F": F}, "diagonal": {"diag": F.diagonal().reshape(3, 4)}, "lowrank": {"rows": rows}}[approx]
+    assert kind.trace(stats) == pytest.approx(float(F.diagonal().sum()), rel=1e-9)

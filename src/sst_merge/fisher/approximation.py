@@ -84,6 +84,10 @@ class Approximation:
         """Normalise the sums into the statistics (``n`` examples, ``n_tokens`` non-padding tokens)."""
         return stats
 
+    def trace(self, stats: Stats) -> float:
+        """``tr F`` of one module's statistics (compares the scale of two Fishers, e.g. to read β)."""
+        raise NotImplementedError
+
     def project(
         self,
         stats_s: Stats,

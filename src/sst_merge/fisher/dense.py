@@ -45,6 +45,9 @@ class Dense(Approximation):
         stats["F"] = (stats["F"] / n).float()
         return stats
 
+    def trace(self, stats: Stats) -> float:
+        return float(stats["F"].double().diagonal().sum())
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         fu = stats_u["F"].double()
         damping = eps * check_mean(float(fu.diagonal().mean()), "mean diagonal of F_u")

@@ -59,6 +59,9 @@ class Diagonal(Approximation):
         stats["diag"] = (stats["diag"] / n).float()
         return stats
 
+    def trace(self, stats: Stats) -> float:
+        return float(stats["diag"].double().sum())
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         fu = stats_u["diag"]
         damping = eps * check_mean(float(fu.double().mean()), "mean diagonal of F_u")

@@ -112,6 +112,9 @@ class Kfac(Approximation):
         stats["G"] = (stats["G"] / n).float()
         return stats
 
+    def trace(self, stats: Stats) -> float:
+        return float(stats["A"].double().diagonal().sum() * stats["G"].double().diagonal().sum())
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         if active_penalties(penalties):
             raise ValueError(

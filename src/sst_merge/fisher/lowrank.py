@@ -115,6 +115,9 @@ class Lowrank(Approximation):
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
         stats["rows"][index] = g.reshape(g.shape[0], -1).cpu()
 
+    def trace(self, stats: Stats) -> float:
+        return float(stats["rows"].double().pow(2).sum()) / stats["rows"].shape[0]
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         G_s, G_u = stats_s["rows"], stats_u["rows"]
         mean_diag = float(G_u.double().pow(2).sum()) / (G_u.shape[0] * G_u.shape[1])

@@ -360,6 +360,14 @@ class SSTMerge(MergeMethod):
         diag["directions_ranked_mean"] = sum(v["n_positive"] for v in per_module.values()) / n_mod
         diag["directions_kept_mean"] = sum(v["n_kept"] for v in per_module.values()) / n_mod
         diag["modules_keeping_whole_range"] = len(whole_range)
+        kind = get_approximation(params.fisher)
+        # scale of each Fisher relative to F_u (sum of traces over modules): β in units of tr F_u / tr F_b
+        tr_u = sum(kind.trace(stats["utility"][m]) for m in tau_s)
+        diag["trace_relative_to_F_u"] = {
+            name: sum(kind.trace(stats[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
+            for name in stats
+            if name != "utility"
+        }
         total = math.sqrt(sum(v["safety_norm"] ** 2 for v in per_module.values()))
         kept = math.sqrt(sum(v["kept_norm"] ** 2 for v in per_module.values()))
         diag["kept_norm_share"] = kept / total if total > 0 else None
