@@ -88,6 +88,9 @@ def refusal_loglik(model, tok, prompts: list[str], m: int = 4) -> float:
                 ex = encode_example(tok, p, r, 512)
                 exs.append(Example(ex.prompt_ids, ex.response_ids[:m]))
             batch = collate(exs, pad)
+            batch = type(batch)(
+                *(t.to(model.device) for t in (batch.input_ids, batch.attention_mask, batch.response_mask))
+            )
             logp = torch.log_softmax(
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float(), -1
             )
@@ -107,6 +110,8 @@ def run(
     limit: int | None,
     max_new_tokens: int,
     generate: bool,
+    device: str | None = None,
+    batch_size: int = 8,
 ) -> None:
     from sst_merge.adapters.lora import LoraAdapter
     from sst_merge.eval import evaluate
@@ -116,6 +121,8 @@ def run(
     from sst_merge.models.loading import load_model
 
     model, tok = load_model(model_name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     adapters = [LoraAdapter.load(utility), LoraAdapter.load(safety)]
     modules = sorted(set(adapters[0].modules) | set(adapters[1].modules))
 
@@ -150,7 +157,7 @@ def run(
         else:
             if method == "sst":
                 p = {"alpha": 1.0, "fisher": "lowrank", "fraction": 0.1, "n_samples": n_samples, "seed": 0,
-                     "safety_data": safety_data, "utility_data": utility_data, "batch_size": 8,
+                     "safety_data": safety_data, "utility_data": utility_data, "batch_size": batch_size,
                      "benign_data": str(out / "fisher_benign.jsonl")}  # fmt: skip
                 if {"k", "threshold"} & set(params):
                     p.pop("fraction")
@@ -180,7 +187,7 @@ def run(
             if generate:
                 data = {"refusal": str(out / "dev_harmful.jsonl"), "over_refusal": str(out / "dev_benign.jsonl"),
                         "task:passage_qa": str(out / "dev_task.jsonl")}  # fmt: skip
-                res = evaluate(model, tok, list(data), limit=limit, batch_size=8, max_new_tokens=max_new_tokens,
+                res = evaluate(model, tok, list(data), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                                data=data, show_progress=False)  # fmt: skip
                 t = res["tasks"]
                 look = [r for r in t["over_refusal"]["records"] if r.get("kind") == "lookalike"]
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p2.add_argument("--n-samples", type=int, default=16)
     p2.add_argument("--limit", type=int, help="items per dev set (default: all; log-likelihoods: 20)")
     p2.add_argument("--max-new-tokens", type=int, default=32)
+    p2.add_argument("--batch-size", type=int, default=8, help="evaluation and Fisher batch size")
+    p2.add_argument("--device", help="cpu / cuda (default: cuda when present)")
     p2.add_argument("--no-generate", action="store_true", help="teacher-forced refusal log-likelihoods only")
     p2.add_argument("variants", nargs="+")
     args = ap.parse_args(argv)
