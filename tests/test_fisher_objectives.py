@@ -319,11 +319,12 @@ def test_registry_of_approximations():
         estimate_fisher(tiny_model("llama"), [Q], [Example((1, 2), (3,))], "eigen", 0, show_progress=False)
 
 
-def test_dense_matches_lowrank_on_the_tiny_model(sst_setup, tmp_path):
-    out_l, ctx_l = sst_run(sst_setup, tmp_path, fisher="lowrank", k=2)
-    out_d, ctx_d = sst_run(sst_setup, tmp_path, fisher="dense", k=2)
-    for m in out_l:
-        assert torch.allclose(out_l[m], out_d[m], atol=1e-4, rtol=1e-3)
+def test_dense_statistics_are_the_lowrank_rows_gram(tiny_llama, tiny_tok):
+    exs = [encode_example(tiny_tok, h["prompt"], h["response"], 256) for h in HARMFUL]
+    low = estimate_fisher(tiny_llama, [V], exs, "lowrank", tiny_tok.pad_token_id, 2, False)[V]["rows"].double()
+    dense = estimate_fisher(tiny_llama, [V], exs, "dense", tiny_tok.pad_token_id, 3, False)[V]["F"]
+    assert dense.shape == (low.shape[1], low.shape[1])
+    assert torch.allclose(dense.double(), low.T @ low / len(exs), rtol=1e-4, atol=1e-7)
 
 
 def test_selection_that_keeps_the_whole_range_is_reported(sst_setup, tmp_path, caplog):
