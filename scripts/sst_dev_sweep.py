@@ -75,7 +75,7 @@ def _parse(spec: str) -> tuple[str, dict]:
 
 
 def refusal_loglik(model, tok, prompts: list[str], m: int = 4) -> float:
-    """Mean over prompts of log Σ_templates p(first m tokens of a refusal template | prompt) (teacher forced)."""
+    """Mean over prompts of log Σ_templates p(first m tokens of a refusal | prompt), four templates (teacher forced)."""
     from sst_merge.fisher.data import Example, collate, encode_example
     from sst_merge.tasks.safety import REFUSALS
 
@@ -84,7 +84,7 @@ def refusal_loglik(model, tok, prompts: list[str], m: int = 4) -> float:
     with torch.no_grad():
         for p in prompts:
             exs = []
-            for r in REFUSALS:
+            for r in REFUSALS[:: len(REFUSALS) // 4][:4]:  # four templates with different openings
                 ex = encode_example(tok, p, r, 512)
                 exs.append(Example(ex.prompt_ids, ex.response_ids[:m]))
             batch = collate(exs, pad)
