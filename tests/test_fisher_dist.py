@@ -30,14 +30,17 @@ def _stats(approx: str):
 
 
 def _sampled() -> list:
-    """True-Fisher utility examples (sampled responses) as the sst method builds them."""
-    from sst_merge.config import validate
-    from sst_merge.merge.sst import SSTMerge, SSTParams
+    """True-Fisher utility examples (sampled responses) as the Fisher pipeline builds them."""
+    from pathlib import Path
+
+    from sst_merge.fisher.objective import Objective, Part
+    from sst_merge.fisher.pipeline import FisherSetup, examples_of
     from sst_merge.testing import tiny_model, tiny_tokenizer
 
-    params = validate(SSTParams, {"k": 1, "max_new_tokens": 4, "batch_size": 2, "seed": 5})
-    items = [{"prompt": p} for p, _ in PAIRS]
-    return SSTMerge._utility_examples(params, tiny_model("llama"), tiny_tokenizer(), items, False)
+    setup = FisherSetup("lowrank", MODULES, lambda: None, None, {}, [], max_length=256, batch_size=2,
+                        max_new_tokens=4, seed=5, cache=False, cache_dir=Path("."))  # fmt: skip
+    objective = Objective("utility", (Part(tuple({"prompt": p} for p, _ in PAIRS), "sampled"),))
+    return examples_of(objective, tiny_model("llama"), tiny_tokenizer(), setup)
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -15,11 +15,14 @@
 **Layout** — pure math first, model code apart:
 
 * :mod:`.gevp` — selection rules, the dense reference solver (``scipy.linalg.eigh(a, b)``), the oblique projector;
-* :mod:`.diagonal`, :mod:`.kfac`, :mod:`.lowrank` — the three structured solvers; :mod:`.solve` — relative damping
-  and the per-module entry point;
+* :mod:`.approximation` — the registry of approximations; one file each: :mod:`.dense`, :mod:`.diagonal`,
+  :mod:`.kfac`, :mod:`.lowrank` (what is stored, how it accumulates, how it projects); :mod:`.solve` — the
+  per-module entry point;
+* :mod:`.objective` — objectives as data (which prompts, which responses, which tokens carry the loss);
+* :mod:`.pipeline` — one call from objectives to cached statistics (keys, model, responses, DDP);
 * :mod:`.data` — items, chat-template tokenisation, response masks, batches;
 * :mod:`.grads` — per-example gradients from one batched backward (hooks + ``einsum``);
-* :mod:`.sampling` — seeded sampling for the true Fisher;
-* :mod:`.estimate` — statistics per approximation; :mod:`.cache` — the on-disk cache;
+* :mod:`.sampling` — seeded sampling (true Fisher) and greedy answers;
+* :mod:`.estimate` — statistics of a registered approximation; :mod:`.cache` — the on-disk cache;
 * :mod:`.diagnostics` — λ spectrum JSON + PNG.
 """

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from sst_merge.fisher.gevp import Selection, select_grid
+from sst_merge.fisher.approximation import (
+    APPROXIMATIONS,
+    Approximation,
+    ModuleResult,
+    Stats,
+    active_penalties,
+    check_mean,
+)
+from sst_merge.fisher.gevp import Selection, count_positive, select_grid
 
 
 def diagonal_gevp(fs_diag: torch.Tensor, fu_diag: torch.Tensor, damping: float) -> torch.Tensor:
@@ -33,3 +41,33 @@ def diagonal_project(
     if mask is None:
         return x.clone(), lam_desc, n
     return x * mask.to(x.dtype), lam_desc, n
+
+
+@APPROXIMATIONS.register("diagonal")
+class Diagonal(Approximation):
+    """Stores ``{"diag": E_b[g_b²]}`` (out×in); ``B = diag(F_u) + Σ β_j diag(F_j) + εI``."""
+
+    name = "diagonal"
+
+    def init(self, out_features: int, in_features: int, n: int) -> Stats:
+        return {"diag": torch.zeros(out_features, in_features, dtype=torch.float64)}
+
+    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+        stats["diag"] += g.pow(2).sum(0).double().cpu()
+
+    def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
+        stats["diag"] = (stats["diag"] / n).float()
+        return stats
+
+    def trace(self, stats: Stats) -> float:
+        return float(stats["diag"].double().sum())
+
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+        fu = stats_u["diag"]
+        damping = eps * check_mean(float(fu.double().mean()), "mean diagonal of F_u")
+        b = fu.double()
+        for beta, st in active_penalties(penalties):
+            b = b + beta * st["diag"].double()
+        lam = diagonal_gevp(stats_s["diag"], b, damping)
+        out, lam_desc, n = diagonal_project(tau, lam, selection)
+        return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)

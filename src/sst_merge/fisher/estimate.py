@@ -7,7 +7,10 @@ What is stored per module (``out×in`` weight, N examples):
   (prompt and response: prompt positions carry activation gradients because response tokens attend to them), ``G``
   sums over the tokens of an example and averages over examples, so ``A ⊗ G`` has the scale of the per-example
   Fisher ``E_b[vec g_b vec g_bᵀ]`` when token contributions are independent;
-* ``lowrank``: ``{"rows": G}`` (N×p, row b = the row-major flattened ``g_b``), so ``F = GᵀG/N`` exactly.
+* ``lowrank``: ``{"rows": G}`` (N×p, row b = the row-major flattened ``g_b``), so ``F = GᵀG/N`` exactly;
+* ``dense``: ``{"F": E_b[vec g_b vec g_bᵀ]}`` (p×p; small modules only).
+
+Each approximation is a registered class (:mod:`sst_merge.fisher.approximation`); this module only drives them.
 
 The pass runs in eval mode with every parameter frozen; the model is not changed (see :func:`applied_deltas` for the
 pre-merge point, which restores the original weights afterwards).
@@ -27,6 +30,7 @@ from sst_merge import distributed as ddp
 from sst_merge.distributed import shard_indices
 from sst_merge.fisher.data import Example, collate
 from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
+from sst_merge.fisher.solve import get_approximation
 
 log = logging.getLogger(__name__)
 
@@ -67,48 +71,27 @@ def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterato
 
 
 class _Accumulator:
+    """Sums of one approximation's statistics over every target module (the registry says what is stored)."""
+
     def __init__(self, approx: str, modules: dict[str, nn.Linear], n: int) -> None:
-        self.approx = approx
+        self.kind = get_approximation(approx)
         self.n = n
         self.n_tokens = 0
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}
-        for name, mod in modules.items():
-            o, i = mod.weight.shape
-            if approx == "diagonal":
-                self.stats[name] = {"diag": torch.zeros(o, i, dtype=torch.float64)}
-            elif approx == "kfac":
-                self.stats[name] = {
-                    "A": torch.zeros(i, i, dtype=torch.float64),
-                    "G": torch.zeros(o, o, dtype=torch.float64),
-                }
-            elif approx == "lowrank":
-                self.stats[name] = {"rows": torch.zeros(n, o * i, dtype=torch.float32)}
-            else:
-                raise ValueError(f"unknown Fisher approximation {approx!r}")
+        self.stats: dict[str, dict[str, torch.Tensor]] = {
+            name: self.kind.init(*mod.weight.shape, n) for name, mod in modules.items()
+        }
 
     def update(self, name: str, a: torch.Tensor, delta: torch.Tensor, index: list[int]) -> None:
-        s = self.stats[name]
-        if self.approx == "kfac":
-            a2 = a.reshape(-1, a.shape[-1]).float()
-            d2 = delta.reshape(-1, delta.shape[-1]).float()
-            s["A"] += (a2.T @ a2).double().cpu()
-            s["G"] += (d2.T @ d2).double().cpu()
-            return
-        g = per_example_grads(a, delta)  # (B, out, in)
-        if not torch.isfinite(g).all():
-            raise FisherError(f"module {name}: per-example gradients contain NaN or Inf")
-        if self.approx == "diagonal":
-            s["diag"] += g.pow(2).sum(0).double().cpu()
-        else:
-            s["rows"][index] = g.reshape(g.shape[0], -1).cpu()
+        g = None
+        if self.kind.per_example:
+            g = per_example_grads(a, delta)  # (B, out, in)
+            if not torch.isfinite(g).all():
+                raise FisherError(f"module {name}: per-example gradients contain NaN or Inf")
+        self.kind.update(self.stats[name], a, delta, g, index)
 
     def finish(self) -> dict[str, dict[str, torch.Tensor]]:
         for name, s in self.stats.items():
-            if self.approx == "diagonal":
-                s["diag"] = (s["diag"] / self.n).float()
-            elif self.approx == "kfac":
-                s["A"] = (s["A"] / max(self.n_tokens, 1)).float()
-                s["G"] = (s["G"] / self.n).float()
+            self.kind.finish(s, self.n, self.n_tokens)
             for key, t in s.items():
                 if not torch.isfinite(t).all():
                     raise FisherError(f"module {name}: Fisher statistic {key} contains NaN or Inf")

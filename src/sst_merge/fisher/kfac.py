@@ -16,11 +16,20 @@ with the *damped* factors ``G̃_u``, ``Ã_u`` (that is ``B``). Cost: two eigenso
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from sst_merge.fisher.gevp import Selection, dense_gevp, select_grid
+from sst_merge.fisher.approximation import (
+    APPROXIMATIONS,
+    Approximation,
+    ModuleResult,
+    Stats,
+    active_penalties,
+    check_mean,
+)
+from sst_merge.fisher.gevp import Selection, count_positive, dense_gevp, select_grid
 
 
 @dataclass
@@ -73,3 +82,46 @@ def kfac_project(x: torch.Tensor, sol: KfacSolution, selection: Selection) -> tu
     S = mask.double()  # (out, in), S[j, i] selects y_j ⊗ x_i
     C = sol.Y.T @ sol.G_u @ x.double() @ sol.A_u @ sol.X  # (out, in): B-coordinates of ΔW
     return (sol.Y @ (C * S) @ sol.X.T).to(x.dtype), lam_desc, n
+
+
+@APPROXIMATIONS.register("kfac")
+class Kfac(Approximation):
+    """Stores ``{"A": Σ a aᵀ / n_tokens, "G": Σ δ δᵀ / N}``; per-factor damping ``√eps`` (see the module docstring).
+
+    A sum of Kronecker products is not a Kronecker product, so no penalty Fisher can be added to ``B``.
+    """
+
+    name = "kfac"
+    per_example = False
+    supports_penalty = False
+
+    def init(self, out_features: int, in_features: int, n: int) -> Stats:
+        return {
+            "A": torch.zeros(in_features, in_features, dtype=torch.float64),
+            "G": torch.zeros(out_features, out_features, dtype=torch.float64),
+        }
+
+    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+        a2 = a.reshape(-1, a.shape[-1]).float()
+        d2 = delta.reshape(-1, delta.shape[-1]).float()
+        stats["A"] += (a2.T @ a2).double().cpu()
+        stats["G"] += (d2.T @ d2).double().cpu()
+
+    def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
+        stats["A"] = (stats["A"] / max(n_tokens, 1)).float()
+        stats["G"] = (stats["G"] / n).float()
+        return stats
+
+    def trace(self, stats: Stats) -> float:
+        return float(stats["A"].double().diagonal().sum() * stats["G"].double().diagonal().sum())
+
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+        if active_penalties(penalties):
+            raise ValueError(
+                "kfac cannot add a penalty Fisher to F_u (not a Kronecker product); use lowrank or diagonal"
+            )
+        dA = math.sqrt(eps) * check_mean(float(stats_u["A"].diagonal().double().mean()), "mean diagonal of A_u")
+        dG = math.sqrt(eps) * check_mean(float(stats_u["G"].diagonal().double().mean()), "mean diagonal of G_u")
+        sol = kfac_gevp(stats_s["A"], stats_u["A"], stats_s["G"], stats_u["G"], dA, dG)
+        out, lam_desc, n = kfac_project(tau, sol, selection)
+        return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, (dA, dG))

@@ -13,10 +13,19 @@ Directions with ``λ = 0`` are never represented; the identity (every direction 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from sst_merge.fisher.approximation import (
+    APPROXIMATIONS,
+    Approximation,
+    ModuleResult,
+    Stats,
+    active_penalties,
+    check_mean,
+)
 from sst_merge.fisher.gevp import Selection, count_positive
 
 
@@ -83,3 +92,40 @@ def lowrank_project(
     coef = Uk @ ((Uk.T @ (Gs @ x.double().reshape(-1))) / (n_s * lk))  # (N_s,)
     y = _binv((Gs.T @ coef)[:, None], G_u.double(), sol.L, sol.damping)[:, 0]
     return y.reshape(x.shape).to(x.dtype), sol.lam, n
+
+
+def stacked_rows(G_u: torch.Tensor, penalties: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
+    """Rows ``C`` with ``CᵀC/N_u = G_uᵀG_u/N_u + Σ β_j G_jᵀG_j/N_j`` (so ``B = CᵀC/N_u + εI`` keeps the lowrank form)."""
+    if not penalties:
+        return G_u
+    n_u = G_u.shape[0]
+    parts = [G_u.double()] + [G.double() * math.sqrt(beta * n_u / G.shape[0]) for beta, G in penalties]
+    return torch.cat(parts)
+
+
+@APPROXIMATIONS.register("lowrank")
+class Lowrank(Approximation):
+    """Stores ``{"rows": G}`` (N×p, row b = the row-major flattened ``g_b``), so ``F = GᵀG/N`` exactly."""
+
+    name = "lowrank"
+
+    def init(self, out_features: int, in_features: int, n: int) -> Stats:
+        return {"rows": torch.zeros(n, out_features * in_features, dtype=torch.float32)}
+
+    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+        stats["rows"][index] = g.reshape(g.shape[0], -1).cpu()
+
+    def trace(self, stats: Stats) -> float:
+        return float(stats["rows"].double().pow(2).sum()) / stats["rows"].shape[0]
+
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+        G_s, G_u = stats_s["rows"], stats_u["rows"]
+        mean_diag = float(G_u.double().pow(2).sum()) / (G_u.shape[0] * G_u.shape[1])
+        damping = eps * check_mean(mean_diag, "mean diagonal of F_u")
+        rows = stacked_rows(G_u, [(beta, st["rows"]) for beta, st in active_penalties(penalties)])
+        # B = rowsᵀrows/N_u + εI: the solver divides by the number of rows, so scale them to keep N_u
+        scale = math.sqrt(rows.shape[0] / G_u.shape[0])
+        rows = rows * scale if rows is not G_u else rows
+        sol = lowrank_gevp(G_s, rows, damping)
+        out, lam_desc, n = lowrank_project(tau, G_s, rows, sol, selection)
+        return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)

@@ -54,8 +54,11 @@ def sample_responses(
     seed: int,
     batch_size: int = 8,
     show_progress: bool = True,
+    greedy: bool = False,
 ) -> list[list[int]]:
     """Sample one response per prompt (token ids), stopping at an EOS id or ``max_new_tokens``.
+
+    ``greedy`` takes the most likely token at every step instead (the model's own answer; ``seed`` is then unused).
 
     Prompts are left-padded in batches with explicit position ids, and decoding uses the KV cache. Prompt ``p``'s
     draws come from its own generator seeded with :func:`prompt_seed` ``(seed, p)``.
@@ -66,7 +69,10 @@ def sample_responses(
     cache_kw = _cache_kwarg(model)
     out: list[list[int]] = []
     for start in tqdm(
-        range(0, len(prompts), batch_size), desc="sample (true Fisher)", disable=not show_progress, leave=False
+        range(0, len(prompts), batch_size),
+        desc="greedy answers" if greedy else "sample (true Fisher)",
+        disable=not show_progress,
+        leave=False,
     ):
         chunk = prompts[start : start + batch_size]
         batch = left_pad(chunk, pad, device)
@@ -78,7 +84,10 @@ def sample_responses(
         next_pos = pos[:, -1:] + 1
         for _ in range(max_new_tokens):
             probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
-            nxt = torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g) for b, g in enumerate(gens)])  # (B, 1)
+            if greedy:
+                nxt = probs.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                nxt = torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g) for b, g in enumerate(gens)])
             for b, t in enumerate(nxt[:, 0].tolist()):
                 if not done[b]:
                     responses[b].append(t)

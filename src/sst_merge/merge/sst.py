@@ -1,18 +1,27 @@
 """SST-Merge: ``ΔW = Σ_utility wᵢ τᵢ + α · P_k(τ_safety)`` with a Fisher-GEVP projector (SPEC §5).
 
 ``P_k`` keeps the directions with the highest safety gain per unit of utility damage: the top generalized
-eigenvectors of ``F_s v = λ (F_u + εI) v``, as the oblique projector ``V_k V_kᵀ B``. Both Fishers are estimated at
-the *pre-merge point* — the base model plus the weighted utility ΔW — in eval mode, with respect to the full weight
-``W`` of every module the safety adapter changes (the space the projection acts on):
+eigenvectors of ``F_s v = λ (F_u + β F_b + εI) v``, as the oblique projector ``V_k V_kᵀ B``. The Fishers are
+estimated at the *pre-merge point* — the base model plus the weighted utility ΔW — in eval mode, with respect to the
+full weight ``W`` of every module the safety adapter changes (the space the projection acts on), by one call of
+:func:`sst_merge.fisher.pipeline.fisher_statistics` over objectives given as data (:mod:`sst_merge.fisher.objective`):
 
 * ``F_s``: per-example gradients of ``log p(refusal | harmful prompt)`` on ``safety_data``; response tokens only.
+  With ``benign_share > 0`` that share of the ``n_samples`` examples are benign prompts → a compliant answer (the
+  pre-merge model's greedy answer, or ``benign_data``'s given responses): the *contrastive* ``F_s`` of the safety
+  adapter's own objective (refuse harmful requests, keep answering benign ones).
 * ``F_u``: per-example gradients of ``log p(y | x)`` on ``utility_data``; ``y`` sampled from the pre-merge model with
   a seeded generator (``utility_fisher: true``, the default: the true Fisher) or the dataset's responses
   (``empirical``).
+* ``F_b`` (``beta > 0``): the Fisher of a refusal's first ``benign_refusal_tokens`` tokens on benign prompts (where a
+  refusal is decided), so directions that make benign prompts refuse cost utility.
 
-Approximations: ``diagonal``, ``kfac``, ``lowrank`` (see :mod:`sst_merge.fisher`). Statistics are cached on disk,
-so sweeping α, k, fraction, threshold or eps re-uses them. ``lambda`` (from the shared parameters) scales the whole
-result, like task arithmetic's λ; the safety adapter's own ``weight`` must stay 1 (its scale is ``alpha``).
+Approximations come from a registry (``dense``, ``diagonal``, ``kfac``, ``lowrank``; see :mod:`sst_merge.fisher`).
+Statistics are cached on disk per objective, so sweeping α, β, k, fraction, threshold or eps re-uses them.
+``lambda`` (from the shared parameters) scales the whole result, like task arithmetic's λ; the safety adapter's own
+``weight`` must stay 1 (its scale is ``alpha``). With lowrank, ``F_s`` has rank ≤ its number of examples per module,
+so a ``k`` / ``fraction`` at or above that keeps every ranked direction: the diagnostics report the ranked and kept
+directions, and the method warns (``full_range: error`` refuses).
 
 A failure in the Fisher step raises; the method never returns an unmerged or utility-only model in its place.
 With ``alpha = 0`` the result is exactly the utility part, and when every direction is kept (``k: all`` or
@@ -24,30 +33,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from sst_merge import distributed as ddp
 from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.fisher import cache as fcache
-from sst_merge.fisher.data import (
-    Example,
-    encode_example,
-    encode_prompt,
-    items_hash,
-    load_items,
-    subsample,
-    truncate,
-)
-from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
+from sst_merge.fisher.data import load_items, subsample
 from sst_merge.fisher.gevp import Selection
 from sst_merge.fisher.grads import FisherError
-from sst_merge.fisher.sampling import sample_responses
-from sst_merge.fisher.solve import ZeroUtilityFisherError, project_module
+from sst_merge.fisher.objective import Objective, Part
+from sst_merge.fisher.pipeline import FisherSetup, fisher_statistics
+from sst_merge.fisher.solve import APPROXIMATIONS, ZeroUtilityFisherError, get_approximation, project_module
 from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams
 
 log = logging.getLogger(__name__)
@@ -57,19 +57,24 @@ SPECTRUM_TOP = 256
 
 FISHER_DEFINITIONS = {
     "F_s": "E over safety items of g gᵀ, g = ∇_W log p(response | prompt) summed over response tokens only (prompt "
-    "and padding masked), chat template applied, eval mode, at base + utility ΔW",
+    "and padding masked), chat template applied, eval mode, at base + utility ΔW; items: harmful prompt → refusal, "
+    "plus (benign_share > 0) benign prompt → a compliant answer (contrastive: the safety adapter's own objective)",
     "F_u_true": "as F_s on utility prompts, with responses sampled from the pre-merge model (temperature 1, seeded)",
     "F_u_empirical": "as F_s on utility items with the dataset's responses",
-    "B": "F_u + εI, ε = eps · mean diag(F_u) (kfac: per-factor damping √eps · mean diag of each factor)",
+    "F_b": "as F_s on benign prompts → a refusal, loss on the first benign_refusal_tokens response tokens only",
+    "B": "F_u + β F_b + εI, ε = eps · mean diag(F_u) (kfac: per-factor damping √eps · mean diag of each factor)",
     "projector": "P_k = V_k V_kᵀ B over the top generalized eigenvectors of F_s v = λ B v (oblique, idempotent)",
 }
+
+#: The packaged benign training prompts (written for the project, disjoint from every evaluation prompt).
+BENIGN_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "resources" / "benign_train_prompts.jsonl")
 
 
 class SSTParams(MethodParams):
     """Parameters of ``sst`` (YAML ``params:``). Exactly one of ``k``, ``fraction``, ``threshold``."""
 
     alpha: float = Field(1.0, description="scale of the projected safety update")
-    fisher: Literal["diagonal", "kfac", "lowrank"] = Field("lowrank", description="Fisher approximation")
+    fisher: str = Field("lowrank", description="Fisher approximation: dense | diagonal | kfac | lowrank")
     k: int | Literal["all"] | None = Field(None, description="top-k directions per module ('all' = identity)")
     fraction: float | None = Field(None, gt=0, le=1, description="top share of each module's directions")
     threshold: float | None = Field(None, ge=0, description="keep directions with λ > threshold")
@@ -78,6 +83,20 @@ class SSTParams(MethodParams):
     safety_data: str | None = Field(None, description="JSONL (prompt, response=refusal) or a named source")
     utility_data: str | None = Field(None, description="JSONL (prompt[, response]) or a named source")
     utility_fisher: Literal["true", "empirical"] = Field("true", description="sampled (true) or dataset responses")
+    benign_share: float = Field(
+        0.0, ge=0, lt=1, description="share of F_s's n_samples that are benign prompt → compliant answer (0: none)"
+    )
+    benign_data: str | None = Field(
+        None, description="benign prompts for F_s and F_b (default: the packaged benign training prompts)"
+    )
+    benign_responses: Literal["greedy", "given"] = Field(
+        "greedy", description="F_s's compliant answers: the pre-merge model's greedy answer or benign_data's response"
+    )
+    beta: float = Field(0.0, ge=0, description="weight of the benign-refusal Fisher F_b in B = F_u + β F_b + εI")
+    benign_refusal_tokens: int = Field(4, ge=1, description="response tokens of a refusal that carry F_b's loss")
+    full_range: Literal["warn", "error"] = Field(
+        "warn", description="a k / fraction that keeps every direction F_s ranks: warn, or refuse (error)"
+    )
     batch_size: int = Field(8, ge=1, description="examples per forward/backward")
     max_length: int = Field(256, ge=8, description="tokens per example (prompt + response)")
     max_new_tokens: int = Field(64, ge=1, description="sampled response length for the true Fisher")
@@ -96,6 +115,13 @@ class SSTParams(MethodParams):
             return "empirical"
         return v
 
+    @field_validator("fisher")
+    @classmethod
+    def _known_fisher(cls, v: str) -> str:
+        if v not in APPROXIMATIONS:
+            raise ValueError(f"unknown Fisher approximation {v!r}; choose one of {', '.join(APPROXIMATIONS.names())}")
+        return v
+
     @field_validator("k")
     @classmethod
     def _k_positive(cls, v: Any) -> Any:
@@ -112,7 +138,16 @@ class SSTParams(MethodParams):
             )
         if not math.isfinite(self.alpha):
             raise ValueError("alpha must be finite")
+        if self.beta > 0 and not get_approximation(self.fisher).supports_penalty:
+            raise ValueError(
+                f"beta > 0 needs a Fisher that can add F_b to F_u; fisher {self.fisher} cannot (use lowrank)"
+            )
         return self
+
+    @property
+    def n_benign_safety(self) -> int:
+        """Benign examples in F_s (the rest of n_samples are harmful → refusal)."""
+        return round(self.benign_share * self.n_samples)
 
     @property
     def keeps_everything(self) -> bool:
@@ -162,7 +197,7 @@ class SSTMerge(MergeMethod):
         """Refuse bad roles, weights, targets or data before any model is loaded."""
         _roles(ctx)
         if params.alpha != 0 and not params.keeps_everything:
-            _load_data(params)
+            _objectives(params)
             if ctx.load_model is None:
                 raise ConfigError("sst needs the base model for the Fisher; give the merge a base model")
 
@@ -199,10 +234,17 @@ class SSTMerge(MergeMethod):
             "eps": params.eps,
             "seed": params.seed,
             "utility_fisher": params.utility_fisher,
+            "benign_share": params.benign_share,
+            "beta": params.beta,
             "fisher_definitions": {
-                k: v for k, v in FISHER_DEFINITIONS.items() if k != f"F_u_{_other(params.utility_fisher)}"
+                k: v
+                for k, v in FISHER_DEFINITIONS.items()
+                if k != f"F_u_{_other(params.utility_fisher)}" and (k != "F_b" or params.beta > 0)
             },
         }
+        if params.benign_share > 0 or params.beta > 0:
+            diag["benign_responses"] = params.benign_responses
+            diag["benign_refusal_tokens"] = params.benign_refusal_tokens
         ctx.diagnostics["sst"] = diag
 
         all_identity = params.keeps_everything or (
@@ -214,9 +256,9 @@ class SSTMerge(MergeMethod):
             diag["fisher"] = f"skipped ({why})"
             projected = {m: t.clone() for m, t in tau_s.items()}
         else:
-            stats_s, stats_u, info = self._fisher(params, ctx, s, utility, utility_dw, list(tau_s))
+            stats, info = self._fisher(params, ctx, s, utility, utility_dw, list(tau_s))
             diag.update(info)
-            projected = self._project(params, ctx, tau_s, stats_s, stats_u, diag)
+            projected = self._project(params, ctx, tau_s, stats, diag)
 
         out: dict[str, torch.Tensor] = {}
         for m in ctx.modules:
@@ -237,116 +279,34 @@ class SSTMerge(MergeMethod):
         utility: list[int],
         utility_dw: dict[str, torch.Tensor],
         modules: list[str],
-    ) -> tuple[dict, dict, dict[str, Any]]:
+    ) -> tuple[dict[str, dict], dict[str, Any]]:
         # Everything that can be wrong with the input is checked here, before a model is loaded.
-        empirical = params.utility_fisher == "empirical"
-        s_items, u_items = _load_data(params)
+        objectives = _objectives(params)
         if ctx.load_model is None:
             raise ConfigError("sst needs the base model for the Fisher; give the merge a base model")
-
-        model = tok = None
-        if ctx.base_model:
-            model_fp: Any = fcache.model_fingerprint(str(ctx.base_model))
-        else:  # no name to key on: fingerprint the loaded model's weights and config
-            model, tok = ctx.load_model()
-            model_fp = {
-                "config": model.config.to_json_string(),
-                "weights": fcache.tensor_fingerprint({m: model.get_submodule(m).weight for m in modules}),
-            }
-        common = {
-            "model": model_fp,
-            "pre_merge": sorted((ctx.adapters[i].sha256, ctx.weights[i]) for i in utility),
-            "modules": sorted(modules),
-            "approximation": params.fisher,
-            "max_length": params.max_length,
-        }
-        key_s = fcache.cache_key({**common, "role": "safety", "data": items_hash(s_items, True)})
-        key_u = fcache.cache_key(
-            {
-                **common,
-                "role": "utility",
-                "data": items_hash(u_items, empirical),
-                "utility_fisher": params.utility_fisher,
-                "seed": params.seed,
-                "max_new_tokens": None if empirical else params.max_new_tokens,
-            }
+        setup = FisherSetup(
+            approximation=params.fisher,
+            modules=modules,
+            load_model=ctx.load_model,
+            model_name=str(ctx.base_model) if ctx.base_model else None,
+            pre_merge=utility_dw,
+            pre_merge_key=sorted((ctx.adapters[i].sha256, ctx.weights[i]) for i in utility),
+            max_length=params.max_length,
+            batch_size=params.batch_size,
+            max_new_tokens=params.max_new_tokens,
+            seed=params.seed,
+            cache=params.cache,
+            cache_dir=fcache.cache_dir(params.cache_dir, ctx.workdir),
+            show_progress=ctx.show_progress,
         )
-        directory = fcache.cache_dir(params.cache_dir, ctx.workdir)
-        path_s = directory / f"fisher-{params.fisher}-{key_s[:32]}.safetensors"
-        path_u = directory / f"fisher-{params.fisher}-{key_u[:32]}.safetensors"
-        got_s = fcache.load_stats(path_s) if params.cache else None
-        got_u = fcache.load_stats(path_u) if params.cache else None
-        info: dict[str, Any] = {
-            "fisher_cache": {"safety": "hit" if got_s else "computed", "utility": "hit" if got_u else "computed"}
-        }
-
-        if got_s is None or got_u is None:
-            if model is None:
-                model, tok = ctx.load_model()
-            model.eval()
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-            p_total = sum(math.prod(model.get_submodule(m).weight.shape) for m in modules)
-            if params.fisher == "lowrank":
-                gib = 4 * p_total * (len(s_items) + len(u_items)) / 2**30
-                log.info(
-                    "sst: lowrank keeps %d gradient rows of %d values: %.2f GiB",
-                    len(s_items) + len(u_items),
-                    p_total,
-                    gib,
-                )
-            t0 = time.perf_counter()
-            with applied_deltas(model, utility_dw):
-                if got_s is None:
-                    exs = [encode_example(tok, it["prompt"], it["response"], params.max_length) for it in s_items]
-                    stats = estimate_fisher(
-                        model, modules, exs, params.fisher, pad_id, params.batch_size, ctx.show_progress, "Fisher F_s"
-                    )
-                    got_s = (stats, {"n": str(len(exs))})
-                    if params.cache and ddp.is_main():
-                        fcache.save_stats(path_s, stats, {"n": str(len(exs)), "key": key_s})
-                if got_u is None:
-                    exs = self._utility_examples(params, model, tok, u_items, ctx.show_progress)
-                    stats = estimate_fisher(
-                        model, modules, exs, params.fisher, pad_id, params.batch_size, ctx.show_progress, "Fisher F_u"
-                    )
-                    got_u = (stats, {"n": str(len(exs))})
-                    if params.cache and ddp.is_main():
-                        fcache.save_stats(path_u, stats, {"n": str(len(exs)), "key": key_u})
-            info["fisher_seconds"] = round(time.perf_counter() - t0, 3)
-        stats_s, meta_s = got_s
-        stats_u, meta_u = got_u
-        missing = [m for m in modules if m not in stats_s or m not in stats_u]
-        if missing:
-            raise FisherError(f"Fisher statistics are missing module {missing[0]}; delete the cache in {directory}")
-        info.update(
-            {
-                "n_safety": int(meta_s.get("n", len(s_items))),
-                "n_utility": int(meta_u.get("n", len(u_items))),
-                "safety_data": params.safety_data,
-                "utility_data": params.utility_data,
-                "cache_dir": str(directory),
-            }
-        )
-        return stats_s, stats_u, info
-
-    @staticmethod
-    def _utility_examples(params: SSTParams, model: Any, tok: Any, items: list[dict], show_progress: bool) -> list:
-        if params.utility_fisher == "empirical":
-            return [encode_example(tok, it["prompt"], it["response"], params.max_length) for it in items]
-        prompts = [encode_prompt(tok, it["prompt"]) for it in items]
-        prompts = [p[max(0, len(p) - (params.max_length - 1)) :] for p in prompts]
-        # under torch.distributed each rank samples its share of the prompts and every rank gets all responses;
-        # each prompt's sample depends only on the seed and the prompt, not on the rank or the batch
-        responses = ddp.gather_sharded(
-            "sample (true Fisher)",
-            prompts,
-            lambda part: sample_responses(
-                model, tok, part, params.max_new_tokens, params.seed, params.batch_size, show_progress
-            ),
-        )
-        return [
-            truncate(Example(tuple(p), tuple(r)), params.max_length) for p, r in zip(prompts, responses, strict=True)
-        ]
+        stats, info = fisher_statistics(objectives, setup)
+        info["n_safety"] = info["n"]["safety"]
+        info["n_utility"] = info["n"]["utility"]
+        info["safety_data"] = params.safety_data
+        info["utility_data"] = params.utility_data
+        if params.benign_share > 0 or params.beta > 0:
+            info["benign_data"] = params.benign_data or "packaged benign training prompts"
+        return stats, info
 
     # ---- projection ---------------------------------------------------------------------------------------------
 
@@ -355,22 +315,31 @@ class SSTMerge(MergeMethod):
         params: SSTParams,
         ctx: MergeContext,
         tau_s: dict[str, torch.Tensor],
-        stats_s: dict,
-        stats_u: dict,
+        stats: dict[str, dict],
         diag: dict[str, Any],
     ) -> dict[str, torch.Tensor]:
         projected: dict[str, torch.Tensor] = {}
         per_module: dict[str, Any] = {}
+        whole_range: list[str] = []
         for m in tqdm(list(tau_s), desc=f"GEVP ({params.fisher})", disable=not ctx.show_progress, leave=False):
             tau = tau_s[m]
+            penalties = [(params.beta, stats["benign_refusal"][m])] if params.beta > 0 else None
             try:
                 res = project_module(
-                    params.fisher, stats_s[m], stats_u[m], tau, params.eps, params.selection(tau.numel())
+                    params.fisher,
+                    stats["safety"][m],
+                    stats["utility"][m],
+                    tau,
+                    params.eps,
+                    params.selection(tau.numel()),
+                    penalties,
                 )
             except ZeroUtilityFisherError as e:
                 raise FisherError(f"module {m}: {e}; check utility_data, or use a larger n_samples") from e
             if not torch.isfinite(res.projected).all():
                 raise FisherError(f"module {m}: the projected safety update is not finite; raise eps")
+            if _keeps_whole_range(params, res.n_kept, res.n_positive, res.n_directions):
+                whole_range.append(m)
             projected[m] = res.projected
             norm, kept = float(tau.norm()), float(res.projected.norm())
             per_module[m] = {
@@ -386,20 +355,102 @@ class SSTMerge(MergeMethod):
                 "kept_norm_share": kept / norm if norm > 0 else None,
             }
         diag["modules"] = per_module
+        n_mod = max(len(per_module), 1)
+        # how many directions the GEVP really ranked (the rank of F_s: λ > 0) and how many the selection kept
+        diag["directions_ranked_mean"] = sum(v["n_positive"] for v in per_module.values()) / n_mod
+        diag["directions_kept_mean"] = sum(v["n_kept"] for v in per_module.values()) / n_mod
+        diag["modules_keeping_whole_range"] = len(whole_range)
+        kind = get_approximation(params.fisher)
+        # scale of each Fisher relative to F_u (sum of traces over modules): β in units of tr F_u / tr F_b
+        tr_u = sum(kind.trace(stats["utility"][m]) for m in tau_s)
+        diag["trace_relative_to_F_u"] = {
+            name: sum(kind.trace(stats[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
+            for name in stats
+            if name != "utility"
+        }
         total = math.sqrt(sum(v["safety_norm"] ** 2 for v in per_module.values()))
         kept = math.sqrt(sum(v["kept_norm"] ** 2 for v in per_module.values()))
         diag["kept_norm_share"] = kept / total if total > 0 else None
         log.info(
-            "sst: kept %.3f of the safety update's norm over %d modules",
+            "sst: kept %.3f of the safety update's norm over %d modules; directions ranked %.1f, kept %.1f (mean per "
+            "module)",
             diag["kept_norm_share"] or 0.0,
             len(per_module),
+            diag["directions_ranked_mean"],
+            diag["directions_kept_mean"],
         )
+        if whole_range:
+            sel = params.selection().describe()
+            msg = (
+                f"sst: {next(iter(sel))}={next(iter(sel.values()))} keeps every direction F_s ranks on "
+                f"{len(whole_range)} of {len(per_module)} modules (e.g. {whole_range[0]}: rank "
+                f"{per_module[whole_range[0]]['n_positive']}), so the GEVP selects nothing there; set k below the "
+                f"rank, or a threshold on λ"
+            )
+            if params.full_range == "error":
+                raise ConfigError(msg)
+            log.warning(msg)
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         return projected
 
 
+def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
+    """Whether a k / fraction selection kept every direction with λ > 0 short of the identity (selects nothing)."""
+    if params.threshold is not None or params.keeps_everything or n_kept >= p:
+        return False
+    want = params.k if isinstance(params.k, int) else math.ceil((params.fraction or 0) * p)
+    return n_positive > 0 and want >= n_positive
+
+
+def _objectives(params: SSTParams) -> list[Objective]:
+    """The Fisher objectives of SST from the parameters (data loaded, checked and subsampled, seeded)."""
+    s_items, u_items = _load_data(params)
+    n_benign = params.n_benign_safety
+    benign: list[dict] = []
+    if n_benign > 0 or params.beta > 0:
+        need = params.benign_responses == "given" and n_benign > 0
+        benign = load_items(params.benign_data or BENIGN_TRAIN_DATA, need_response=need, what="benign_data")
+        benign = subsample(benign, max(n_benign, params.n_samples if params.beta > 0 else 0), params.seed + 2,
+                           "benign_data")  # fmt: skip
+    harmful = subsample(s_items, params.n_samples - n_benign, params.seed, "safety_data")
+    safety_parts = [Part(tuple(harmful), "given", label="harmful→refusal")]
+    if n_benign > 0:
+        safety_parts.append(Part(tuple(benign[:n_benign]), params.benign_responses, label="benign→answer"))
+    objectives = [
+        Objective("safety", tuple(safety_parts), FISHER_DEFINITIONS["F_s"]),
+        Objective(
+            "utility",
+            (Part(tuple(u_items), "given" if params.utility_fisher == "empirical" else "sampled", label="utility"),),
+            FISHER_DEFINITIONS[f"F_u_{params.utility_fisher}"],
+        ),
+    ]
+    if params.beta > 0:
+        objectives.append(
+            Objective(
+                "benign_refusal",
+                (
+                    Part(
+                        tuple(_with_refusals(benign, params.seed)),
+                        "given",
+                        params.benign_refusal_tokens,
+                        label="benign→refusal",
+                    ),
+                ),  # fmt: skip
+                FISHER_DEFINITIONS["F_b"],
+            )
+        )
+    return objectives
+
+
+def _with_refusals(items: list[dict], seed: int) -> list[dict]:
+    """Pair each benign prompt with one of the project's refusal templates (chosen by the prompt and the seed)."""
+    from sst_merge.tasks.safety import refusal_for
+
+    return [{"prompt": it["prompt"], "response": refusal_for(it["prompt"], seed)} for it in items]
+
+
 def _load_data(params: SSTParams) -> tuple[list[dict], list[dict]]:
-    """Load and subsample the safety and utility items (seeded); raise on missing or malformed data."""
+    """Load the safety items and the subsampled utility items (seeded); raise on missing or malformed data."""
     if not params.safety_data:
         raise ConfigError("sst: params.safety_data is required (JSONL with prompt/response, or a named source)")
     if not params.utility_data:
@@ -407,7 +458,6 @@ def _load_data(params: SSTParams) -> tuple[list[dict], list[dict]]:
     empirical = params.utility_fisher == "empirical"
     s_items = load_items(params.safety_data, need_response=True, what="safety_data")
     u_items = load_items(params.utility_data, need_response=empirical, what="utility_data")
-    s_items = subsample(s_items, params.n_samples, params.seed, "safety_data")
     u_items = subsample(u_items, params.n_samples, params.seed + 1, "utility_data")
     return s_items, u_items
 
