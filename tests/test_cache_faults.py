@@ -286,7 +286,7 @@ def test_moved_cache_directory_is_a_full_hit(exp, reference, tmp_path):
 def test_keys_without_data_files_are_unchanged(exp, tmp_path):
     """Content keys change only keys that name a file: other cached evaluations stay valid (no version bump)."""
     from sst_merge.experiments.provenance import stable_hash
-    from sst_merge.experiments.runner import EVAL_CACHE_VERSION, ModelSpec, Runner
+    from sst_merge.experiments.runner import EVAL_CACHE_VERSION, ModelSpec, Runner, judge_version
 
     d, cfg = exp
     plain = {**cfg, "eval": {**cfg["eval"], "harmful_source": "harmbench", "benign_source": "xstest"}}
@@ -294,7 +294,9 @@ def test_keys_without_data_files_are_unchanged(exp, tmp_path):
     runner = Runner(resolve_config("minimal", plain), tmp_path, load=lambda: None)
     spec = ModelSpec("base", (), None, (("seed", 0),))
     # the key as it was built before data files were hashed (runner.spec_key, EVAL_CACHE_VERSION 2)
-    before = stable_hash({"v": EVAL_CACHE_VERSION, "base": runner.base_fingerprint, "adapters": [], "method": None,
+    # a judge past version 1 enters the key, as it did before content keys
+    versioned = {"judge_version": v} if (v := judge_version(runner.cfg.eval.judge)) != 1 else {}
+    before = stable_hash({**versioned, "v": EVAL_CACHE_VERSION, "base": runner.base_fingerprint, "adapters": [], "method": None,
                           "params": {"seed": 0}, "eval": runner.cfg.eval.model_dump(exclude={"split"}), "tasks": runner.tasks,
                           "seed": runner.cfg.seed})  # fmt: skip
     assert runner.spec_key(spec) == before

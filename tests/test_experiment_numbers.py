@@ -228,12 +228,13 @@ def test_exp3_points_taxes_and_matched_safety_by_hand(scripted, tmp_path):
     # Utility at SST's safety along each baseline's Pareto front, linear in safety between its points:
     #   task arithmetic, front (0.5, 0.6) – (0.8, 0.4): at S = 0.6 → 0.6 + (0.4 − 0.6)·(0.1/0.3) = 8/15; at S = 1.0
     #   → None (outside [0.5, 0.8], never extrapolated). linear, front (0.4, 0.4) – (0.5, 0.2): None at both.
-    matched = {r["model"]: r for r in exp3["utility_at_matched_safety"]}
+    matched = {r["model"]: r for r in exp3["at_matched_safety"]}
     assert set(matched) == {"sst(alpha=0.5)", "sst(alpha=1)"}
     m05, m1 = matched["sst(alpha=0.5)"], matched["sst(alpha=1)"]
-    assert (m05["safety"], m05["sst_utility"], m05["task_arithmetic"]) == pytest.approx((0.6, 0.9, 8 / 15))
+    assert (m05["safety"], m05["sst_utility"], m05["utility"]["task_arithmetic"]) == pytest.approx((0.6, 0.9, 8 / 15))
     assert (m1["safety"], m1["sst_utility"]) == pytest.approx((1.0, 0.6))
-    assert m05["linear"] is None and m1["linear"] is None and m1["task_arithmetic"] is None
+    assert m05["utility"]["linear"] is None and m1["utility"]["linear"] is None
+    assert m1["utility"]["task_arithmetic"] is None
     # One evaluation per distinct model: utility, base, and 3 methods × 2 alphas = 8, none twice.
     assert doc["cache"] == {"hits": 0, "misses": 8}
 

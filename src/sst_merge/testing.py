@@ -147,6 +147,12 @@ class ReplyLM(torch.nn.Module):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.emb
 
+    def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0, **kwargs) -> SimpleNamespace:
+        """Uniform next-token logits (zeros): every model built on this stub scores any text alike, so the drift
+        between two of them is 0 (log-likelihoods are tested on real tiny models)."""
+        keep = logits_to_keep or input_ids.shape[1]
+        return SimpleNamespace(logits=torch.zeros(input_ids.shape[0], keep, len(self.tok)))  # (B, keep, V)
+
     def reply_to(self, text: str) -> str:
         """The answer to one decoded input row."""
         return self.reply if isinstance(self.reply, str) else self.reply(text)
