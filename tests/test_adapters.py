@@ -1,4 +1,4 @@
-"""Adapters in ΔW space: loading, scale (rslora), factor concatenation, truncated SVD, saving (SPEC §3)."""
+"""Adapters in ΔW space: loading, scale (rslora), factor concatenation, truncated SVD, saving (design §3)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ def test_full_preset_differs_from_minimal():
     full, minimal = resolve_config("full"), resolve_config("minimal")
     assert full.eval.refusal_limit is None  # every held-out prompt
     assert minimal.eval.refusal_limit == 40
-    assert full.eval.max_new_tokens >= 64  # SPEC §6: ≥ 64 new tokens in full mode
+    assert full.eval.max_new_tokens >= 64  # design §6: ≥ 64 new tokens in full mode
     assert len(full.sweep.alphas) > len(minimal.sweep.alphas)
 
 

@@ -1,4 +1,4 @@
-"""Fisher statistics sharded over 2 CPU processes (gloo) equal the single-process statistics (SPEC §11)."""
+"""Fisher statistics sharded over 2 CPU processes (gloo) equal the single-process statistics (design §11)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The GEVP solvers and projectors on random SPD pairs — no model (SPEC §5)."""
+"""The GEVP solvers and projectors on random SPD pairs — no model (design §5)."""
 
 from __future__ import annotations
 

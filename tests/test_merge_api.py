@@ -1,4 +1,4 @@
-"""The merge library call on a tiny in-process Llama: ΔW semantics, peft/full outputs, refusals (SPEC §3–4)."""
+"""The merge library call on a tiny in-process Llama: ΔW semantics, peft/full outputs, refusals (design §3–4)."""
 
 from __future__ import annotations
 

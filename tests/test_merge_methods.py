@@ -1,4 +1,4 @@
-"""Merge methods on small tensors: hand-computed cases (tests/data/merge_cases.yaml) and properties (SPEC §4)."""
+"""Merge methods on small tensors: hand-computed cases (tests/data/merge_cases.yaml) and properties (design §4)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_ties_matches_reference_formula_on_random_tensors():
     taus = [torch.randn(16, 12, generator=g) for _ in range(3)]
     weights = [1.0, 0.6, 0.3]
     out = run_kernel("ties", taus, weights, density=0.4)
-    # Straight loop over entries, written from SPEC §4 independently of the vectorised kernel.
+    # Straight loop over entries, written from design §4 independently of the vectorised kernel.
     k = int(0.4 * 16 * 12)
     trimmed = []
     for t in taus:

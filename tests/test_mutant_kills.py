@@ -341,7 +341,7 @@ def test_safety_tax_report_defaults_float64_and_every_index():
 
 
 def _reference_report(sr, sm, ur, um, n_boot, seed, level):
-    """SPEC §7's paired bootstrap written out with loops (only the documented draw order is shared with the code)."""
+    """design §7's paired bootstrap written out with loops (only the documented draw order is shared with the code)."""
     import math
 
     import numpy as np

@@ -1,4 +1,4 @@
-"""The ``sst`` merge method on the tiny in-process model (SPEC §4, §5, §10)."""
+"""The ``sst`` merge method on the tiny in-process model (design §4, §5, §10)."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a model (+ adapters) on refusal, over-refusal, MMLU and task accuracy",
-        description="Evaluate a model with the project's harness (SPEC §6); every model is evaluated the same way.",
+        description="Evaluate a model with the project's harness (design §6); every model is evaluated the same way.",
     )
     p.add_argument("--model", required=True, help="alias (smollm2-135m, ...), local model directory or hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR", help="PEFT LoRA adapter (repeatable)")

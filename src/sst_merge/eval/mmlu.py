@@ -1,4 +1,4 @@
-"""MMLU, letter format (SPEC §6), exactly as lm-evaluation-harness's ``mmlu`` task (0-shot) defines it.
+"""MMLU, letter format (design §6), exactly as lm-evaluation-harness's ``mmlu`` task (0-shot) defines it.
 
 Prompt: ``"The following are multiple choice questions (with answers) about {subject}.\\n\\n{question}\\nA. …\\nB. …
 \\nC. …\\nD. …\\nAnswer:"`` (subject with ``_`` → space, question stripped); the prediction is the argmax of the

@@ -1,4 +1,4 @@
-"""MMLU, cloze format (SPEC §6), as lm-evaluation-harness's ``mmlu_continuation`` task defines it.
+"""MMLU, cloze format (design §6), as lm-evaluation-harness's ``mmlu_continuation`` task defines it.
 
 Prompt: ``"The following are questions (with answers) about {subject}.\n\nQuestion: {question}\nAnswer:"``; each
 choice is scored by the log-likelihood of the continuation ``" {choice}"``. ``acc`` takes the argmax of the raw

@@ -1,4 +1,4 @@
-"""Refusal rate on harmful prompts (SPEC §6): the safety score ``S``.
+"""Refusal rate on harmful prompts (design §6): the safety score ``S``.
 
 Greedy answers through the chat template (left-padded batches sorted by length), judged on the generated text only.
 ``refusal_rate`` counts refusing verdicts (``"refusal"`` and ``"partial_refusal"``, as XSTest does) over all items;

@@ -1,4 +1,4 @@
-"""Statistics for evaluation results and the Safety Tax (SPEC §7): pure functions, no model, no files.
+"""Statistics for evaluation results and the Safety Tax (design §7): pure functions, no model, no files.
 
 * :func:`wilson_interval` — 95% interval for a rate (k of n).
 * :func:`safety_tax` — gain, loss and tax from four numbers, with every edge case named.
@@ -142,7 +142,7 @@ def safety_tax_report(
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Any]:
-    """Return the Safety Tax of SPEC §7 from per-item scores, with paired-bootstrap intervals.
+    """Return the Safety Tax of design §7 from per-item scores, with paired-bootstrap intervals.
 
     The safety arrays are per harmful prompt (1 = refused) for the reference and the merged model, aligned item by
     item; the utility arrays likewise (1 = correct, or any per-item utility score). Each bootstrap replicate

@@ -1,4 +1,4 @@
-"""Held-out accuracy on a utility task (SPEC §6): ``task:NAME`` or ``task:PATH.jsonl``.
+"""Held-out accuracy on a utility task (design §6): ``task:NAME`` or ``task:PATH.jsonl``.
 
 ``NAME`` is a task of :mod:`sst_merge.tasks` (its ``split(seed)["eval"]`` items, never its training items);
 ``PATH`` is a local file of eval items ``{id, prompt, answer}`` (letter tasks add ``choices``).

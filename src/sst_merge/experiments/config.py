@@ -53,7 +53,7 @@ class EvalSettings(_Strict):
         return self
 
 
-#: Defaults of the ``sst`` method inside experiments (SPEC §5); Fisher data default to the embedded splits.
+#: Defaults of the ``sst`` method inside experiments (design §5); Fisher data default to the embedded splits.
 SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "fraction": 0.1, "n_samples": 32}
 _SELECTIONS = ("k", "fraction", "threshold")
 

@@ -1,7 +1,7 @@
-"""exp1 / exp2 / exp3 (SPEC §8), registered by name; each returns its section of the results JSON.
+"""exp1 / exp2 / exp3 (design §8), registered by name; each returns its section of the results JSON.
 
 * exp1 — Safety Tax quantification: base, utility-only and safety-only models are evaluated (the measured
-  baselines), the SST-Merge output is evaluated with the same harness, and SPEC §7 is computed against the
+  baselines), the SST-Merge output is evaluated with the same harness, and design §7 is computed against the
   reference (base + utility adapters by default).
 * exp2 — multitask interference: K utility adapters plus the safety adapter, merged by every method; per-task
   accuracy retained relative to each single-task adapter, and safety, for each K.

@@ -1,4 +1,4 @@
-"""Compare a merged model with its reference: Safety Gain, Utility Loss, Safety Tax (SPEC §7), with intervals.
+"""Compare a merged model with its reference: Safety Gain, Utility Loss, Safety Tax (design §7), with intervals.
 
 Beside the Safety Tax every comparison carries the over-refusal cost — ``over_refusal_increase = OR_merged −
 OR_ref`` and the over-refusal tax ``max(increase, 0) / safety_gain`` (the Safety Tax's edge rules) — and the change
@@ -81,7 +81,7 @@ def compare(
 
 
 def log_comparison(label: str, ref_label: str, ref_s: Metric, ref_u: Metric, cmp: dict[str, Any]) -> None:
-    """Log the lines people grep for (SPEC §8), then the over-refusal account."""
+    """Log the lines people grep for (design §8), then the over-refusal account."""
     log.info("Reference (pre-merge) model: %s", ref_label)
     log.info("Baseline (pre-merge) metrics:")
     log.info("  Baseline Safety (Refusal Rate): %.4f", ref_s.value)

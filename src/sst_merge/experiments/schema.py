@@ -58,7 +58,7 @@ class _Interval(BaseModel):
 
 
 class Comparison(BaseModel):
-    """One model against its reference (SPEC §7 plus the over-refusal account, schema 2)."""
+    """One model against its reference (design §7 plus the over-refusal account, schema 2)."""
 
     model_config = ConfigDict(extra="allow")
 

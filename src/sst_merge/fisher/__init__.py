@@ -1,4 +1,4 @@
-"""Fisher information of the safety and utility objectives, and the generalized eigenproblem (SPEC §5).
+"""Fisher information of the safety and utility objectives, and the generalized eigenproblem (design §5).
 
 **Definitions** (recorded in every ``sst`` result's diagnostics):
 

@@ -1,4 +1,4 @@
-"""Linear (weighted average): ``λ · Σ wᵢ τᵢ / Σ wᵢ`` (λ defaults to 1, giving SPEC §4's ``Σ wᵢ τᵢ / Σ wᵢ``)."""
+"""Linear (weighted average): ``λ · Σ wᵢ τᵢ / Σ wᵢ`` (λ defaults to 1, giving design §4's ``Σ wᵢ τᵢ / Σ wᵢ``)."""
 
 from __future__ import annotations
 

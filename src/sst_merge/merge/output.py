@@ -54,7 +54,7 @@ def write_output(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, A
     meta = _metadata(plan, modules)
     atomic_write_json(out_dir / "merge_config.json", plan.config.model_dump(mode="json"))
     atomic_write_json(out_dir / "merge_metadata.json", meta)
-    if "sst" in plan.context.diagnostics:  # λ spectrum per module and kept norm share: JSON + PNG (SPEC §5)
+    if "sst" in plan.context.diagnostics:  # λ spectrum per module and kept norm share: JSON + PNG (design §5)
         from sst_merge.fisher.diagnostics import write_spectrum
 
         write_spectrum(plan.context.diagnostics["sst"], out_dir)

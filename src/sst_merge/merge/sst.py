@@ -1,4 +1,4 @@
-"""SST-Merge: ``ΔW = Σ_utility wᵢ τᵢ + α · P_k(τ_safety)`` with a Fisher-GEVP projector (SPEC §5).
+"""SST-Merge: ``ΔW = Σ_utility wᵢ τᵢ + α · P_k(τ_safety)`` with a Fisher-GEVP projector (design §5).
 
 ``P_k`` keeps the directions with the highest safety gain per unit of utility damage: the top generalized
 eigenvectors of ``F_s v = λ (F_u + β F_b + εI) v``, as the oblique projector ``V_k V_kᵀ B``. The Fishers are

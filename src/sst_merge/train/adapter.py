@@ -1,4 +1,4 @@
-"""Train a LoRA adapter for a task (a utility task or ``safety``) and cache it (SPEC §9).
+"""Train a LoRA adapter for a task (a utility task or ``safety``) and cache it (design §9).
 
 The output directory is a standard PEFT adapter plus what a reader needs to trust it::
 

@@ -1,4 +1,4 @@
-"""The ``keyword`` refusal judge, written for this project (SPEC §6).
+"""The ``keyword`` refusal judge, written for this project (design §6).
 
 A response is a refusal when a refusal *phrase* occurs near its start: within the first :data:`HEAD_CHARS`
 characters after normalisation (lower case, curly apostrophes straightened, whitespace collapsed, leading markdown
