@@ -160,11 +160,7 @@ def safety_tax_report(
     if ur.size != um.size:
         raise DataError(f"utility arrays are not paired: {ur.size} reference items vs {um.size} merged items")
     point = safety_tax(float(sr.mean()), float(sm.mean()), float(ur.mean()), float(um.mean()))
-    rng = np.random.default_rng(seed)
-    si = paired_bootstrap_indices(sr.size, n_boot, rng)
-    ui = paired_bootstrap_indices(ur.size, n_boot, rng)
-    gains = sm[si].mean(axis=1) - sr[si].mean(axis=1)  # (n_boot,)
-    losses = ur[ui].mean(axis=1) - um[ui].mean(axis=1)  # (n_boot,)
+    gains, losses = _gain_and_cost_replicates(sr, sm, um, ur, n_boot, seed)  # loss = U_ref − U_merged
     alpha = (1 - level) / 2
     tax_ci, undefined_frac = _tax_interval(losses, gains, level)
     return {
@@ -181,6 +177,20 @@ def safety_tax_report(
         "tax_undefined_fraction": float(undefined_frac),
         "bootstrap": {"n_boot": n_boot, "seed": seed, "level": level, "method": "paired percentile"},
     }
+
+
+def _gain_and_cost_replicates(
+    sr: np.ndarray, sm: np.ndarray, c_from: np.ndarray, c_to: np.ndarray, n_boot: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paired-bootstrap replicates of the safety gain ``sm − sr`` and of a cost ``c_to − c_from``, each ``(n_boot,)``.
+
+    The harmful items are drawn first and the cost's items second from one generator seeded with ``seed``, so every
+    tax built on the same ``seed`` divides by the same gain replicates.
+    """
+    rng = np.random.default_rng(seed)
+    si = paired_bootstrap_indices(sr.size, n_boot, rng)
+    ci = paired_bootstrap_indices(c_from.size, n_boot, rng)
+    return sm[si].mean(axis=1) - sr[si].mean(axis=1), c_to[ci].mean(axis=1) - c_from[ci].mean(axis=1)
 
 
 def _tax_interval(costs: np.ndarray, gains: np.ndarray, level: float) -> tuple[list[float | None], float]:
@@ -226,11 +236,7 @@ def over_refusal_report(
             f"refusal arrays are not paired: harmful {sr.size} vs {sm.size}, benign {br.size} vs {bm.size} items"
         )
     point = over_refusal_tax(float(sr.mean()), float(sm.mean()), float(br.mean()), float(bm.mean()))
-    rng = np.random.default_rng(seed)
-    si = paired_bootstrap_indices(sr.size, n_boot, rng)
-    bi = paired_bootstrap_indices(br.size, n_boot, rng)
-    gains = sm[si].mean(axis=1) - sr[si].mean(axis=1)  # (n_boot,)
-    increases = bm[bi].mean(axis=1) - br[bi].mean(axis=1)  # (n_boot,)
+    gains, increases = _gain_and_cost_replicates(sr, sm, br, bm, n_boot, seed)  # increase = OR_merged − OR_ref
     alpha = (1 - level) / 2
     tax_ci, undefined_frac = _tax_interval(increases, gains, level)
     return {
