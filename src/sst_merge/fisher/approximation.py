@@ -88,6 +88,18 @@ class Approximation:
         """``tr F`` of one module's statistics (compares the scale of two Fishers, e.g. to read β)."""
         raise NotImplementedError
 
+    def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
+        """Statistics of ``Σ w_j F_j`` from ``(w_j, statistics of F_j)`` pairs (weights > 0).
+
+        The base class handles one part of weight 1 (nothing to add); an approximation whose structure survives a
+        weighted sum (:attr:`supports_penalty`) overrides this.
+        """
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return parts[0][1]
+        raise ValueError(
+            f"{self.name} cannot add Fishers (the structure is not kept by a sum); use lowrank or diagonal"
+        )
+
     def project(
         self,
         stats_s: Stats,

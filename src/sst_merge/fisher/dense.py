@@ -48,6 +48,9 @@ class Dense(Approximation):
     def trace(self, stats: Stats) -> float:
         return float(stats["F"].double().diagonal().sum())
 
+    def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
+        return {"F": sum(w * st["F"].double() for w, st in parts).to(parts[0][1]["F"].dtype)}
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         fu = stats_u["F"].double()
         damping = eps * check_mean(float(fu.diagonal().mean()), "mean diagonal of F_u")

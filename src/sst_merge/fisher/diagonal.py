@@ -62,6 +62,9 @@ class Diagonal(Approximation):
     def trace(self, stats: Stats) -> float:
         return float(stats["diag"].double().sum())
 
+    def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
+        return {"diag": sum(w * st["diag"].double() for w, st in parts).to(parts[0][1]["diag"].dtype)}
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         fu = stats_u["diag"]
         damping = eps * check_mean(float(fu.double().mean()), "mean diagonal of F_u")

@@ -118,6 +118,13 @@ class Lowrank(Approximation):
     def trace(self, stats: Stats) -> float:
         return float(stats["rows"].double().pow(2).sum()) / stats["rows"].shape[0]
 
+    def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
+        # Σ w_j G_jᵀG_j/N_j = CᵀC/N_C with C the rows G_j scaled by √(w_j N_C / N_j), N_C = Σ N_j.
+        if len(parts) == 1 and parts[0][0] == 1.0:
+            return parts[0][1]
+        n_c = sum(st["rows"].shape[0] for _, st in parts)
+        return {"rows": torch.cat([st["rows"] * math.sqrt(w * n_c / st["rows"].shape[0]) for w, st in parts])}
+
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         G_s, G_u = stats_s["rows"], stats_u["rows"]
         mean_diag = float(G_u.double().pow(2).sum()) / (G_u.shape[0] * G_u.shape[1])

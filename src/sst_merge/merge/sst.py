@@ -16,6 +16,12 @@ full weight ``W`` of every module the safety adapter changes (the space the proj
 * ``F_b`` (``beta > 0``): the Fisher of a refusal's first ``benign_refusal_tokens`` tokens on benign prompts (where a
   refusal is decided), so directions that make benign prompts refuse cost utility.
 
+``subspace: utility_complement`` asks the opposite question of the same Fishers: it removes from ``τ_safety`` the
+top directions of ``(F_u + β F_b) v = μ (F_s + εI) v`` — the most utility (and benign-refusal) cost per unit of
+safety — and keeps the rest, ``τ − V_k V_kᵀ (F_s + εI) τ``. With lowrank and a selection that covers the whole
+range of ``F_u + βF_b`` (the default ``fraction``), the result is the update closest to ``τ_safety`` in the
+``F_s + εI`` norm whose first-order effect on every utility (and benign-refusal) Fisher example is zero.
+
 Approximations come from a registry (``dense``, ``diagonal``, ``kfac``, ``lowrank``; see :mod:`sst_merge.fisher`).
 Statistics are cached on disk per objective, so sweeping α, β, k, fraction, threshold or eps re-uses them.
 ``lambda`` (from the shared parameters) scales the whole result, like task arithmetic's λ; the safety adapter's own
@@ -63,7 +69,8 @@ FISHER_DEFINITIONS = {
     "F_u_empirical": "as F_s on utility items with the dataset's responses",
     "F_b": "as F_s on benign prompts → a refusal, loss on the first benign_refusal_tokens response tokens only",
     "B": "F_u + β F_b + εI, ε = eps · mean diag(F_u) (kfac: per-factor damping √eps · mean diag of each factor)",
-    "projector": "P_k = V_k V_kᵀ B over the top generalized eigenvectors of F_s v = λ B v (oblique, idempotent)",
+    "projector": "P_k = V_k V_kᵀ B over the top generalized eigenvectors of F_s v = λ B v (oblique, idempotent); "
+    "subspace utility_complement: I − V_k V_kᵀ (F_s + εI) over the top eigenvectors of (F_u + βF_b) v = μ (F_s + εI) v",
 }
 
 #: The packaged benign training prompts (written for the project, disjoint from every evaluation prompt).
@@ -94,6 +101,12 @@ class SSTParams(MethodParams):
     )
     beta: float = Field(0.0, ge=0, description="weight of the benign-refusal Fisher F_b in B = F_u + β F_b + εI")
     benign_refusal_tokens: int = Field(4, ge=1, description="response tokens of a refusal that carry F_b's loss")
+    subspace: Literal["safety", "utility_complement"] = Field(
+        "safety",
+        description="safety: keep the top directions of F_s v = λ(F_u + βF_b + εI)v; utility_complement: remove the "
+        "top directions of (F_u + βF_b) v = μ(F_s + εI)v and keep the rest of τ_safety (k / fraction / threshold "
+        "then count removed directions)",
+    )
     full_range: Literal["warn", "error"] = Field(
         "warn", description="a k / fraction that keeps every direction F_s ranks: warn, or refuse (error)"
     )
@@ -142,6 +155,9 @@ class SSTParams(MethodParams):
             raise ValueError(
                 f"beta > 0 needs a Fisher that can add F_b to F_u; fisher {self.fisher} cannot (use lowrank)"
             )
+        if self.subspace == "utility_complement" and self.k == "all":
+            raise ValueError("subspace utility_complement counts removed directions: k: all would remove all of "
+                             "τ_safety; give a number, a fraction or a threshold")  # fmt: skip
         return self
 
     @property
@@ -151,7 +167,13 @@ class SSTParams(MethodParams):
 
     @property
     def keeps_everything(self) -> bool:
-        """Whether the projector is the identity by definition (``k: all`` or ``fraction: 1``)."""
+        """Whether the projector is the identity by definition.
+
+        ``k: all`` or ``fraction: 1`` keep every direction; with ``subspace: utility_complement``, ``k: 0`` removes
+        none.
+        """
+        if self.subspace == "utility_complement":
+            return self.k == 0
         return self.k == "all" or self.fraction == 1.0
 
     def selection(self, p: int | None = None) -> Selection:
@@ -236,6 +258,7 @@ class SSTMerge(MergeMethod):
             "utility_fisher": params.utility_fisher,
             "benign_share": params.benign_share,
             "beta": params.beta,
+            "subspace": params.subspace,
             "fisher_definitions": {
                 k: v
                 for k, v in FISHER_DEFINITIONS.items()
@@ -248,7 +271,9 @@ class SSTMerge(MergeMethod):
         ctx.diagnostics["sst"] = diag
 
         all_identity = params.keeps_everything or (
-            isinstance(params.k, int) and all(params.k >= t.numel() for t in tau_s.values())
+            params.subspace == "safety"
+            and isinstance(params.k, int)
+            and all(params.k >= t.numel() for t in tau_s.values())
         )
         if params.alpha == 0 or all_identity:
             why = "alpha = 0" if params.alpha == 0 else "every direction kept (projector = identity)"
@@ -333,19 +358,23 @@ class SSTMerge(MergeMethod):
                     params.eps,
                     params.selection(tau.numel()),
                     penalties,
+                    params.subspace,
                 )
             except ZeroUtilityFisherError as e:
                 raise FisherError(f"module {m}: {e}; check utility_data, or use a larger n_samples") from e
             if not torch.isfinite(res.projected).all():
                 raise FisherError(f"module {m}: the projected safety update is not finite; raise eps")
-            if _keeps_whole_range(params, res.n_kept, res.n_positive, res.n_directions):
+            if params.subspace == "safety" and _keeps_whole_range(params, res.n_kept, res.n_positive, res.n_directions):
                 whole_range.append(m)
             projected[m] = res.projected
             norm, kept = float(tau.norm()), float(res.projected.norm())
+            complement = params.subspace == "utility_complement"
             per_module[m] = {
                 "n_directions": res.n_directions,
+                # safety: rank of F_s (λ > 0); utility_complement: rank of F_u + βF_b (μ > 0)
                 "n_positive": res.n_positive,
-                "n_kept": res.n_kept,
+                "n_kept": res.n_directions - res.n_kept if complement else res.n_kept,
+                **({"n_removed": res.n_kept} if complement else {}),
                 "lambda_top": [float(v) for v in res.lam_desc[:SPECTRUM_TOP]],
                 "lambda_sum": float(res.lam_desc.sum()),
                 "damping": list(res.damping) if isinstance(res.damping, tuple) else res.damping,
@@ -359,6 +388,8 @@ class SSTMerge(MergeMethod):
         # how many directions the GEVP really ranked (the rank of F_s: λ > 0) and how many the selection kept
         diag["directions_ranked_mean"] = sum(v["n_positive"] for v in per_module.values()) / n_mod
         diag["directions_kept_mean"] = sum(v["n_kept"] for v in per_module.values()) / n_mod
+        if params.subspace == "utility_complement":
+            diag["directions_removed_mean"] = sum(v["n_removed"] for v in per_module.values()) / n_mod
         diag["modules_keeping_whole_range"] = len(whole_range)
         kind = get_approximation(params.fisher)
         # scale of each Fisher relative to F_u (sum of traces over modules): β in units of tr F_u / tr F_b
