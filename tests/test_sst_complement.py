@@ -99,3 +99,49 @@ def test_complement_end_to_end_on_the_tiny_model(sst_setup, tmp_path):  # noqa: 
     for m, t in ta.items():
         want = sst_setup["utility"].delta(m) + 1.5 * sst_setup["safety"].delta(m)
         assert torch.allclose(t, want, atol=1e-6)
+
+
+def test_project_utility_keeps_the_safety_adapter_and_projects_the_utility_update(sst_setup, tmp_path):  # noqa: F811
+    """project: utility — α·τ_safety + P(τ_utility), P from (F_u, F_s) estimated at base + τ_safety."""
+    from sst_merge.fisher.pipeline import FisherSetup, fisher_statistics
+    from sst_merge.merge.sst import _objectives
+
+    loader = Loader()
+    keep, _ = sst_run(sst_setup, tmp_path, loader)
+    out, ctx = sst_run(sst_setup, tmp_path, loader, project="utility", alpha=0.5)
+    # a different pre-merge point: nothing of the safety-projection run's statistics is reused
+    assert loader.calls == 2
+    assert set(ctx.diagnostics["sst"]["fisher_cache"].values()) == {"computed"}
+    assert ctx.diagnostics["sst"]["project"] == "utility"
+    safety, utility = sst_setup["safety"], sst_setup["utility"]
+    # the statistics at base + τ_safety (a cache hit proves the merge estimated them at exactly that point)
+    params = validate(
+        SSTParams,
+        {"k": 3, "n_samples": 6, "eps": 1e-2, "batch_size": 4, "utility_fisher": "empirical",
+         "safety_data": sst_setup["files"]["safety"], "utility_data": sst_setup["files"]["utility"]},
+    )  # fmt: skip
+    modules = sorted(set(safety.modules) | set(utility.modules))
+    setup = FisherSetup(
+        approximation="lowrank",
+        modules=modules,
+        load_model=loader,
+        model_name="tiny-test",
+        pre_merge={m: safety.delta(m) for m in safety.modules},
+        pre_merge_key=[(safety.sha256, 1.0)],
+        max_length=256,
+        batch_size=4,
+        max_new_tokens=64,
+        cache_dir=tmp_path / "fisher-cache",
+    )
+    stats, _ = fisher_statistics(_objectives(params), setup)
+    assert loader.calls == 2
+    for m in modules:
+        res = project_module("lowrank", stats["utility"][m], stats["safety"][m], utility.delta(m), 1e-2,
+                             Selection(k=3))  # fmt: skip
+        assert torch.allclose(out[m], 0.5 * safety.delta(m) + res.projected, atol=1e-6)
+        assert not torch.allclose(out[m], keep[m])
+    # k: all keeps the utility update whole: task arithmetic, no Fisher
+    ta, ctx2 = sst_run(sst_setup, tmp_path, Loader(), project="utility", k="all", alpha=0.5)
+    assert ctx2.diagnostics["sst"]["fisher"].startswith("skipped")
+    for m, t in ta.items():
+        assert torch.allclose(t, utility.delta(m) + 0.5 * safety.delta(m), atol=1e-6)

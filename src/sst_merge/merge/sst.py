@@ -107,6 +107,12 @@ class SSTParams(MethodParams):
         "top directions of (F_u + βF_b) v = μ(F_s + εI)v and keep the rest of τ_safety (k / fraction / threshold "
         "then count removed directions)",
     )
+    project: Literal["safety", "utility"] = Field(
+        "safety",
+        description="which update the GEVP projects: safety (α·P τ_safety added to the utility adapters, Fishers at "
+        "base + utility ΔW) or utility (P Σ wᵢτᵢ added to α·τ_safety, Fishers at base + τ_safety; the utility "
+        "objective ranks directions, the safety objective (+ βF_b) is their cost)",
+    )
     full_range: Literal["warn", "error"] = Field(
         "warn", description="a k / fraction that keeps every direction F_s ranks: warn, or refuse (error)"
     )
@@ -218,13 +224,13 @@ class SSTMerge(MergeMethod):
     def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]
         """Refuse bad roles, weights, targets or data before any model is loaded."""
         _roles(ctx)
-        if params.alpha != 0 and not params.keeps_everything:
+        if (params.alpha != 0 or params.project == "utility") and not params.keeps_everything:
             _objectives(params)
             if ctx.load_model is None:
                 raise ConfigError("sst needs the base model for the Fisher; give the merge a base model")
 
     def linear_coefficients(self, params: SSTParams, ctx: MergeContext) -> list[float] | None:  # type: ignore[override]
-        if not (params.alpha == 0 or params.keeps_everything):
+        if not (params.keeps_everything or (params.alpha == 0 and params.project == "safety")):
             return None
         s, _ = _roles(ctx)
         lam = params.lambda_
@@ -259,6 +265,7 @@ class SSTMerge(MergeMethod):
             "benign_share": params.benign_share,
             "beta": params.beta,
             "subspace": params.subspace,
+            "project": params.project,
             "fisher_definitions": {
                 k: v
                 for k, v in FISHER_DEFINITIONS.items()
@@ -273,17 +280,34 @@ class SSTMerge(MergeMethod):
         all_identity = params.keeps_everything or (
             params.subspace == "safety"
             and isinstance(params.k, int)
-            and all(params.k >= t.numel() for t in tau_s.values())
+            and all(params.k >= t.numel() for t in (tau_s if params.project == "safety" else utility_dw).values())
         )
-        if params.alpha == 0 or all_identity:
-            why = "alpha = 0" if params.alpha == 0 else "every direction kept (projector = identity)"
+        if params.project == "utility" and not all_identity:
+            # the safety adapter whole, the utility update projected: Fishers at base + τ_safety
+            stats, info = self._fisher(params, ctx, tau_s, [(safety.sha256, 1.0)], sorted(set(utility_dw) | set(tau_s)))
+            diag.update(info)
+            kept_u = self._project(params, ctx, utility_dw, {"num": stats["utility"], "den": stats["safety"],
+                                                             **_penalty(params, stats)}, diag)  # fmt: skip
+            merged: dict[str, torch.Tensor] = {}
+            for m in ctx.modules:
+                if m in tau_s or m in kept_u:
+                    dw = params.alpha * tau_s[m] if m in tau_s else torch.zeros_like(kept_u[m])
+                    merged[m] = lam * (dw + kept_u[m] if m in kept_u else dw)
+            return merged
+        if (params.alpha == 0 and params.project == "safety") or all_identity:
+            why = (
+                "alpha = 0" if params.alpha == 0 and not all_identity else "every direction kept (projector = identity)"
+            )
             log.info("sst: %s; the Fisher is not needed and was not computed", why)
             diag["fisher"] = f"skipped ({why})"
             projected = {m: t.clone() for m, t in tau_s.items()}
         else:
-            stats, info = self._fisher(params, ctx, s, utility, utility_dw, list(tau_s))
+            pre_key = sorted((ctx.adapters[i].sha256, ctx.weights[i]) for i in utility)
+            stats, info = self._fisher(params, ctx, utility_dw, pre_key, list(tau_s))
             diag.update(info)
-            projected = self._project(params, ctx, tau_s, stats, diag)
+            projected = self._project(
+                params, ctx, tau_s, {"num": stats["safety"], "den": stats["utility"], **_penalty(params, stats)}, diag
+            )
 
         out: dict[str, torch.Tensor] = {}
         for m in ctx.modules:
@@ -300,9 +324,8 @@ class SSTMerge(MergeMethod):
         self,
         params: SSTParams,
         ctx: MergeContext,
-        s: int,
-        utility: list[int],
-        utility_dw: dict[str, torch.Tensor],
+        pre_merge: dict[str, torch.Tensor],
+        pre_merge_key: Any,
         modules: list[str],
     ) -> tuple[dict[str, dict], dict[str, Any]]:
         # Everything that can be wrong with the input is checked here, before a model is loaded.
@@ -314,8 +337,8 @@ class SSTMerge(MergeMethod):
             modules=modules,
             load_model=ctx.load_model,
             model_name=str(ctx.base_model) if ctx.base_model else None,
-            pre_merge=utility_dw,
-            pre_merge_key=sorted((ctx.adapters[i].sha256, ctx.weights[i]) for i in utility),
+            pre_merge=pre_merge,
+            pre_merge_key=pre_merge_key,
             max_length=params.max_length,
             batch_size=params.batch_size,
             max_new_tokens=params.max_new_tokens,
@@ -343,6 +366,8 @@ class SSTMerge(MergeMethod):
         stats: dict[str, dict],
         diag: dict[str, Any],
     ) -> dict[str, torch.Tensor]:
+        """Project each module of ``tau_s`` (the update being projected) with ``stats["num"]`` (what ranks a
+        direction), ``stats["den"]`` (its cost) and, when β > 0, ``stats["benign_refusal"]`` added to the cost."""
         projected: dict[str, torch.Tensor] = {}
         per_module: dict[str, Any] = {}
         whole_range: list[str] = []
@@ -352,8 +377,8 @@ class SSTMerge(MergeMethod):
             try:
                 res = project_module(
                     params.fisher,
-                    stats["safety"][m],
-                    stats["utility"][m],
+                    stats["num"][m],
+                    stats["den"][m],
                     tau,
                     params.eps,
                     params.selection(tau.numel()),
@@ -393,10 +418,13 @@ class SSTMerge(MergeMethod):
         diag["modules_keeping_whole_range"] = len(whole_range)
         kind = get_approximation(params.fisher)
         # scale of each Fisher relative to F_u (sum of traces over modules): β in units of tr F_u / tr F_b
-        tr_u = sum(kind.trace(stats["utility"][m]) for m in tau_s)
+        named = {"safety" if params.project == "safety" else "utility": stats["num"],
+                 "utility" if params.project == "safety" else "safety": stats["den"],
+                 **{k: v for k, v in stats.items() if k not in ("num", "den")}}  # fmt: skip
+        tr_u = sum(kind.trace(named["utility"][m]) for m in tau_s)
         diag["trace_relative_to_F_u"] = {
-            name: sum(kind.trace(stats[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
-            for name in stats
+            name: sum(kind.trace(named[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
+            for name in named
             if name != "utility"
         }
         total = math.sqrt(sum(v["safety_norm"] ** 2 for v in per_module.values()))
@@ -423,6 +451,10 @@ class SSTMerge(MergeMethod):
             log.warning(msg)
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         return projected
+
+
+def _penalty(params: SSTParams, stats: dict[str, dict]) -> dict[str, dict]:
+    return {"benign_refusal": stats["benign_refusal"]} if params.beta > 0 else {}
 
 
 def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
