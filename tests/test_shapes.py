@@ -103,11 +103,13 @@ def _rehearse(alias: str, tmp_path, **shape) -> dict:
 
 
 @pytest.mark.parametrize("alias", SEED_MODELS)
-def test_rehearsal_at_cut_depth(alias, tmp_path):
+def test_rehearsal_at_cut_depth(alias, tmp_path, monkeypatch):
+    monkeypatch.setenv("SST_MERGE_CACHE", str(tmp_path / "cache"))  # the adapters it trains stay out of the user's
     _rehearse(alias, tmp_path, narrow=8)
 
 
 @heavy
 @pytest.mark.parametrize("alias", SEED_MODELS)
-def test_rehearsal_at_real_width(alias, tmp_path):
+def test_rehearsal_at_real_width(alias, tmp_path, monkeypatch):
+    monkeypatch.setenv("SST_MERGE_CACHE", str(tmp_path / "cache"))
     _rehearse(alias, tmp_path)

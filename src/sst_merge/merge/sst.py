@@ -431,9 +431,10 @@ class SSTMerge(MergeMethod):
         kept = math.sqrt(sum(v["kept_norm"] ** 2 for v in per_module.values()))
         diag["kept_norm_share"] = kept / total if total > 0 else None
         log.info(
-            "sst: kept %.3f of the safety update's norm over %d modules; directions ranked %.1f, kept %.1f (mean per "
+            "sst: kept %.3f of the %s update's norm over %d modules; directions ranked %.1f, kept %.1f (mean per "
             "module)",
             diag["kept_norm_share"] or 0.0,
+            params.project,
             len(per_module),
             diag["directions_ranked_mean"],
             diag["directions_kept_mean"],
