@@ -1,7 +1,8 @@
 """Fisher data: load prompt/response items, tokenise them with the chat template, batch them.
 
 A data source is a local JSONL file (one object per line with ``prompt`` and, where needed, ``response``) or a named
-source resolved by :func:`sst_merge.data.load_source`.
+source resolved by :func:`sst_merge.data.load_source` (the embedded Fisher data are ``safety_fisher`` and
+``utility:NAME``, :mod:`sst_merge.tasks.sources`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def load_items(source: str, need_response: bool, what: str) -> list[dict[str, An
         need_response: whether every item must carry a ``response``.
         what: the parameter name, for error messages (``safety_data`` ...).
     """
+    import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources)
     from sst_merge.data import load_source
 
     try:
