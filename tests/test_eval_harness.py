@@ -228,7 +228,7 @@ def test_task_accuracy_exact_match_and_letter(tmp_path):
     r = evaluate(model, tok, ["task:mine"], data={"task:mine": letter}, show_progress=False)
     res = r["tasks"]["task:mine"]
     assert res["metric_kind"] == "letter"
-    from sst_merge.eval.generation import chat_text
+    from sst_merge.models.tokenize import chat_text
 
     with torch.no_grad():  # reference: one unpadded forward per item, argmax over the four letter tokens
         ref = []

@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 
 from sst_merge.errors import DataError
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.generation import pad_id
 from sst_merge.eval.loglik import encode_pair, next_token_logprobs, shared_context_logliks
 from sst_merge.eval.stats import Z95, mean_stderr, rate_metric
+from sst_merge.models.tokenize import pad_id
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 

@@ -17,9 +17,10 @@ from typing import Any
 from sst_merge.data import load_source
 from sst_merge.errors import DataError
 from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.generation import chat_text, generate_greedy
+from sst_merge.eval.generation import generate_greedy
 from sst_merge.eval.mmlu import LETTERS, argmax_first, score_choices
 from sst_merge.eval.stats import rate_metric
+from sst_merge.models.tokenize import chat_text
 
 METRICS = ("exact_match", "letter")
 

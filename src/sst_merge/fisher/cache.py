@@ -27,7 +27,7 @@ from sst_merge.io import atomic_file
 log = logging.getLogger(__name__)
 
 #: Bump when the meaning of cached statistics changes, so old files are not re-used.
-CACHE_VERSION = 2  # 2: true-Fisher samples seeded per prompt
+CACHE_VERSION = 3  # 2: true-Fisher samples seeded per prompt; 3: given responses end at EOS (models.tokenize)
 _SEP = "::"
 
 

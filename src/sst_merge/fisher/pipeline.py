@@ -29,6 +29,7 @@ from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
 from sst_merge.fisher.grads import FisherError
 from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.sampling import sample_responses
+from sst_merge.models import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def fisher_statistics(objectives: list[Objective], setup: FisherSetup) -> tuple[
         if model is None:
             model, tok = setup.load_model()
         model.eval()
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = tokenize.pad_id(tok)
         if setup.approximation == "lowrank":
             p_total = sum(math.prod(model.get_submodule(m).weight.shape) for m in setup.modules)
             n_rows = sum(o.n for o in todo)

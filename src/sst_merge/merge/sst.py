@@ -190,7 +190,7 @@ class SSTMerge(MergeMethod):
 
     name = "sst"
     Params = SSTParams
-    version = 2  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks)
+    version = 3  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks); 3: F_s ends at EOS
     description = "Σ wᵢτᵢ(utility) + α·P_k(τ_safety), P_k from the GEVP F_s v = λ(F_u+εI)v"
 
     def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]

@@ -216,6 +216,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     from peft import LoraConfig, get_peft_model
 
     from sst_merge.models import load_model
+    from sst_merge.models.tokenize import pad_id
     from sst_merge.train.loop import encode_example, train_loop
 
     device_map = "auto" if torch.cuda.is_available() else None
@@ -230,7 +231,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # LoRA A is initialised from the global RNG
         peft_model = get_peft_model(model, lora)
-        losses = train_loop(peft_model, examples, tok.pad_token_id, steps=config.steps,
+        losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, seed=config.seed,
                             progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start
