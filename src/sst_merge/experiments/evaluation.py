@@ -58,10 +58,8 @@ def evaluate_all(
             model,
             tokenizer,
             [task],
+            cfg.eval.harness_settings(),
             limit=limit,
-            judge=cfg.eval.judge,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
             data={task: data} if data is not None else None,
             show_progress=show_progress,
         )
