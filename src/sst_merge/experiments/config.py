@@ -116,6 +116,10 @@ class ExperimentConfig(_Strict):
     bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
     cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
 
+    def method_params(self, method: str) -> dict[str, Any]:
+        """The configured parameters of a merge method: the ``sst`` section for sst; the others have none."""
+        return dict(self.sst) if method == "sst" else {}
+
     @field_validator("sst")
     @classmethod
     def _valid_sst(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -393,6 +393,10 @@ class SSTMerge(MergeMethod):
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         return projected
 
+    def apply_safety_weight(self, params, weights, roles, alpha):  # type: ignore[override]
+        """The safety weight is α, the projected update's scale; the safety adapter's own weight stays 1."""
+        return {**params, "alpha": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
+
 
 def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
     """Whether a k / fraction selection kept every direction with λ > 0 short of the identity (selects nothing)."""
