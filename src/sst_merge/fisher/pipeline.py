@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sst_merge import distributed as ddp
+from sst_merge.cache import model_fingerprint
 from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import Example, encode_example, encode_prompt, truncate
 from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
@@ -95,7 +96,7 @@ def fisher_statistics(objectives: list[Objective], setup: FisherSetup) -> tuple[
         raise ValueError(f"objective names must be unique, got {names}")
     model = tok = None
     if setup.model_name:
-        model_fp: Any = fcache.model_fingerprint(setup.model_name)
+        model_fp: Any = {"name": setup.model_name, "model": model_fingerprint(setup.model_name)}
     else:  # no name to key on: fingerprint the loaded model's weights and config
         model, tok = setup.load_model()
         model_fp = {

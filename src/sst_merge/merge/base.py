@@ -126,10 +126,3 @@ class MergeMethod:
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")
-
-
-def get_method(name: str) -> MergeMethod:
-    """Instantiate the registered method ``name`` (raises with the valid names if unknown)."""
-    import sst_merge.merge  # noqa: F401  (registers the built-in methods)
-
-    return MERGE_METHODS.get(name)()
