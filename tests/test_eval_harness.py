@@ -304,13 +304,15 @@ def test_one_settings_model_for_the_cli_evaluate_and_experiments(tiny_model_dir,
 
     assert ExperimentConfig().eval.harness_settings() == EvalSettings()
     assert set(EvalSettings.model_fields) <= set(ExperimentConfig.model_fields["eval"].annotation.model_fields)
-    r = evaluate(ReplyLM(tiny_tokenizer(), "No."), tiny_tokenizer(), ["refusal"], data={"refusal": HARMFUL})
+    tok = tiny_tokenizer()
+    r = evaluate(ReplyLM(tok, "No."), tok, ["refusal"], data={"refusal": HARMFUL}, show_progress=False)
     assert {k: r["settings"][k] for k in ("batch_size", "max_new_tokens")} == {"batch_size": 8, "max_new_tokens": 64}
     out = tmp_path / "res.json"
+    capsys.readouterr()
     argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "refusal", "--batch-size", "0", "-o", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert "batch_size: Input should be greater than or equal to 1" in err and len(err.splitlines()) == 1
+    assert err == "sst-merge eval: error: evaluation settings: batch_size: Input should be greater than or equal to 1"
     assert not out.exists()
     with pytest.raises(ValidationError, match="max_new_tokens"):
         EvalSettings(max_new_tokens=0)

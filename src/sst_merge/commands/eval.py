@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--data {d!r}: expected TASK=SOURCE, e.g. refusal=strongreject_small")
         data[task] = source
     given = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "judge": args.judge}
-    settings = validate(EvalSettings, {k: v for k, v in given.items() if v is not None}, source="sst-merge eval")
+    settings = validate(EvalSettings, {k: v for k, v in given.items() if v is not None}, source="evaluation settings")
     # Under torchrun / accelerate launch each rank scores its shard of every task; rank 0 writes the output.
     ddp.init_from_env()
     result = evaluate_model(
