@@ -119,7 +119,7 @@ def main() -> None:
     import torch
 
     from sst_merge.data import load_source
-    from sst_merge.eval import evaluate
+    from sst_merge.eval import EvalSettings, evaluate
     from sst_merge.models import load_model, resolve_model
 
     torch.set_num_threads(args.threads)
@@ -141,7 +141,9 @@ def main() -> None:
     ours = {}
     for task in ("mmlu", "mmlu_cloze"):
         t0 = time.perf_counter()
-        r = evaluate(model, tok, [task], data={task: items}, batch_size=args.batch_size, show_progress=False)
+        r = evaluate(
+            model, tok, [task], EvalSettings(batch_size=args.batch_size), data={task: items}, show_progress=False
+        )
         ours[task] = {"seconds": time.perf_counter() - t0, "result": r["tasks"][task]}
     del model
 

@@ -114,7 +114,7 @@ def run(
     batch_size: int = 8,
 ) -> None:
     from sst_merge.adapters.lora import LoraAdapter
-    from sst_merge.eval import evaluate
+    from sst_merge.eval import EvalSettings, evaluate
     from sst_merge.experiments.experiments import fisher_data
     from sst_merge.fisher.estimate import applied_deltas
     from sst_merge.merge import MergeContext, get_method
@@ -187,8 +187,8 @@ def run(
             if generate:
                 data = {"refusal": str(out / "dev_harmful.jsonl"), "over_refusal": str(out / "dev_benign.jsonl"),
                         "task:passage_qa": str(out / "dev_task.jsonl")}  # fmt: skip
-                res = evaluate(model, tok, list(data), limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               data=data, show_progress=False)  # fmt: skip
+                settings = EvalSettings(batch_size=batch_size, max_new_tokens=max_new_tokens)
+                res = evaluate(model, tok, list(data), settings, limit=limit, data=data, show_progress=False)
                 t = res["tasks"]
                 look = [r for r in t["over_refusal"]["records"] if r.get("kind") == "lookalike"]
                 row.update(

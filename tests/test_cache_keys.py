@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from sst_merge.experiments import resolve_config
-from sst_merge.experiments.config import EvalSettings
+from sst_merge.experiments.config import ExperimentEvalSettings
 from sst_merge.experiments.experiments import merged_spec
 from sst_merge.experiments.runner import AdapterRef, ModelSpec, Runner
 from sst_merge.testing import random_lora, tiny_model
@@ -103,7 +103,7 @@ def test_every_evaluation_setting_changes_the_key(setup, tmp_path):
     r = _runner(data, tmp_path)
     key = r.spec_key(spec)
     current = r.cfg.eval.model_dump()
-    assert set(current) == set(EvalSettings.model_fields)
+    assert set(current) == set(ExperimentEvalSettings.model_fields)
     for name, value in current.items():
         if name in ("judge", "split"):
             continue  # below: a judge must name a registered one; the split takes only test or dev

@@ -121,22 +121,38 @@ def test_list_prints_methods(capsys):
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("merge_*.yaml")), ids=lambda p: p.name)
+def test_every_example_is_valid_as_written(example, monkeypatch):
+    """Each example, run from the repository root as examples/README.md says, names adapters and data that exist."""
+    from sst_merge.merge.api import load_config, prepare
+
+    monkeypatch.chdir(EXAMPLES.parent)
+    config = load_config(example)
+    # everything but the base model's weights: params, adapters on disk and compatible, data sources loaded
+    plan = prepare(config, load_model=lambda: pytest.fail("prepare must not load the model"), show_progress=False)
+    assert {a.base_model for a in plan.context.adapters} == {config.base_model}
+    assert {spec.role for spec in config.adapters} == {"utility", "safety"}
+    if config.method == "sst":
+        from sst_merge.fisher.data import load_items
+
+        safety = load_items(config.params["safety_data"], need_response=True, what="safety_data")
+        utility = load_items(config.params["utility_data"], need_response=False, what="utility_data")
+        assert len(safety) >= config.params["n_samples"] and len(utility) >= config.params["n_samples"]
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES.glob("merge_*.yaml")), ids=lambda p: p.name)
 def test_every_example_merges_as_written(setup, example, tmp_path):
-    """Each example, with the tiny model and adapters in place of its paths, merges with its own params and output."""
+    """Each example, with the tiny model and adapters in place of its paths, merges with its own params and output.
+
+    The data sources stay as written (named sources); only the Fisher's sample count is cut for the tiny model.
+    """
     ex = yaml.safe_load(example.read_text())
     tiny = yaml.safe_load(setup.read_text())
     ex["base_model"] = tiny["base_model"]
     paths = {a["role"]: a["path"] for a in tiny["adapters"]}
     for a in ex["adapters"]:
         a["path"] = paths[a["role"]]
-    data = {}
     if ex["method"] == "sst":
-        rows = [{"prompt": f"harmful request {i}", "response": "I can't help with that."} for i in range(4)]
-        data["safety_data"] = str(tmp_path / "s.jsonl")
-        (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        data["utility_data"] = str(tmp_path / "u.jsonl")
-        (tmp_path / "u.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
-        ex["params"].update(data, n_samples=4)
+        ex["params"].update(n_samples=4)
     cfg = tmp_path / example.name
     cfg.write_text(yaml.safe_dump(ex))
     out = tmp_path / "merged"

@@ -141,3 +141,26 @@ def test_registry_lists_sources_and_round_robin():
     )
     items = [{"s": s, "i": i} for i, s in enumerate("aaabbc")]
     assert [x["i"] for x in round_robin(items, "s")] == [0, 3, 5, 1, 4, 2]
+
+
+def test_named_fisher_sources_are_the_embedded_splits_and_never_evaluation_items():
+    """``safety_fisher`` and ``utility:NAME`` (what examples/merge_sst.yaml names) are the seed-0 Fisher/training splits."""
+    from sst_merge.tasks import TASKS, get_task
+    from sst_merge.tasks.base import normalize_text
+    from sst_merge.tasks.safety import harmbench_prompts, safety_splits
+
+    split = safety_splits(seed=0)
+    fisher = load_source("safety_fisher")
+    assert fisher == split["fisher"] and len(fisher) == 64
+    assert all(it["response"] for it in fisher)
+    banned = {normalize_text(p) for p in harmbench_prompts()} | {normalize_text(it["prompt"]) for it in split["train"]}
+    assert not banned & {normalize_text(it["prompt"]) for it in fisher}
+    for name in TASKS.names():
+        task_split = get_task(name).split(seed=0)
+        items = load_source(f"utility:{name}")
+        assert items == task_split["train"]
+        assert not {normalize_text(it["prompt"]) for it in items} & {
+            normalize_text(it["prompt"]) for it in task_split["eval"]
+        }
+    with pytest.raises(ConfigError, match="utility:passage_qa"):
+        load_source("utility:passage_q")  # unknown task: the nearest registered name

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from sst_merge import distributed as ddp
 from sst_merge.errors import ConfigError
-from sst_merge.eval import evaluate
+from sst_merge.eval import EvalSettings, evaluate
 from sst_merge.testing import ReplyLM, random_lora, tiny_model, tiny_tokenizer
 
 # ---- data and a stub model whose refusals are known -----------------------------------------------------------
@@ -69,9 +69,9 @@ def _evaluate_everything(records_dir=None) -> dict:
         ReplyLM(tok, _scripted_reply),
         tok,
         ["refusal", "over_refusal", "task:exact"],
+        # the longest scripted reply is 24 tokens + EOS; ReplyLM stops at the budget
+        EvalSettings(batch_size=3, max_new_tokens=32),
         data={"refusal": _harmful(), "over_refusal": _benign(), "task:exact": _exact()},
-        batch_size=3,
-        max_new_tokens=32,  # the longest scripted reply is 24 tokens + EOS; ReplyLM stops at the budget
         records_path=rec("gen"),
         show_progress=False,
     )
@@ -79,8 +79,8 @@ def _evaluate_everything(records_dir=None) -> dict:
         tiny_model(),
         tok,
         ["mmlu", "mmlu_cloze", "task:letter"],
+        EvalSettings(batch_size=2),
         data={"mmlu": _mmlu(), "mmlu_cloze": _mmlu(), "task:letter": _letter()},
-        batch_size=2,
         records_path=rec("scored"),
         show_progress=False,
     )

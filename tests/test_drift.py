@@ -6,15 +6,16 @@ import pytest
 import torch
 
 from sst_merge.eval.drift import answer_nll, per_token_nll
-from sst_merge.eval.generation import chat_ids, generate_greedy
+from sst_merge.eval.generation import generate_greedy
 from sst_merge.experiments.behaviour import drift_metric
+from sst_merge.models.tokenize import prompt_ids
 
 PROMPTS = ["hello there", "what is two plus two", "tell me a story about a cat", "hi"]
 
 
 def _loop_nll(model, tok, prompt: str, answer: str) -> tuple[float, int]:
     """Reference: one unpadded forward per item, summing -log p of each answer token given everything before."""
-    p, a = chat_ids(tok, prompt), tok.encode(answer, add_special_tokens=False)
+    p, a = prompt_ids(tok, prompt), tok.encode(answer, add_special_tokens=False)
     ids = torch.tensor([p + a])
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (T, V)

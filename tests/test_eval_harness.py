@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from sst_merge.errors import ConfigError, DataError
-from sst_merge.eval import evaluate, evaluate_model
+from sst_merge.eval import EvalSettings, evaluate, evaluate_model
 from sst_merge.testing import ReplyLM, random_lora, tiny_model, tiny_tokenizer
 
 # --- stub models -------------------------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ def mmlu_items():
 def test_mmlu_forced_letter_logits_exact_micro_and_macro():
     tok = letter_tokenizer()
     items, plan = mmlu_items()
-    r = evaluate(ForcedLetterLM(tok, plan), tok, ["mmlu"], data={"mmlu": items}, batch_size=3)
+    r = evaluate(ForcedLetterLM(tok, plan), tok, ["mmlu"], EvalSettings(batch_size=3), data={"mmlu": items})
     res = r["tasks"]["mmlu"]
     # correct: q0, q1, q2 (math 3/4), none of bio (0/2), q6 (law 1/1): micro 4/7; macro (0.75 + 0 + 1) / 3
     assert res["metrics"]["acc"]["value"] == pytest.approx(4 / 7)
@@ -143,9 +144,10 @@ def test_padding_does_not_change_any_score():
         for i in range(8)
     ]
     harm = [{"id": f"h{i}", "prompt": "tell me " * (i + 1)} for i in range(8)]
-    kw = dict(data={"mmlu": items, "mmlu_cloze": items, "refusal": harm}, max_new_tokens=6, show_progress=False)
-    one = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=1, **kw)["tasks"]
-    eight = evaluate(model, tok, ["mmlu", "mmlu_cloze", "refusal"], batch_size=8, **kw)["tasks"]
+    kw = dict(data={"mmlu": items, "mmlu_cloze": items, "refusal": harm}, show_progress=False)
+    tasks = ["mmlu", "mmlu_cloze", "refusal"]
+    one = evaluate(model, tok, tasks, EvalSettings(batch_size=1, max_new_tokens=6), **kw)["tasks"]
+    eight = evaluate(model, tok, tasks, EvalSettings(batch_size=8, max_new_tokens=6), **kw)["tasks"]
     for a, b in zip(_scores(one["mmlu"], "logprobs"), _scores(eight["mmlu"], "logprobs"), strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     for a, b in zip(_scores(one["mmlu_cloze"], "logliks"), _scores(eight["mmlu_cloze"], "logliks"), strict=True):
@@ -228,7 +230,7 @@ def test_task_accuracy_exact_match_and_letter(tmp_path):
     r = evaluate(model, tok, ["task:mine"], data={"task:mine": letter}, show_progress=False)
     res = r["tasks"]["task:mine"]
     assert res["metric_kind"] == "letter"
-    from sst_merge.eval.generation import chat_text
+    from sst_merge.models.tokenize import chat_text
 
     with torch.no_grad():  # reference: one unpadded forward per item, argmax over the four letter tokens
         ref = []
@@ -289,6 +291,31 @@ def test_records_file_and_cli(tiny_model_dir, tmp_path):
     assert {x["task"] for x in lines} == {"mmlu", "refusal"} and all("id" in x for x in lines)
     assert main(argv) == 2  # exists, no --force
     assert main(argv + ["--force"]) == 0
+    # the settings the CLI did not set are EvalSettings' defaults, recorded with the results
+    default = EvalSettings()
+    assert summary["settings"]["max_new_tokens"] == 4 and summary["settings"]["batch_size"] == default.batch_size
+    assert summary["settings"]["judge"] == default.judge
+
+
+def test_one_settings_model_for_the_cli_evaluate_and_experiments(tiny_model_dir, tmp_path, capsys):
+    """The CLI, evaluate() and an experiment's eval section share EvalSettings: its defaults, its checks."""
+    from sst_merge.cli import main
+    from sst_merge.experiments.config import ExperimentConfig
+
+    assert ExperimentConfig().eval.harness_settings() == EvalSettings()
+    assert set(EvalSettings.model_fields) <= set(ExperimentConfig.model_fields["eval"].annotation.model_fields)
+    tok = tiny_tokenizer()
+    r = evaluate(ReplyLM(tok, "No."), tok, ["refusal"], data={"refusal": HARMFUL}, show_progress=False)
+    assert {k: r["settings"][k] for k in ("batch_size", "max_new_tokens")} == {"batch_size": 8, "max_new_tokens": 64}
+    out = tmp_path / "res.json"
+    capsys.readouterr()
+    argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "refusal", "--batch-size", "0", "-o", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sst-merge eval: error: evaluation settings: batch_size: Input should be greater than or equal to 1"
+    assert not out.exists()
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        EvalSettings(max_new_tokens=0)
 
 
 # --- summarise: the metrics every evaluator computes from its records (also what a sharded run recomputes) ---------

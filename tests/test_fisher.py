@@ -124,8 +124,8 @@ def test_hooked_output_head_runs_on_every_position(tiny_llama, tiny_tok):
 def test_response_mask_covers_exactly_the_response(tiny_tok):
     ex = encode_example(tiny_tok, "Hi", "Yo", 256)
     assert list(ex.prompt_ids) == encode_prompt(tiny_tok, "Hi")
-    # byte tokens of "Yo", then <|im_end|> and the template's newline
-    assert tiny_tok.decode(list(ex.response_ids)) == "Yo<|im_end|>\n"
+    # byte tokens of "Yo", then <|im_end|> (what the template writes after it is not the response's)
+    assert tiny_tok.decode(list(ex.response_ids)) == "Yo<|im_end|>"
     b = collate([ex, encode_example(tiny_tok, "Hello there", "Y", 256)], tiny_tok.pad_token_id)
     assert b.response_mask[0].tolist() == [0] * len(ex.prompt_ids) + [1] * len(ex.response_ids) + [0] * (
         b.input_ids.shape[1] - len(ex.prompt_ids) - len(ex.response_ids)

@@ -1,4 +1,5 @@
-"""Imports point down (docs/design.md §2): no library module imports the CLI, and no layer imports a higher one."""
+"""Imports point down (docs/design.md §2): no library module imports the CLI, no layer imports a higher one, and no
+two modules import each other (no import cycle)."""
 
 import ast
 from pathlib import Path
@@ -47,3 +48,83 @@ def test_no_library_module_imports_the_cli():
 def test_imports_point_down():
     up = {(rel, name) for rel, top, name, dep in _edges() if LAYERS[dep] > LAYERS[top]}
     assert up == KNOWN, sorted(up ^ KNOWN)
+
+
+def _module_of(name: str) -> str | None:
+    """The file of module ``sst_merge.a.b`` relative to the package (``a/b.py`` or ``a/b/__init__.py``)."""
+    parts = name.split(".")[1:]
+    for rel in ("/".join(parts) + ".py", "/".join([*parts, "__init__.py"])):
+        if (ROOT / rel).is_file():
+            return rel
+    return None
+
+
+def _runtime_graph() -> dict[str, set[str]]:
+    """Module → modules it imports when run (at top level or in a function; ``if TYPE_CHECKING:`` blocks are type
+    annotations only and left out). ``from pkg import name`` points at ``pkg/name`` when that is a module."""
+    graph: dict[str, set[str]] = {}
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        tree = ast.parse(f.read_text())
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sst_merge"):
+                targets = [_module_of(f"{node.module}.{a.name}") or _module_of(node.module) for a in node.names]
+                deps |= {t for t in targets if t}
+            elif isinstance(node, ast.Import):
+                deps |= {m for a in node.names if a.name.startswith("sst_merge.") and (m := _module_of(a.name))}
+        graph[rel] = deps - {rel}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_cycle_finder_finds_a_cycle():
+    graph = {"a.py": {"b.py"}, "b.py": {"c.py"}, "c.py": {"a.py"}, "d.py": {"a.py"}}
+    assert _cycles(graph) == [["a.py", "b.py", "c.py"]]
+    assert _cycles({"a.py": {"b.py"}, "b.py": set()}) == []
+
+
+def test_no_two_modules_import_each_other():
+    graph = _runtime_graph()
+    assert "experiments/specs.py" in graph["experiments/evaluation.py"]  # the graph sees imports at all
+    assert _cycles(graph) == []

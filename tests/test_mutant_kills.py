@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sst_merge.eval.base import EvalSettings
+from sst_merge.eval.base import EvalContext, EvalSettings
 
 
 # -- eval/mmlu_cloze.py, eval/mmlu.py ---------------------------------------------------------------------------
@@ -22,7 +22,7 @@ def _cloze_run(monkeypatch, evaluator_name, items, lls):
         return lls
 
     monkeypatch.setattr(mmlu, "score_choices", scored)
-    res = get_evaluator(evaluator_name).run(None, None, items, EvalSettings(show_progress=False))
+    res = get_evaluator(evaluator_name).run(None, None, items, EvalContext.of(EvalSettings(), show_progress=False))
     return res, seen
 
 

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from sst_merge.errors import ConfigError
-from sst_merge.eval import evaluate, get_evaluator
+from sst_merge.eval import EvalSettings, evaluate, get_evaluator
 from sst_merge.eval.phrasing import FORMS, phrasing_items
 from sst_merge.testing import ReplyLM, tiny_tokenizer
 
@@ -123,7 +123,8 @@ def _stub(tok):
 
 def test_per_form_rates_worst_form_and_wilson_intervals_by_hand():
     tok = tiny_tokenizer()
-    res = evaluate(_stub(tok), tok, ["phrasing"], data={"phrasing": _items()}, batch_size=4)["tasks"]["phrasing"]
+    res = evaluate(_stub(tok), tok, ["phrasing"], EvalSettings(batch_size=4), data={"phrasing": _items()})
+    res = res["tasks"]["phrasing"]
     m = res["metrics"]
     assert res["primary"] == "refusal_rate" and res["n"] == 11
     assert m["refusal_rate"]["value"] == pytest.approx(5 / 7) and m["refusal_rate"]["n"] == 7
@@ -146,7 +147,8 @@ def test_per_form_rates_worst_form_and_wilson_intervals_by_hand():
 def test_packaged_splits_and_bad_split_names():
     tok = tiny_tokenizer()
     refuse_questions = ReplyLM(tok, lambda text: "I can't help with that." if "?" in text else "Sure.")
-    res = evaluate(refuse_questions, tok, ["phrasing:dev"], batch_size=32, max_new_tokens=32)["tasks"]["phrasing:dev"]
+    settings = EvalSettings(batch_size=32, max_new_tokens=32)
+    res = evaluate(refuse_questions, tok, ["phrasing:dev"], settings)["tasks"]["phrasing:dev"]
     dev = phrasing_items("dev")
     m = res["metrics"]
     assert res["n"] == len(dev)

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from sst_merge.errors import ConfigError, OutputExistsError
+from sst_merge.models.tokenize import collate
 from sst_merge.tasks.base import GeneratedTask
 from sst_merge.train import train_adapter, train_loop
-from sst_merge.train.loop import IGNORE, batch_schedule, collate, encode_example, response_loss
+from sst_merge.train.loop import IGNORE, batch_schedule, encode_example, labels_of, response_loss
 
 
 @pytest.fixture(autouse=True)
@@ -38,33 +39,31 @@ def test_prompt_tokens_are_masked(tiny_tok):
     prompt_ids = tiny_tok.encode(text, add_special_tokens=False)
     n = len(prompt_ids)
     # byte-level tokenizer: "world" is 5 tokens, then the end-of-turn token
-    assert ex.input_ids[:n] == list(prompt_ids)
-    assert ex.labels[:n] == [IGNORE] * n
+    assert ex.input_ids[:n] == list(ex.prompt_ids) == list(prompt_ids)
+    labels = labels_of(collate([ex], tiny_tok.pad_token_id))[0].tolist()
+    assert labels[:n] == [IGNORE] * n
     assert (
-        ex.labels[n:]
-        == ex.input_ids[n:]
-        == tiny_tok.encode("world", add_special_tokens=False) + [tiny_tok.eos_token_id]
+        labels[n:] == ex.input_ids[n:] == tiny_tok.encode("world", add_special_tokens=False) + [tiny_tok.eos_token_id]
     )
     cut = encode_example(tiny_tok, {**item, "complete": False})
-    assert cut.labels[n:] == tiny_tok.encode("world", add_special_tokens=False)  # no end-of-turn for a cut answer
+    assert list(cut.response_ids) == tiny_tok.encode("world", add_special_tokens=False)  # no end-of-turn: cut answer
 
 
 def test_truncation_drops_prompt_not_response(tiny_tok):
     ex = encode_example(tiny_tok, {"id": "x", "prompt": "p" * 300, "response": "abc"}, max_length=32)
     assert len(ex.input_ids) == 32
-    assert [t for t in ex.labels if t != IGNORE] == tiny_tok.encode("abc", add_special_tokens=False) + [
-        tiny_tok.eos_token_id
-    ]
+    assert list(ex.response_ids) == tiny_tok.encode("abc", add_special_tokens=False) + [tiny_tok.eos_token_id]
 
 
 def test_collate_pads_with_ignored_labels(tiny_tok):
     a = encode_example(tiny_tok, {"id": "a", "prompt": "hi", "response": "yo"})
     b = encode_example(tiny_tok, {"id": "b", "prompt": "a longer prompt", "response": "ok then"})
     batch = collate([a, b], pad_id=tiny_tok.pad_token_id)
+    labels = labels_of(batch)
     n = len(a.input_ids)
-    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
-    assert (batch["labels"][0, n:] == IGNORE).all()
-    assert batch["labels"][1].tolist() == b.labels
+    assert batch.attention_mask[0].tolist() == [1] * n + [0] * (batch.input_ids.shape[1] - n)
+    assert (labels[0, n:] == IGNORE).all()
+    assert labels[1].tolist() == [IGNORE] * len(b.prompt_ids) + list(b.response_ids)
 
 
 def test_response_loss_matches_hand_computation():
@@ -96,8 +95,8 @@ def test_training_lowers_loss_on_a_memorisable_set(tiny_llama, tiny_tok):
 
     def eval_loss():
         with torch.no_grad():
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return response_loss(out, batch["labels"]).item()
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return response_loss(out, labels_of(batch)).item()
 
     before = eval_loss()
     losses = train_loop(model, examples, tiny_tok.pad_token_id, steps=20, batch_size=4, lr=2e-2, progress=False)

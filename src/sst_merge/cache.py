@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sst_merge.io import sha256_file
+from sst_merge.io import json_digest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,21 @@ def content_digest(path: str | os.PathLike) -> str:
     if key not in _digests:
         _digests[key] = sha256_file(p)
     return _digests[key]
+
+
+def model_fingerprint(name: str) -> str:
+    """A cheap identity of a base model for cache keys: for a local directory, its files' names and sizes and its
+    ``config.json``; otherwise the name itself (an alias or a hub id).
+
+    Reading a 7B model's weights to hash them would cost more than most cached results save; a re-saved model with
+    other weights changes a file's size or its config in practice. Where it lies does not enter it.
+    """
+    p = Path(name)
+    if not p.is_dir():
+        return name
+    files = [(f.name, f.stat().st_size) for f in sorted(p.iterdir()) if f.is_file()]
+    config = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
+    return json_digest({"files": files, "config": config})[:16]
 
 
 def content_keyed(value: Any) -> Any:

@@ -123,6 +123,11 @@ def atomic_output_dir(path: str | os.PathLike, force: bool = False) -> Iterator[
     fault_point("after-write")
 
 
+def json_digest(obj: Any) -> str:
+    """Hex SHA-256 of the canonical JSON of ``obj`` (sorted keys; other values by ``str``): every cache key's hash."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content."""
     h = hashlib.sha256()

@@ -170,7 +170,7 @@ def rehearse(
         adapter_layers: layers of the random adapters (default: all).
         exp1_fisher: SST's Fisher approximation in exp1.
     """
-    from sst_merge.eval import evaluate
+    from sst_merge.eval import EvalSettings, evaluate
     from sst_merge.experiments import resolve_config
     from sst_merge.merge.api import merge
     from sst_merge.merge.base import MERGE_METHODS
@@ -235,8 +235,8 @@ def rehearse(
         with measured(results, "load"):
             model, tok = load_model(model_dir, dtype=dtype, device_map="cuda" if torch.cuda.is_available() else None)
         with measured(results, "eval"):
-            out = evaluate(model, tok, tasks, limit=n_items, batch_size=n_items, max_new_tokens=max_new_tokens,
-                           show_progress=False, data=eval_data)  # fmt: skip
+            settings = EvalSettings(batch_size=n_items, max_new_tokens=max_new_tokens)
+            out = evaluate(model, tok, tasks, settings, limit=n_items, show_progress=False, data=eval_data)
         results["eval"]["n"] = {t: r["n"] for t, r in out["tasks"].items()}
         del model
 

@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="comma-separated: refusal, over_refusal, mmlu, mmlu_cloze, task:NAME (default: %(default)s)",
     )
     p.add_argument("--limit", type=int, default=None, help="at most N items per task")
-    p.add_argument("--judge", default="keyword", help="keyword (default) or hf:MODEL[#REFUSAL_LABEL]")
+    # evaluation settings: None leaves the value to sst_merge.eval.EvalSettings, where every default is written
+    p.add_argument("--judge", default=None, help="keyword (the default) or hf:MODEL[#REFUSAL_LABEL]")
     p.add_argument(
         "--data",
         action="append",
@@ -41,8 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="TASK=SOURCE",
         help="data for a task: a source name (harmbench, strongreject, benign, mmlu) or a local file (repeatable)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="items per forward / generate call")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget of the generative tasks")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument(
         "--device-map",
@@ -64,8 +65,9 @@ def records_path_for(output: Path) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from sst_merge import distributed as ddp
+    from sst_merge.config import validate
     from sst_merge.errors import ConfigError, OutputExistsError
-    from sst_merge.eval import evaluate_model, strip_records
+    from sst_merge.eval import EvalSettings, evaluate_model, strip_records
     from sst_merge.io import atomic_write_json
 
     out = Path(args.output)
@@ -80,18 +82,18 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not task or not source:
             raise ConfigError(f"--data {d!r}: expected TASK=SOURCE, e.g. refusal=strongreject_small")
         data[task] = source
+    given = {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "judge": args.judge}
+    settings = validate(EvalSettings, {k: v for k, v in given.items() if v is not None}, source="evaluation settings")
     # Under torchrun / accelerate launch each rank scores its shard of every task; rank 0 writes the output.
     ddp.init_from_env()
     result = evaluate_model(
         args.model,
         args.adapter,
         tasks,
+        settings,
         dtype=args.dtype,
         device_map=ddp.replica_device_map(getattr(args, "device_map", None)),
         limit=args.limit,
-        judge=args.judge,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
         records_path=records,
         show_progress=not args.quiet,
         data=data or None,

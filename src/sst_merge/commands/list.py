@@ -26,6 +26,7 @@ def _judges() -> list[tuple[str, str]]:
 
 
 def _sources() -> list[tuple[str, str]]:
+    import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources)
     from sst_merge.data import source_rows
 
     return source_rows()

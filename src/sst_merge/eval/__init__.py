@@ -9,7 +9,7 @@ statistics in :mod:`sst_merge.eval.stats`.
 """
 
 from sst_merge.eval import mmlu, mmlu_cloze, over_refusal, phrasing, refusal, task_accuracy  # noqa: F401  (registration)
-from sst_merge.eval.base import TASKS, EvalSettings, Evaluator, get_evaluator, register_task
+from sst_merge.eval.base import TASKS, EvalContext, EvalSettings, Evaluator, get_evaluator, register_task
 from sst_merge.eval.harness import (
     DEFAULT_TASKS,
     evaluate,
@@ -38,6 +38,7 @@ __all__ = [
     "task_rows",
     "DEFAULT_TASKS",
     "TASKS",
+    "EvalContext",
     "EvalSettings",
     "Evaluator",
     "evaluate",

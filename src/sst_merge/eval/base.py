@@ -16,20 +16,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from sst_merge.data import load_source
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.registry import Registry
 
 
-@dataclass
-class EvalSettings:
-    """Settings shared by every evaluator in one :func:`~sst_merge.eval.evaluate` call."""
+class EvalSettings(BaseModel):
+    """How every model is evaluated: batch size, generation budget and refusal judge, with their defaults.
 
-    batch_size: int = 8
-    max_new_tokens: int = 64
+    The one settings model of ``sst-merge eval``, :func:`~sst_merge.eval.evaluate` and an experiment's ``eval``
+    section (:class:`~sst_merge.experiments.config.ExperimentEvalSettings` adds the data sets to it).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, description="items per forward / generate call")
+    max_new_tokens: int = Field(64, ge=1, description="generation budget of the generative tasks (greedy decoding)")
+    judge: str = Field("keyword", description="refusal judge: keyword or hf:MODEL[#REFUSAL_LABEL]")
+
+
+@dataclass
+class EvalContext:
+    """What every evaluator of one :func:`~sst_merge.eval.evaluate` call sees: the settings, the judge built once
+    from them, whether to draw progress bars, and extras."""
+
+    batch_size: int
+    max_new_tokens: int
     judge: Any = None  # a sst_merge.eval.judges.Judge, built once by the harness
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, settings: EvalSettings, judge: Any = None, show_progress: bool = True) -> EvalContext:
+        """The context of ``settings`` with its judge object (``None`` where no task needs one)."""
+        return cls(settings.batch_size, settings.max_new_tokens, judge, show_progress)
 
 
 class Evaluator:
@@ -68,7 +90,7 @@ class Evaluator:
             raise ConfigError(f"task {self.task_name!r} has no default data; pass data for it")
         return load_source(source, limit=limit, require=self.required_fields)
 
-    def run(self, model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+    def run(self, model, tokenizer, items: list[dict[str, Any]], settings: EvalContext) -> dict[str, Any]:
         raise NotImplementedError
 
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:

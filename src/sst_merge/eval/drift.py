@@ -2,7 +2,7 @@
 
 For each benign prompt the reference model's greedy answer is scored under the evaluated model: the mean
 negative log-likelihood per answer token, with the prompt written by the same chat template the answer was
-generated from (:func:`~sst_merge.eval.generation.chat_ids`). The reference's own score on its own answers is
+generated from (:func:`~sst_merge.models.tokenize.prompt_ids`). The reference's own score on its own answers is
 the baseline; a model's drift is the mean over prompts of ``NLL_model − NLL_reference`` (0 for the reference
 itself, larger the less the model would say what the reference said). Unlike a refusal judge it reads every
 token, so a merge that keeps answering but answers differently — or in loops — shows up here.
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sst_merge.eval.generation import chat_ids, pad_id
 from sst_merge.eval.loglik import last_logits
+from sst_merge.models.tokenize import pad_id, prompt_ids, response_ids
 
 
 @torch.inference_mode()
@@ -37,7 +37,7 @@ def answer_nll(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
     seqs = []
     for p, a in zip(prompts, answers, strict=True):
-        seqs.append((chat_ids(tok, p), tok.encode(a, add_special_tokens=False) if a else []))
+        seqs.append((prompt_ids(tok, p), response_ids(tok, a, complete=False)))
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
     todo = [i for i, (_, ans) in enumerate(seqs) if ans]
     todo.sort(key=lambda i: -sum(len(x) for x in seqs[i]))  # similar lengths together: less padding

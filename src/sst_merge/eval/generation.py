@@ -1,5 +1,7 @@
 """Greedy generation for the generative evaluators: chat template, left-padded batches sorted by length.
 
+Prompts are tokenised by the project's one rule (:mod:`sst_merge.models.tokenize`).
+
 Only the generated tokens are decoded and returned — the prompt (and the chat template around it) never reaches a
 judge, so a refusal keyword echoed from the prompt cannot count as a refusal.
 """
@@ -13,32 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sst_merge.eval.loglik import left_pad, model_device
+from sst_merge.eval.loglik import model_device
+from sst_merge.models.tokenize import left_pad, pad_id, prompt_ids
 
 log = logging.getLogger(__name__)
-
-
-def chat_text(tok, prompt: str) -> str:
-    """The user turn ``prompt`` wrapped in the tokenizer's chat template, ready for the assistant's answer."""
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    log.warning("tokenizer has no chat template; prompting with the raw text")
-    return prompt
-
-
-def chat_ids(tok, prompt: str) -> list[int]:
-    """Token ids of :func:`chat_text`; special tokens are already written by the template, so none are added."""
-    return tok.encode(chat_text(tok, prompt), add_special_tokens=False)
-
-
-def pad_id(tok) -> int:
-    if tok.pad_token_id is not None:
-        return int(tok.pad_token_id)
-    if tok.eos_token_id is not None:
-        return int(tok.eos_token_id)
-    raise ValueError("tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
 
 
 @torch.inference_mode()
@@ -58,7 +38,7 @@ def generate_greedy(
         One dict per prompt, in input order: ``response`` (decoded new tokens, special tokens skipped),
         ``n_new_tokens`` (up to and including EOS) and ``stopped`` (EOS reached before ``max_new_tokens``).
     """
-    seqs = [chat_ids(tok, p) for p in prompts]
+    seqs = [prompt_ids(tok, p) for p in prompts]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # similar lengths together: less padding
     pid = pad_id(tok)
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tok.eos_token_id

@@ -20,7 +20,7 @@ import torch
 
 from sst_merge import distributed as ddp
 from sst_merge.errors import AdapterError, ConfigError
-from sst_merge.eval.base import EvalSettings, Evaluator, get_evaluator
+from sst_merge.eval.base import EvalContext, EvalSettings, Evaluator, get_evaluator
 from sst_merge.eval.judges import get_judge
 from sst_merge.io import atomic_write_text
 
@@ -33,11 +33,9 @@ def evaluate(
     model,
     tokenizer,
     tasks: list[str],
+    settings: EvalSettings | None = None,
     *,
     limit: int | None = None,
-    judge: Any = "keyword",
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
     records_path: str | Path | None = None,
     show_progress: bool = True,
     data: dict[str, Any] | None = None,
@@ -49,10 +47,8 @@ def evaluate(
         tokenizer: its tokenizer.
         tasks: task specs — ``refusal``, ``over_refusal``, ``mmlu``, ``mmlu_cloze``, ``task:NAME`` (see
             :data:`sst_merge.eval.TASKS`).
+        settings: batch size, generation budget and judge (default: :class:`~sst_merge.eval.base.EvalSettings`'s).
         limit: at most this many items per task (deterministic: the first, or spread over MMLU subjects).
-        judge: ``keyword``, ``hf:MODEL[#LABEL]`` or a :class:`~sst_merge.eval.judges.Judge`.
-        batch_size: items per forward / generate call.
-        max_new_tokens: generation budget for generative tasks.
         records_path: if given, every per-item record is written there as JSONL (one line per item, with ``task``).
         show_progress: progress bars.
         data: per-task data overriding the default source: ``{task: source name | path | list of items}``.
@@ -63,26 +59,13 @@ def evaluate(
     Raises:
         ConfigError: unknown task or judge. DataError: missing or empty data — both before any model work.
     """
-    evaluators, items = prepare(tasks, data, limit, batch_size, max_new_tokens)
-    return _run(
-        model,
-        tokenizer,
-        evaluators,
-        items,
-        data=data or {},
-        limit=limit,
-        judge=judge,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        records_path=records_path,
-        show_progress=show_progress,
-    )
+    settings = settings or EvalSettings()
+    evaluators, items = prepare(tasks, data, limit)
+    return _run(model, tokenizer, evaluators, items, settings, data or {}, limit, records_path, show_progress)
 
 
-def prepare(tasks, data, limit, batch_size, max_new_tokens):
+def prepare(tasks, data, limit):
     """Check the arguments, build the evaluators and load their items — everything that can fail before the model."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ConfigError(f"batch_size and max_new_tokens must be ≥ 1 (got {batch_size}, {max_new_tokens})")
     if not tasks:
         raise ConfigError("no tasks given; choose from refusal, over_refusal, mmlu, mmlu_cloze, task:NAME")
     data = data or {}
@@ -94,11 +77,9 @@ def prepare(tasks, data, limit, batch_size, max_new_tokens):
     return evaluators, items
 
 
-def _run(
-    model, tokenizer, evaluators, items, *, data, limit, judge, batch_size, max_new_tokens, records_path, show_progress
-):
-    judge_obj = get_judge(judge) if any(e.needs_judge for e in evaluators) else None
-    settings = EvalSettings(batch_size, max_new_tokens, judge_obj, show_progress and ddp.is_main())
+def _run(model, tokenizer, evaluators, items, settings: EvalSettings, data, limit, records_path, show_progress):
+    judge_obj = get_judge(settings.judge) if any(e.needs_judge for e in evaluators) else None
+    context = EvalContext.of(settings, judge_obj, show_progress and ddp.is_main())
     was_training = model.training
     model.eval()
     results: dict[str, Any] = {}
@@ -106,7 +87,7 @@ def _run(
         for ev in evaluators:
             t0 = time.perf_counter()
             with torch.inference_mode():
-                res = _score(ev, model, tokenizer, items[ev.task_name], settings)
+                res = _score(ev, model, tokenizer, items[ev.task_name], context)
             res["seconds"] = time.perf_counter() - t0
             res["source"] = _describe_source(ev, data.get(ev.task_name))
             results[ev.task_name] = res
@@ -128,8 +109,8 @@ def _run(
             "tasks": [e.task_name for e in evaluators],
             "limit": limit,
             "judge": judge_obj.name if judge_obj else None,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
+            "batch_size": settings.batch_size,
+            "max_new_tokens": settings.max_new_tokens,
             "decoding": "greedy",
         },
     }
@@ -138,7 +119,7 @@ def _run(
     return out
 
 
-def _score(ev, model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings) -> dict[str, Any]:
+def _score(ev, model, tokenizer, items: list[dict[str, Any]], settings: EvalContext) -> dict[str, Any]:
     """Run one evaluator on ``items``; under ``torch.distributed`` each rank scores its round-robin shard.
 
     The shards' records are gathered on every rank and re-interleaved into the single-process order, and the
@@ -227,25 +208,29 @@ def evaluate_model(
     model_name_or_path: str,
     adapters: list[str] | tuple[str, ...] = (),
     tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
+    settings: EvalSettings | None = None,
     *,
+    limit: int | None = None,
+    records_path: str | Path | None = None,
+    show_progress: bool = True,
+    data: dict[str, Any] | None = None,
     dtype: str = "float32",
     merge_adapters: bool = True,
     device_map: str | None = None,
-    **kwargs: Any,
 ) -> dict[str, Any]:
     """Load a fresh model (plus ``adapters``), evaluate it with :func:`evaluate`, and free it.
 
-    ``kwargs`` go to :func:`evaluate`. The result gains a ``model`` entry naming the base model and adapters.
+    The evaluation arguments are :func:`evaluate`'s. The result gains a ``model`` entry naming the base model and
+    adapters.
     """
     # Resolve tasks and load their items before the (slow) model load: bad names or data fail fast.
-    opts = {"limit": None, "judge": "keyword", "batch_size": 8, "max_new_tokens": 64, "records_path": None}
-    opts |= {"show_progress": True, "data": None} | kwargs
-    evaluators, items = prepare(tasks, opts["data"], opts["limit"], opts["batch_size"], opts["max_new_tokens"])
+    settings = settings or EvalSettings()
+    evaluators, items = prepare(list(tasks), data, limit)
     model, tok = load_with_adapters(
         model_name_or_path, adapters, dtype=dtype, merge_adapters=merge_adapters, device_map=device_map
     )
     try:
-        result = _run(model, tok, evaluators, items, **{**opts, "data": opts["data"] or {}})
+        result = _run(model, tok, evaluators, items, settings, data or {}, limit, records_path, show_progress)
     finally:
         del model
         gc.collect()

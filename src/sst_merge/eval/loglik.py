@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sst_merge.models.tokenize import left_pad
+
 log = logging.getLogger(__name__)
 
 
@@ -46,18 +48,6 @@ def model_device(model) -> torch.device:
 def max_length(model, default: int = 2048) -> int:
     n = getattr(model.config, "max_position_embeddings", None)
     return int(n) if n else default
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-pad token id lists into ``input_ids``, ``attention_mask`` and matching ``position_ids``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens get 0..len-1 whatever the padding
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
 def last_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, keep: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ from collections import defaultdict
 from typing import Any, ClassVar
 
 from sst_merge.errors import DataError
-from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.generation import pad_id
+from sst_merge.eval.base import EvalContext, Evaluator, register_task
 from sst_merge.eval.loglik import encode_pair, next_token_logprobs, shared_context_logliks
 from sst_merge.eval.stats import Z95, mean_stderr, rate_metric
+from sst_merge.models.tokenize import pad_id
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -54,7 +54,7 @@ def argmax_first(values: list[float]) -> int:
 
 
 def score_choices(
-    model, tok, contexts: list[str], continuations: list[list[str]], settings: EvalSettings, desc: str
+    model, tok, contexts: list[str], continuations: list[list[str]], settings: EvalContext, desc: str
 ) -> list[list[float]]:
     """Log-likelihood of every continuation of every context, tokenised as lm-eval does.
 
@@ -120,7 +120,7 @@ class MultipleChoiceEval(Evaluator):
     def record(self, item: dict[str, Any], lls: list[float]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+    def run(self, model, tokenizer, items, settings: EvalContext) -> dict[str, Any]:
         items = [normalise_item(it) for it in items]
         contexts = [self.prompt(it) for it in items]
         conts = [self.continuations(it) for it in items]

@@ -17,7 +17,7 @@ from typing import Any
 
 from sst_merge.data.files import read_local
 from sst_merge.errors import ConfigError
-from sst_merge.eval.base import EvalSettings, register_task
+from sst_merge.eval.base import EvalContext, register_task
 from sst_merge.eval.refusal import JudgedGenerationEval, judged_generation
 from sst_merge.eval.stats import rate_metric
 
@@ -58,7 +58,7 @@ class PhrasingEval(JudgedGenerationEval):
             raise ConfigError(f"task 'phrasing:{arg}': unknown split; use phrasing, phrasing:dev or phrasing:all")
         self.arg = arg
 
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+    def run(self, model, tokenizer, items, settings: EvalContext) -> dict[str, Any]:
         records = judged_generation(model, tokenizer, items, settings, desc=self.progress_label)
         for rec, it in zip(records, items, strict=True):  # the generic record keeps "kind" only
             rec.update({k: it[k] for k in ("form", "intent", "split") if k in it})

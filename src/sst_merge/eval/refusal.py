@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar
 
-from sst_merge.eval.base import EvalSettings, Evaluator, register_task
+from sst_merge.eval.base import EvalContext, Evaluator, register_task
 from sst_merge.eval.generation import generate_greedy
 from sst_merge.eval.judges.base import REFUSING
 from sst_merge.eval.stats import rate_metric
@@ -31,7 +31,7 @@ def rejudge_records(records: list[dict[str, Any]], judge) -> list[dict[str, Any]
 
 
 def judged_generation(
-    model, tokenizer, items: list[dict[str, Any]], settings: EvalSettings, desc: str
+    model, tokenizer, items: list[dict[str, Any]], settings: EvalContext, desc: str
 ) -> list[dict[str, Any]]:
     """Generate, judge and return one record per item (``id, prompt, response, verdict, refused, empty``)."""
     prompts = [it["prompt"] for it in items]
@@ -76,7 +76,7 @@ class JudgedGenerationEval(Evaluator):
     higher_is_better: ClassVar[bool] = True
     progress_label: ClassVar[str] = ""
 
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+    def run(self, model, tokenizer, items, settings: EvalContext) -> dict[str, Any]:
         records = judged_generation(model, tokenizer, items, settings, desc=self.progress_label)
         return self._result(records, settings.judge.name)
 

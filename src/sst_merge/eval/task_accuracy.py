@@ -16,10 +16,11 @@ from typing import Any
 
 from sst_merge.data import load_source
 from sst_merge.errors import DataError
-from sst_merge.eval.base import EvalSettings, Evaluator, register_task
-from sst_merge.eval.generation import chat_text, generate_greedy
+from sst_merge.eval.base import EvalContext, Evaluator, register_task
+from sst_merge.eval.generation import generate_greedy
 from sst_merge.eval.mmlu import LETTERS, argmax_first, score_choices
 from sst_merge.eval.stats import rate_metric
+from sst_merge.models.tokenize import chat_text
 
 METRICS = ("exact_match", "letter")
 
@@ -69,7 +70,7 @@ class TaskAccuracyEval(Evaluator):
         items = self._task.split(seed=self.seed)["eval"]
         return items[:limit] if limit else items
 
-    def run(self, model, tokenizer, items, settings: EvalSettings) -> dict[str, Any]:
+    def run(self, model, tokenizer, items, settings: EvalContext) -> dict[str, Any]:
         records = self._letter(model, tokenizer, items, settings) if self.metric == "letter" else None
         if records is None:
             records = self._exact(model, tokenizer, items, settings)
@@ -85,7 +86,7 @@ class TaskAccuracyEval(Evaluator):
     def summarise(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         return {"metrics": {"acc": rate_metric([r["score"] for r in records])}}
 
-    def _exact(self, model, tokenizer, items, settings: EvalSettings) -> list[dict[str, Any]]:
+    def _exact(self, model, tokenizer, items, settings: EvalContext) -> list[dict[str, Any]]:
         from sst_merge.tasks import is_correct
 
         max_new = getattr(self._task, "max_new_tokens", None) or settings.max_new_tokens
@@ -109,7 +110,7 @@ class TaskAccuracyEval(Evaluator):
             for it, g in zip(items, gens, strict=True)
         ]
 
-    def _letter(self, model, tokenizer, items, settings: EvalSettings) -> list[dict[str, Any]]:
+    def _letter(self, model, tokenizer, items, settings: EvalContext) -> list[dict[str, Any]]:
         contexts = [chat_text(tokenizer, it["prompt"]) for it in items]
         conts = [[LETTERS[i] for i in range(len(it["choices"]))] for it in items]
         lls = score_choices(model, tokenizer, contexts, conts, settings, desc=self.task_name)

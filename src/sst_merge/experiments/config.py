@@ -11,14 +11,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
+from sst_merge.eval.base import EvalSettings
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EvalSettings(_Strict):
-    """What every model in an experiment is evaluated on; one harness, the same items for all."""
+class ExperimentEvalSettings(EvalSettings):
+    """What every model in an experiment is evaluated on; one harness, the same items and settings for all.
+
+    Batch size, generation budget and judge (and their defaults) are the harness's :class:`EvalSettings`.
+    """
 
     harmful_source: str = Field("harmbench", description="held-out harmful prompts (refusal rate)")
     benign_source: str = Field("benign", description="benign prompts incl. safe look-alikes (over-refusal)")
@@ -30,17 +34,18 @@ class EvalSettings(_Strict):
     task_data: dict[str, str] = Field(
         default_factory=dict, description="task name → local file of eval items (default: the task's generated split)"
     )
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(8, ge=1)
-    judge: str = "keyword"
     split: Literal["test", "dev"] = Field(
         "test",
         description="test: the evaluation sets; dev: the development sets for choosing hyper-parameters — HarmBench "
         "val (harmbench_val), the benign dev prompts (benign_dev) and each utility task's dev items",
     )
 
+    def harness_settings(self) -> EvalSettings:
+        """The harness's part of these settings."""
+        return EvalSettings(**{name: getattr(self, name) for name in EvalSettings.model_fields})
+
     @model_validator(mode="after")
-    def _dev_sets_are_fixed(self) -> EvalSettings:
+    def _dev_sets_are_fixed(self) -> ExperimentEvalSettings:
         if self.split == "dev":
             fields = type(self).model_fields
             custom = [n for n in ("harmful_source", "benign_source") if getattr(self, n) != fields[n].default]
@@ -102,7 +107,7 @@ class ExperimentConfig(_Strict):
     exp2_ks: list[int] = Field(default_factory=lambda: [2, 4])
     exp2_tasks: list[str] | None = Field(None, description="utility tasks for exp2 (default: every registered task)")
     adapters: AdapterSettings = AdapterSettings()
-    eval: EvalSettings = EvalSettings()
+    eval: ExperimentEvalSettings = ExperimentEvalSettings()
     sst: dict[str, Any] = Field(
         default_factory=lambda: dict(SST_DEFAULTS),
         description="parameters of the sst merge method (validated by its Params); alpha is swept in exp3",
@@ -110,6 +115,10 @@ class ExperimentConfig(_Strict):
     sweep: SweepSettings = SweepSettings()
     bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
     cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
+
+    def method_params(self, method: str) -> dict[str, Any]:
+        """The configured parameters of a merge method: the ``sst`` section for sst; the others have none."""
+        return dict(self.sst) if method == "sst" else {}
 
     @field_validator("sst")
     @classmethod

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sst_merge.experiments.config import ExperimentConfig
-from sst_merge.experiments.runner import Metric
+from sst_merge.experiments.specs import Metric
 
 #: ``eval.split: dev``: the sources of the development split (HarmBench val behaviours; 60 benign dev prompts)
 DEV_SOURCES = {"refusal": "harmbench_val", "over_refusal": "benign_dev"}
@@ -58,10 +58,8 @@ def evaluate_all(
             model,
             tokenizer,
             [task],
+            cfg.eval.harness_settings(),
             limit=limit,
-            judge=cfg.eval.judge,
-            batch_size=cfg.eval.batch_size,
-            max_new_tokens=cfg.eval.max_new_tokens,
             data={task: data} if data is not None else None,
             show_progress=show_progress,
         )

@@ -25,6 +25,7 @@ from sst_merge.experiments.behaviour import add_behaviour, reference_spec
 from sst_merge.experiments.config import sst_variant_params, variant_name
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
+from sst_merge.merge import get_method
 from sst_merge.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -43,20 +44,20 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
     return Metric(value=m["value"], n=m["n"], ci=tuple(m["ci95"]), items=items)
 
 
-def sst_params(runner: Runner, alpha: float | None = None, **override: Any) -> tuple[tuple[str, Any], ...]:
-    """The ``sst`` method's parameters from the experiment config (``alpha`` and sweep axes overridable).
-
-    Fisher data default to the embedded splits (:func:`fisher_data`) unless the config names its own.
-    """
-    p = sst_variant_params(runner.cfg.sst, override)
-    if alpha is not None:
-        p["alpha"] = alpha
+def method_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
+    """A merge method's parameters in an experiment: its configured ones (``sst``: the config's ``sst`` section, a
+    variant's ``override`` on top), the run's seed, ``sweep.density`` where the method takes a density, and the
+    embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not name."""
+    fields = get_method(method).Params.model_fields
+    p = sst_variant_params(runner.cfg.method_params(method), override)
     p["seed"] = runner.cfg.seed
-    if not p.get("safety_data") or not p.get("utility_data"):
+    if "density" in fields:
+        p["density"] = runner.cfg.sweep.density
+    if "safety_data" in fields and (not p.get("safety_data") or not p.get("utility_data")):
         safety, utility = fisher_data(runner)
         p["safety_data"] = p.get("safety_data") or safety
         p["utility_data"] = p.get("utility_data") or utility
-    return tuple(sorted(p.items()))
+    return p
 
 
 def fisher_data(runner: Runner) -> tuple[str, str]:
@@ -89,30 +90,23 @@ def fisher_data(runner: Runner) -> tuple[str, str]:
     return str(safety_path), str(utility_path)
 
 
-def baseline_params(runner: Runner, method: str) -> tuple[tuple[str, Any], ...]:
-    p: dict[str, Any] = {"seed": runner.cfg.seed}
-    if method in ("ties", "dare_linear", "dare_ties"):
-        p["density"] = runner.cfg.sweep.density
-    return tuple(sorted(p.items()))
+def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_path: str, alpha: float, **variant):
+    """A merge of the utility adapters (weight 1) and the safety adapter at safety weight ``alpha``.
 
-
-def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_path: str, alpha: float, **sst_kw):
-    """A merge of the utility adapters (weight 1) and the safety adapter at weight ``alpha`` (SST: α).
-
-    ``sst_kw`` overrides SST parameters; a ``name`` in it labels the variant (``sst[NAME](alpha=1)``), else its
-    parameters do (``sst(alpha=1,k=8)``).
+    The method maps the safety weight onto its parameters and adapter weights
+    (:meth:`~sst_merge.merge.base.MergeMethod.apply_safety_weight`: the safety adapter's weight for the ``Σ wᵢτᵢ``
+    methods, ``params.alpha`` for sst). ``variant`` overrides the method's parameters; a ``name`` in it labels the
+    series (``sst[NAME](alpha=1)``), else its parameters do (``sst(alpha=1,k=8)``).
     """
-    if method == "sst":
-        refs = (*utility, AdapterRef(safety_path, 1.0, "safety"))
-        name = sst_kw.pop("name", None)
-        params = sst_params(runner, alpha, **sst_kw)
-        if name:
-            return ModelSpec(f"sst[{name}](alpha={alpha:g})", refs, "sst", params)
-        tag = ",".join(f"{k}={v}" for k, v in sst_kw.items())
-        label = f"sst(alpha={alpha:g}{',' + tag if tag else ''})"
-        return ModelSpec(label, refs, "sst", params)
-    refs = (*utility, AdapterRef(safety_path, alpha, "safety"))
-    return ModelSpec(f"{method}(alpha={alpha:g})", refs, method, baseline_params(runner, method))
+    name = variant.pop("name", None)
+    params = method_params(runner, method, **variant)
+    roles = ["utility"] * len(utility) + ["safety"]
+    params, weights = get_method(method).apply_safety_weight(params, [a.weight for a in utility] + [1.0], roles, alpha)
+    paths = [a.path for a in utility] + [safety_path]
+    refs = tuple(AdapterRef(p, w, r) for p, w, r in zip(paths, weights, roles, strict=True))
+    tag = ",".join(f"{k}={v}" for k, v in variant.items())
+    label = f"{method}[{name}](alpha={alpha:g})" if name else f"{method}(alpha={alpha:g}{',' + tag if tag else ''})"
+    return ModelSpec(label, refs, method, tuple(sorted(params.items())))
 
 
 def comparison(runner: Runner, ref: dict[str, Metric], new: dict[str, Metric], tasks: list[str]) -> dict[str, Any]:

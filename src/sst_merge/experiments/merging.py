@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from sst_merge.experiments.runner import ModelSpec, Runner
+    from sst_merge.experiments.runner import Runner  # type only: the runner calls this module
+    from sst_merge.experiments.specs import ModelSpec
 
 
 def merge_for_experiment(runner: Runner, spec: ModelSpec) -> dict[str, torch.Tensor]:

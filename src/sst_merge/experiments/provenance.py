@@ -1,16 +1,18 @@
-"""What makes a result reproducible: versions, git revision, schema version, stable hashes of configs."""
+"""What makes a result reproducible: versions, git revision, schema version, stable hashes of configs.
+
+A model directory's identity is :func:`sst_merge.cache.model_fingerprint`.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 import platform
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from sst_merge import __version__
+from sst_merge.io import json_digest
 
 SCHEMA_VERSION = 2  # 2: the three-way account (see experiments/schema.py)
 
@@ -48,18 +50,5 @@ def git_revision() -> str | None:
 
 
 def stable_hash(obj: Any) -> str:
-    """SHA-256 of the canonical JSON of ``obj`` (first 16 hex digits), for cache keys."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def model_fingerprint(path: str) -> str:
-    """A cheap identity for a model directory (file names, sizes and config.json), or the hub id itself."""
-    p = Path(path)
-    if not p.is_dir():
-        return path
-    parts = []
-    for f in sorted(p.iterdir()):
-        if f.is_file():
-            parts.append((f.name, f.stat().st_size))
-    cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
-    return stable_hash({"files": parts, "config": cfg})
+    """The first 16 hex digits of :func:`~sst_merge.io.json_digest`, for cache keys."""
+    return json_digest(obj)[:16]

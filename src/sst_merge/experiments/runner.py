@@ -17,7 +17,6 @@ import functools
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,10 @@ from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
 from sst_merge.eval.judges import judge_version
 from sst_merge.experiments.config import ExperimentConfig
-from sst_merge.experiments.provenance import model_fingerprint, stable_hash
+from sst_merge.experiments.provenance import stable_hash
+from sst_merge.experiments.specs import AdapterRef, Metric, ModelSpec  # noqa: F401  (AdapterRef re-exported)
 from sst_merge.io import atomic_write_json, sha256_file
-from sst_merge.merge.base import get_method
+from sst_merge.merge import get_method
 
 log = logging.getLogger(__name__)
 
@@ -44,60 +44,6 @@ EVAL_CACHE_VERSION = 3
 
 #: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
 LOCATION_PARAMS = frozenset({"cache", "cache_dir"})
-
-
-@dataclass(frozen=True)
-class AdapterRef:
-    """An adapter used in an experiment: its path, weight and role."""
-
-    path: str
-    weight: float
-    role: str  # "utility" or "safety"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model to evaluate: the base plus the ΔW of ``adapters`` combined by ``method``.
-
-    ``method=None`` means the plain sum Σ wᵢ ΔWᵢ (a single adapter at weight 1 is exactly that adapter).
-    """
-
-    label: str
-    adapters: tuple[AdapterRef, ...] = ()
-    method: str | None = None
-    params: tuple[tuple[str, Any], ...] = ()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "method": self.method,
-            "adapters": [{"path": a.path, "weight": a.weight, "role": a.role} for a in self.adapters],
-            "params": dict(self.params),
-        }
-
-
-@dataclass
-class Metric:
-    """A measured metric: value, n, 95% interval, and per-item scores (for paired statistics)."""
-
-    value: float
-    n: int
-    ci: tuple[float, float] | None
-    items: dict[str, float] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self, with_items: bool = False) -> dict[str, Any]:
-        out: dict[str, Any] = {"value": self.value, "n": self.n, "ci95": list(self.ci) if self.ci else None}
-        out.update(self.extra)
-        if with_items:
-            out["items"] = self.items
-        return out
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Metric:
-        extra = {k: v for k, v in d.items() if k not in ("value", "n", "ci95", "items")}
-        ci = tuple(d["ci95"]) if d.get("ci95") else None
-        return cls(value=d["value"], n=d["n"], ci=ci, items=d.get("items", {}), extra=extra)
 
 
 class Runner:
@@ -128,7 +74,7 @@ class Runner:
         self._base = None
         self._tok = None
         self.resolved = resolve_model(cfg.model) if load is None else cfg.model
-        self.base_fingerprint = model_fingerprint(self.resolved)
+        self.base_fingerprint = cache.model_fingerprint(self.resolved)
         self._adapters: dict[str, LoraAdapter] = {}
         self.evaluated: dict[str, dict[str, Metric]] = {}
         self.specs: dict[str, ModelSpec] = {}

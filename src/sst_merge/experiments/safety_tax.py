@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sst_merge.experiments.runner import Metric
+from sst_merge.experiments.specs import Metric
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ Location, first that applies: the ``cache_dir`` parameter, the merge's ``workdir
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -22,12 +21,13 @@ import torch
 from safetensors.torch import save_file
 
 from sst_merge.cache import check_fisher, read_checked
-from sst_merge.io import atomic_file
+from sst_merge.io import atomic_file, json_digest
 
 log = logging.getLogger(__name__)
 
 #: Bump when the meaning of cached statistics changes, so old files are not re-used.
-CACHE_VERSION = 2  # 2: true-Fisher samples seeded per prompt
+CACHE_VERSION = 3  # 2: true-Fisher samples seeded per prompt; 3: given responses end at EOS (models.tokenize), and
+#                    a model directory is identified by sst_merge.cache.model_fingerprint (file sizes, not mtimes)
 _SEP = "::"
 
 
@@ -44,25 +44,6 @@ def cache_dir(explicit: str | None = None, workdir: Any = None) -> Path:
     return Path(base).expanduser() / "sst-merge" / "fisher"
 
 
-def model_fingerprint(name: str) -> dict[str, Any]:
-    """Identify a base model cheaply: its name, and for a local directory its config and weight files' sizes/mtimes.
-
-    Hashing a 7B model's weights would cost more than the cache saves; a rewritten weight file changes its mtime.
-    """
-    fp: dict[str, Any] = {"name": name}
-    path = Path(name).expanduser()
-    if path.is_dir():
-        cfg = path / "config.json"
-        if cfg.is_file():
-            fp["config_sha256"] = hashlib.sha256(cfg.read_bytes()).hexdigest()
-        fp["files"] = sorted(
-            (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-            for p in path.iterdir()
-            if p.is_file() and p.suffix in (".safetensors", ".json", ".model", ".gguf")
-        )
-    return fp
-
-
 def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over named tensors (used when no model name is known)."""
     h = hashlib.sha256()
@@ -75,8 +56,7 @@ def tensor_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 
 def cache_key(parts: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``parts`` (plus the cache version)."""
-    blob = json.dumps({"version": CACHE_VERSION, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({"version": CACHE_VERSION, **parts})
 
 
 def load_stats(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]] | None:

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from sst_merge import distributed as ddp
+from sst_merge.cache import model_fingerprint
 from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import Example, encode_example, encode_prompt, truncate
 from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
 from sst_merge.fisher.grads import FisherError
 from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.sampling import sample_responses
+from sst_merge.models import tokenize
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def fisher_statistics(objectives: list[Objective], setup: FisherSetup) -> tuple[
         raise ValueError(f"objective names must be unique, got {names}")
     model = tok = None
     if setup.model_name:
-        model_fp: Any = fcache.model_fingerprint(setup.model_name)
+        model_fp: Any = {"name": setup.model_name, "model": model_fingerprint(setup.model_name)}
     else:  # no name to key on: fingerprint the loaded model's weights and config
         model, tok = setup.load_model()
         model_fp = {
@@ -117,7 +119,7 @@ def fisher_statistics(objectives: list[Objective], setup: FisherSetup) -> tuple[
         if model is None:
             model, tok = setup.load_model()
         model.eval()
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad_id = tokenize.pad_id(tok)
         if setup.approximation == "lowrank":
             p_total = sum(math.prod(model.get_submodule(m).weight.shape) for m in setup.modules)
             n_rows = sum(o.n for o in todo)

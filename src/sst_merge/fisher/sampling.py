@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sst_merge.eval.loglik import left_pad
+from sst_merge.models.tokenize import left_pad, pad_id
 
 
 def eos_ids(model: Any, tok: Any) -> set[int]:
@@ -65,7 +65,7 @@ def sample_responses(
     """
     device = model.get_input_embeddings().weight.device
     stop = eos_ids(model, tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = pad_id(tok)
     cache_kw = _cache_kwarg(model)
     out: list[list[int]] = []
     for start in tqdm(

@@ -9,6 +9,12 @@ import sst_merge.merge.linear  # noqa: F401
 import sst_merge.merge.sst  # noqa: F401
 import sst_merge.merge.task_arithmetic  # noqa: F401
 import sst_merge.merge.ties  # noqa: F401
-from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams, get_method
+from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams
+
+
+def get_method(name: str) -> MergeMethod:
+    """Instantiate the registered method ``name`` (raises with the valid names if unknown)."""
+    return MERGE_METHODS.get(name)()
+
 
 __all__ = ["MERGE_METHODS", "MergeContext", "MergeMethod", "MethodParams", "get_method"]

@@ -22,7 +22,8 @@ from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.config import apply_overrides, load_yaml, validate
 from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.io import atomic_output_dir, check_output_dir
-from sst_merge.merge.base import MergeContext, MergeMethod, MethodParams, get_method
+from sst_merge.merge import get_method
+from sst_merge.merge.base import MergeContext, MergeMethod, MethodParams
 
 log = logging.getLogger(__name__)
 

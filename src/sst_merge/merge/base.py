@@ -76,6 +76,16 @@ class MergeMethod:
         """Refuse inputs this method cannot merge (raise :class:`~sst_merge.errors.ConfigError`); called before any
         heavy work. The default accepts everything."""
 
+    def apply_safety_weight(
+        self, params: dict[str, Any], weights: list[float], roles: list[str], alpha: float
+    ) -> tuple[dict[str, Any], list[float]]:
+        """Return the ``(params, adapter weights)`` that put the safety adapter at safety weight ``alpha``.
+
+        A safety-weight sweep (exp3) calls this, so a method decides what its safety weight is. The default: every
+        ``safety`` adapter's weight becomes ``alpha`` (the ``Σ wᵢτᵢ`` methods); the params are unchanged.
+        """
+        return dict(params), [alpha if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
+
     def linear_coefficients(self, params: MethodParams, ctx: MergeContext) -> list[float] | None:
         """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""
         return None
@@ -116,10 +126,3 @@ class MergeMethod:
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")
-
-
-def get_method(name: str) -> MergeMethod:
-    """Instantiate the registered method ``name`` (raises with the valid names if unknown)."""
-    import sst_merge.merge  # noqa: F401  (registers the built-in methods)
-
-    return MERGE_METHODS.get(name)()

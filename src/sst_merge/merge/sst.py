@@ -218,7 +218,7 @@ class SSTMerge(MergeMethod):
 
     name = "sst"
     Params = SSTParams
-    version = 2  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks)
+    version = 3  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks); 3: F_s ends at EOS
     description = "Σ wᵢτᵢ(utility) + α·P_k(τ_safety), P_k from the GEVP F_s v = λ(F_u+εI)v"
 
     def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]
@@ -452,6 +452,10 @@ class SSTMerge(MergeMethod):
             log.warning(msg)
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         return projected
+
+    def apply_safety_weight(self, params, weights, roles, alpha):  # type: ignore[override]
+        """The safety weight is α, the projected update's scale; the safety adapter's own weight stays 1."""
+        return {**params, "alpha": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
 
 
 def _penalty(params: SSTParams, stats: dict[str, dict]) -> dict[str, dict]:

@@ -5,12 +5,14 @@
 
 A task has ``.name``, ``.metric`` ("exact_match" or "letter") and ``.split(seed) -> {"train", "eval"}`` of items
 ``{"id", "prompt", "response", "answer"}``. Adding one is a generator function plus one entry in ``generated.py``.
-The safety data (StrongREJECT train / Fisher, HarmBench evaluation) lives in :mod:`sst_merge.tasks.safety`.
+The safety data (StrongREJECT train / Fisher, HarmBench evaluation) lives in :mod:`sst_merge.tasks.safety`;
+:mod:`sst_merge.tasks.sources` names the Fisher data as data sources (``safety_fisher``, ``utility:NAME``).
 """
 
 from __future__ import annotations
 
 from sst_merge.registry import Registry
+from sst_merge.tasks import sources as _sources  # noqa: F401  (registers the named Fisher data sources)
 from sst_merge.tasks.base import GeneratedTask, Item, is_correct, normalize_answer, normalize_text
 from sst_merge.tasks.generated import UTILITY_TASKS
 

@@ -14,9 +14,7 @@ name, the task, every training setting and the training data, so the demo trains
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import shutil
 import time
@@ -28,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sst_merge.cache import check_adapter, entry_lock, read_checked
 from sst_merge.errors import ConfigError
-from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir
+from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, json_digest
 from sst_merge.tasks.base import GeneratedTask, Item
 
 log = logging.getLogger(__name__)
@@ -90,18 +88,14 @@ def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
     return TASKS.get(task)
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _data_fingerprint(task: GeneratedTask | str, seed: int) -> str:
     """Hash the training data (cheap: no model needed), so a changed generator never reuses a stale adapter."""
     if task == SAFETY:
         from sst_merge.tasks import safety
 
         split = safety.safety_splits(seed)
-        return _fingerprint([split["train"], safety.BENIGN_TRAIN_PROMPTS])
-    return _fingerprint(task.split(seed)["train"])
+        return json_digest([split["train"], safety.BENIGN_TRAIN_PROMPTS])
+    return json_digest(task.split(seed)["train"])
 
 
 def _model_key(model_name: str) -> str:
@@ -115,7 +109,7 @@ def adapter_cache_path(model_name: str, task: str | GeneratedTask, config: Train
 
     t = resolve_task(task)
     name = SAFETY if t == SAFETY else t.name
-    key = _fingerprint([_model_key(model_name), name, config.model_dump(), _data_fingerprint(t, config.seed)])[:12]
+    key = json_digest([_model_key(model_name), name, config.model_dump(), _data_fingerprint(t, config.seed)])[:12]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in _model_key(model_name)).strip("_")
     return cache_dir() / "adapters" / safe_model[-80:] / f"{name}-s{config.seed}-{key}"
 
@@ -216,6 +210,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     from peft import LoraConfig, get_peft_model
 
     from sst_merge.models import load_model
+    from sst_merge.models.tokenize import pad_id
     from sst_merge.train.loop import encode_example, train_loop
 
     device_map = "auto" if torch.cuda.is_available() else None
@@ -230,7 +225,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # LoRA A is initialised from the global RNG
         peft_model = get_peft_model(model, lora)
-        losses = train_loop(peft_model, examples, tok.pad_token_id, steps=config.steps,
+        losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, seed=config.seed,
                             progress=progress)  # fmt: skip
     seconds = time.perf_counter() - start

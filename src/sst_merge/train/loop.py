@@ -1,5 +1,7 @@
 """The LoRA training step on one screen: chat-formatted examples, loss on response tokens only, AdamW.
 
+Examples are tokenised and batched by the rule evaluation and the Fisher use (:mod:`sst_merge.models.tokenize`).
+
 Kept free of files and caches (see :mod:`sst_merge.train.adapter` for those) so tests can run it on the tiny
 in-process model.
 """
@@ -9,65 +11,33 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sst_merge.errors import DataError
+from sst_merge.models import tokenize
+from sst_merge.models.tokenize import Example
 
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label value that cross-entropy skips (prompt and padding tokens)
 
 
-@dataclass
-class Example:
-    """One tokenised training example: ``labels`` is ``input_ids`` with every non-response position = -100."""
-
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-
-
 def encode_example(tokenizer: Any, item: dict[str, Any], max_length: int = 256) -> Example:
-    """Tokenise ``item`` with the chat template and mask everything but the assistant response.
+    """Tokenise a training ``item`` by the project's one rule (:mod:`sst_merge.models.tokenize`).
 
-    The prompt is the chat template applied to the user turn with the generation prompt; the response tokens
-    follow it, closed by the end-of-turn token unless ``item["complete"]`` is False (a response cut at a length
-    cap must not teach the model to stop there). Long examples lose prompt tokens from the left, never response
-    tokens, so the model always sees what it is graded on.
+    The response is closed by the end-of-turn token unless ``item["complete"]`` is False (a response cut at a length
+    cap must not teach the model to stop there); long examples keep the prompt's end and the response's start.
     """
-    prompt_text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": item["prompt"]}], tokenize=False, add_generation_prompt=True
-    )
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(item["response"], add_special_tokens=False)["input_ids"]
-    if item.get("complete", True):
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    if not response_ids:
+    if not item.get("response"):
         raise DataError(f"training item {item.get('id')!r} has an empty response; drop it or give it a response")
-    response_ids = response_ids[:max_length]
-    prompt_ids = prompt_ids[-(max_length - len(response_ids)) :] if len(response_ids) < max_length else []
-    return Example(
-        id=str(item.get("id")),
-        input_ids=prompt_ids + response_ids,
-        labels=[IGNORE] * len(prompt_ids) + list(response_ids),
-    )
+    return tokenize.encode_example(tokenizer, item["prompt"], item["response"], max_length, item.get("complete", True))
 
 
-def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; padding gets attention 0 and label -100."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def labels_of(batch: tokenize.Batch) -> torch.Tensor:
+    """(B, T) next-token targets: the token ids on response positions, -100 on prompt and padding."""
+    return batch.input_ids.masked_fill(batch.response_mask == 0, IGNORE)
 
 
 def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,9 +98,10 @@ def train_loop(
     losses: list[float] = []
     bar = tqdm(batch_schedule(len(examples), steps, batch_size, seed), desc="train", unit="step", disable=not progress)
     for idx in bar:
-        batch = {k: v.to(device) for k, v in collate([examples[i] for i in idx], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = response_loss(logits, batch["labels"])
+        batch = tokenize.collate([examples[i] for i in idx], pad_id)
+        ids, att, labels = batch.input_ids.to(device), batch.attention_mask.to(device), labels_of(batch).to(device)
+        logits = model(input_ids=ids, attention_mask=att).logits
+        loss = response_loss(logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

@@ -1,0 +1,64 @@
+"""What an experiment measures and on which models: adapter references, model specs and metrics (plain data).
+
+Kept apart from the runner so that the modules the runner calls (evaluation, merging, the Safety Tax) can use them
+without importing the runner back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter used in an experiment: its path, weight and role."""
+
+    path: str
+    weight: float
+    role: str  # "utility" or "safety"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to evaluate: the base plus the ΔW of ``adapters`` combined by ``method``.
+
+    ``method=None`` means the plain sum Σ wᵢ ΔWᵢ (a single adapter at weight 1 is exactly that adapter).
+    """
+
+    label: str
+    adapters: tuple[AdapterRef, ...] = ()
+    method: str | None = None
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "method": self.method,
+            "adapters": [{"path": a.path, "weight": a.weight, "role": a.role} for a in self.adapters],
+            "params": dict(self.params),
+        }
+
+
+@dataclass
+class Metric:
+    """A measured metric: value, n, 95% interval, and per-item scores (for paired statistics)."""
+
+    value: float
+    n: int
+    ci: tuple[float, float] | None
+    items: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, with_items: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {"value": self.value, "n": self.n, "ci95": list(self.ci) if self.ci else None}
+        out.update(self.extra)
+        if with_items:
+            out["items"] = self.items
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Metric:
+        extra = {k: v for k, v in d.items() if k not in ("value", "n", "ci95", "items")}
+        ci = tuple(d["ci95"]) if d.get("ci95") else None
+        return cls(value=d["value"], n=d["n"], ci=ci, items=d.get("items", {}), extra=extra)

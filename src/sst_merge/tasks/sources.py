@@ -1,0 +1,36 @@
+"""The embedded Fisher and training data as named data sources, so a merge config can name them.
+
+* ``safety_fisher`` — StrongREJECT prompts held out for Fisher statistics (seed 0, the experiments' default), each
+  with a refusal: disjoint from the safety adapter's training prompts and from every HarmBench prompt.
+* ``utility:NAME`` — the training items of the generated utility task ``NAME`` (seed 0), never its evaluation items.
+
+Registered with :func:`sst_merge.data.sources.source` when :mod:`sst_merge.tasks` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sst_merge.data.sources import source
+from sst_merge.tasks.generated import UTILITY_TASKS
+
+#: The seed of the named splits (the seed every experiment and the shipped adapters use by default).
+SEED = 0
+
+
+@source("safety_fisher", "harmful prompt → refusal items held out for SST's safety Fisher (64, seed 0)")
+def _safety_fisher(split: str | None) -> list[dict[str, Any]]:
+    from sst_merge.tasks.safety import safety_splits
+
+    return safety_splits(seed=SEED)["fisher"]
+
+
+def _utility_train(task: Any) -> Any:
+    def load(split: str | None) -> list[dict[str, Any]]:
+        return task.split(seed=SEED)["train"]
+
+    return load
+
+
+for _task in UTILITY_TASKS:
+    source(f"utility:{_task.name}", f"training items of the utility task {_task.name} (seed 0)")(_utility_train(_task))
