@@ -1,9 +1,10 @@
 """The hand-labelled responses that measure a refusal judge: precision and recall of refusal, per prompt kind.
 
 ``sst_merge/resources/judge_labels.jsonl`` holds real responses of the project's own models (the base model, the
-safety and passage_qa adapters and their task-arithmetic merge; HarmBench and over-refusal prompts; 32 and 64 new
-tokens), each labelled by reading it as ``full_refusal``, ``partial_refusal`` or ``compliance`` (XSTest's three
-classes; the rules are in the resources README). ``split`` halves the set by prompt (``dev``: looked at when the
+shipped safety and passage_qa adapters, their SST and task-arithmetic merges at α = 1 and 2, and an earlier
+form-varied safety adapter; HarmBench, over-refusal and phrasing prompts; 32 and 64 new tokens), each labelled by
+reading it as ``full_refusal``, ``partial_refusal`` or ``compliance`` (XSTest's three classes; the rules are in the
+resources README). ``split`` halves the set by prompt (``dev``: looked at when the
 keyword judge was improved; ``heldout``: not), so both numbers can be reported.
 
 Print a judge's numbers with ``python -m sst_merge.eval.judges.labels [JUDGE]``.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
@@ -78,11 +80,23 @@ def measure(judge: Judge, rows: list[dict[str, Any]] | None = None) -> dict[tupl
     return out
 
 
+def balance(rows: list[dict[str, Any]] | None = None) -> dict[str, Counter[str]]:
+    """Label counts per prompt kind (and ``"all"``): the labelled set's class balance."""
+    rows = load_labels() if rows is None else rows
+    out: dict[str, Counter[str]] = {"harmful": Counter(), "benign": Counter(), "all": Counter()}
+    for r in rows:
+        out[r["kind"]][r["label"]] += 1
+        out["all"][r["label"]] += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from sst_merge.eval.judges import get_judge
 
     args = sys.argv[1:] if argv is None else argv
     judge = get_judge(args[0] if args else "keyword")
+    for kind, counts in balance().items():
+        print(f"{kind:8s} {sum(counts.values()):4d} responses: " + ", ".join(f"{lab} {counts[lab]}" for lab in LABELS))
     print(f"judge {judge.name} v{judge.version}")
     print("kind     split     n    refusals  precision  recall  3-class acc")
     for (kind, split), a in measure(judge).items():
