@@ -475,23 +475,33 @@ def settings_from_config(data: dict[str, Any], overrides: list[str] | None = Non
         from sst_merge.config import apply_overrides, validate
         from sst_merge.merge.api import MergeConfig
 
-        cfg = validate(MergeConfig, apply_overrides(dict(data), overrides), source="merge config")
-        params = cfg.params
-        s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
-                     **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
-        if s.sst:
-            from sst_merge.merge.sst import SSTParams
-
-            sp = validate(SSTParams, dict(params), source="merge config params")
-            s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
-                                                                      sp.max_length)  # fmt: skip
-            s.new_tokens = sp.max_new_tokens
-        return cfg.base_model, s
+        return merge_settings(validate(MergeConfig, apply_overrides(dict(data), overrides), source="merge config"))
     from sst_merge.experiments.config import resolve_config
+
+    return experiment_settings(resolve_config(data.get("mode", "minimal"), data, overrides))
+
+
+def merge_settings(cfg: Any) -> tuple[str, Settings]:
+    """Return ``(base model, Settings)`` of a validated ``MergeConfig``."""
+    from sst_merge.config import validate
+
+    s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
+                 **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
+    if s.sst:
+        from sst_merge.merge.sst import SSTParams
+
+        sp = validate(SSTParams, dict(cfg.params), source="merge config params")
+        s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
+                                                                  sp.max_length)  # fmt: skip
+        s.new_tokens = sp.max_new_tokens
+    return cfg.base_model, s
+
+
+def experiment_settings(cfg: Any) -> tuple[str, Settings]:
+    """Return ``(model, Settings)`` of a resolved ``ExperimentConfig``."""
     from sst_merge.merge.sst import SSTParams
     from sst_merge.train.adapter import TrainConfig
 
-    cfg = resolve_config(data.get("mode", "minimal"), data, overrides)
     sp = SSTParams.model_validate(cfg.sst)
     paths = [p for p in [cfg.adapters.safety, *cfg.adapters.utility.values()] if p]
     train = TrainConfig()
