@@ -1,18 +1,24 @@
 """Benchmark: per-layer costs of the seed architectures at cut depth, extrapolated to full depth, vs ``sst-merge plan``.
 
-``measure`` (default) — for Mistral-7B, Llama-3.1-8B and Qwen2.5-14B, a randomly initialised model with the real
-per-layer shapes, one decoder layer and a 512-token vocabulary (fp32), on this machine:
+Timings are CPU seconds of this process (``time.process_time``) with one thread, rates included: on a shared machine
+the wall clock measures the other jobs, the CPU time measures the work.
 
-* Fisher per approximation (diagonal, kfac, lowrank at N=4) over q_proj and v_proj, one batch of 2 examples × 64
-  tokens: wall time and peak memory above the loaded model (resident-set high-water mark, reset before each step);
-* GEVP + projection per module shape (q_proj, v_proj), per approximation, with random statistics of the real sizes;
-* merge per module (task_arithmetic and TIES on two rank-8 ΔW of q_proj's shape);
-* generation per new token (batch 1, after a 32-token prompt).
+``calibrate`` — fits ``plan.FISHER_OVER_FORWARD`` on ONE shape: a SmolLM2-135M layer, one Fisher batch of 8 × 64
+tokens (``diagonal``). The GEVP kernels need no fit: ``plan.measure_rates`` times them on fixed calibration shapes
+(``plan.CALIBRATION``: a 768² eigenproblem, a 1024×2048 module) and their cost laws carry them to any module.
 
-Each is compared with :mod:`sst_merge.plan`'s estimate for the same shapes and settings, using the rates measured in
-the same run (``measure_rates``: a 2048² fp32 matmul, fp64, memory bandwidth), and extrapolated to full depth
-(× layers; the output head analytically). GPU figures in the JSON are projections from nominal rates
-(``plan.GPUS``), marked ``projected``.
+``measure`` (default) — the check, on other shapes: for each architecture a randomly initialised model with the real
+per-layer shapes, one decoder layer and a 512-token vocabulary (fp32):
+
+* Fisher per approximation (diagonal, kfac, lowrank) over q_proj and v_proj, one batch of 2 examples × 64 tokens:
+  CPU time (median of 3) and peak memory above the loaded model (resident-set high-water mark);
+* GEVP + projection per module (q_proj, v_proj) at the module's real dims, per approximation (lowrank N = 4), with
+  random statistics of the real sizes (kfac skipped above ``--kfac-max-dim``);
+* (``--steps merge,gen``) merge per module and generation per new token.
+
+Each is compared with :mod:`sst_merge.plan`'s estimate for the same shapes and settings, using the rates measured at
+the start of the same run, and extrapolated to full depth (× layers). GPU figures in the JSON are projections from
+nominal rates (``plan.GPUS``), marked ``projected``.
 
 ``rehearse`` — the whole toolkit on one architecture (``sst_merge.rehearsal``), e.g. a full-depth random-init
 Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
@@ -22,7 +28,10 @@ Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
 
 Usage::
 
-    PYTHONPATH=src nice python bench/shapes.py measure --threads 2 -o bench/results/shapes.json
+    export PYTHONPATH=src OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+    nice -n 10 python bench/shapes.py calibrate
+    nice -n 10 python bench/shapes.py measure --archs smollm2-135m,llama-3.1-8b --steps gevp -o bench/results/shapes.json
+    python bench/shapes.py table
 """
 
 from __future__ import annotations
@@ -42,8 +51,11 @@ from common import emit  # noqa: E402
 
 from sst_merge.models.shapes import SEED_MODELS, SHAPES, random_model_dir, shape_config  # noqa: E402
 from sst_merge.plan import (  # noqa: E402
+    CALIBRATION,
+    FISHER_OVER_FORWARD,
     GIB,
     GPUS,
+    PER_EXAMPLE_PASSES,
     Rates,
     Settings,
     Shape,
@@ -54,7 +66,7 @@ from sst_merge.plan import (  # noqa: E402
 from sst_merge.rehearsal import _rss_peak, _rss_peak_reset  # noqa: E402
 
 VOCAB = 512
-KFAC_SCALE = 2
+CALIBRATION_ARCH = "smollm2-135m"  # the Fisher constant is fitted on this layer only; the others check it
 TARGETS = ["q_proj", "v_proj"]
 
 
@@ -66,16 +78,17 @@ def _rss() -> int:
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, int, object]:
-    """Best wall seconds of ``repeat`` runs and the peak resident memory above the start (bytes)."""
-    best, peak, out = float("inf"), 0, None
+    """Median CPU seconds of this process over ``repeat`` runs (one thread: the work, not the machine's load) and
+    the peak resident memory above the start (bytes)."""
+    times, peak, out = [], 0, None
     for _ in range(repeat):
         base = _rss()
         _rss_peak_reset()
-        t = time.perf_counter()
+        t = time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t)
+        times.append(time.process_time() - t)
         peak = max(peak, (_rss_peak() or 0) - base)
-    return best, peak, out
+    return sorted(times)[len(times) // 2], peak, out
 
 
 def examples(tok_len: int, n: int) -> list:
@@ -90,81 +103,73 @@ def examples(tok_len: int, n: int) -> list:
     ]  # fmt: skip
 
 
-def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
+def cut_model(alias: str):
     from transformers import AutoModelForCausalLM
-
-    from sst_merge.fisher.estimate import estimate_fisher
-    from sst_merge.fisher.gevp import Selection
-    from sst_merge.fisher.solve import project_module
-    from sst_merge.merge.sparsify import magnitude_trim
 
     cfg = shape_config(alias, num_layers=1, vocab_size=VOCAB, pad_token_id=0, eos_token_id=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    shape = Shape.from_config(cfg)
-    full = Shape.from_config(shape_config(alias))
+    return model, Shape.from_config(cfg)
+
+
+def fisher_rows(alias: str, rates, approximations=("diagonal", "kfac", "lowrank"), batch=2, length=64, repeat=3):
+    """Fisher pass of one batch (``batch`` × ``length`` tokens) over q_proj and v_proj of a one-layer model: measured
+    CPU seconds and peak memory, and the plan's ``fisher_batch_seconds`` and memory for the same settings."""
+    from sst_merge.fisher.estimate import estimate_fisher
+    from sst_merge.plan import fisher_batch_seconds, fisher_host_bytes
+
+    model, shape = cut_model(alias)
     names = [f"model.layers.0.self_attn.{t}" for t in TARGETS]
     mods = shape.modules()
-    out: dict = {"alias": alias, "source": SHAPES[alias]["source"], "layers_measured": 1, "vocab_measured": VOCAB,
-                 "full_layers": full.layers, "rows": []}  # fmt: skip
-    batch, length = 2, 64
-
-    def row(step: str, seconds: float, peak: int, est_s: float, est_b: float, per_layer: bool = True) -> None:
-        r = {"step": step, "measured_s": round(seconds, 4), "measured_peak_bytes": peak,
-             "plan_s": round(est_s, 4), "plan_bytes": int(est_b),
-             "time_ratio": round(seconds / est_s, 3) if est_s else None,
-             "memory_ratio": round(peak / est_b, 3) if est_b else None}  # fmt: skip
-        if per_layer:
-            r["full_depth_s"] = round(seconds * full.layers, 2)
-            r["full_depth_plan_s"] = round(est_s * full.layers, 2)
-        out["rows"].append(r)
-        print(f"  {alias} {step}: {seconds:.3f} s (plan {est_s:.3f}), peak +{peak / 2**20:.0f} MiB "
-              f"(plan {est_b / 2**20:.0f})", file=sys.stderr)  # fmt: skip
-
-    # -- Fisher per approximation -------------------------------------------------------------------------------
-    for approx, n in (("diagonal", 2), ("kfac", 2), ("lowrank", 4)):
-        s = Settings(
-            fisher=approx, n_samples=n, fisher_batch=batch, fisher_length=length, targets=TARGETS, new_tokens=0
-        )
+    rows = []
+    exs = examples(length, batch)
+    for approx in approximations:
+        s = Settings(fisher=approx, n_samples=batch, fisher_batch=batch, fisher_length=length, targets=TARGETS,
+                     new_tokens=0)  # fmt: skip
         st = {x.step.split(" ")[0]: x for x in estimate(shape, s, rates)}["fisher"]
-        est_s = st.seconds * batch / (2 * n)  # plan counts both statistics (2N examples); one batch measured here
         # plan's device part minus the loaded weights + the host statistics of ONE Fisher (F_s), as measured here
-        from sst_merge.plan import fisher_host_bytes
-
-        # one statistic here (the plan's host part holds two, and the ΔW map of the targets)
         est_b = st.device_bytes - shape.params() * 4 + st.host_bytes - fisher_host_bytes(shape, s) / 2
         est_b -= sum(mods[t][0] * mods[t][1] for t in TARGETS) * 4
-        exs = examples(length, batch if approx != "lowrank" else n)
-        estimate_fisher(model, names, exs[:batch], approx, 0, batch_size=batch, show_progress=False)  # warm-up
-        sec, peak, _ = timed(lambda exs=exs, approx=approx: estimate_fisher(
-            model, names, exs, approx, 0, batch_size=batch, show_progress=False), repeat=2)  # fmt: skip
-        if approx == "lowrank":
-            sec *= batch / n  # per batch of 2, like the others
-        row(f"fisher {approx} (q,v; batch {batch}×{length})", sec, peak, est_s, est_b)
+        sec, peak, _ = timed(lambda approx=approx: estimate_fisher(
+            model, names, exs, approx, 0, batch_size=batch, show_progress=False), repeat=repeat)  # fmt: skip
+        rows.append(_row(f"fisher {approx} (q,v; batch {batch}×{length})", sec, peak,
+                         fisher_batch_seconds(shape, s, rates), est_b))  # fmt: skip
+    return rows, model, shape
 
-    # -- GEVP + projection per module shape ---------------------------------------------------------------------
+
+def _row(step: str, seconds: float, peak: int, est_s: float, est_b: float) -> dict:
+    r = {"step": step, "measured_s": round(seconds, 4), "measured_peak_bytes": peak, "plan_s": round(est_s, 4),
+         "plan_bytes": int(est_b), "time_ratio": round(seconds / est_s, 3) if est_s else None,
+         "memory_ratio": round(peak / est_b, 3) if est_b else None}  # fmt: skip
+    print(f"  {step}: {seconds:.3f} CPU s (plan {est_s:.3f}, ×{r['time_ratio']}), peak +{peak / 2**20:.0f} MiB "
+          f"(plan {est_b / 2**20:.0f})", file=sys.stderr, flush=True)  # fmt: skip
+    return r
+
+
+def measure_arch(
+    alias: str, rates, gen_tokens: int = 8, kfac_max_dim: int = 4096, steps=("gevp", "merge", "gen")
+) -> dict:
+    from sst_merge.fisher.gevp import Selection
+    from sst_merge.fisher.solve import project_module
+    from sst_merge.merge.sparsify import magnitude_trim
+
+    full = Shape.from_config(shape_config(alias))
+    rows, model, shape = fisher_rows(alias, rates)
+    mods = shape.modules()
+    out: dict = {"alias": alias, "source": SHAPES[alias]["source"], "layers_measured": 1, "vocab_measured": VOCAB,
+                 "full_layers": full.layers, "rows": rows}  # fmt: skip
+
+    # -- GEVP + projection per module shape, at the module's real dims ---------------------------------------------
     g = torch.Generator().manual_seed(1)
-    for t in TARGETS:
+    one = Shape(**{**shape.__dict__, "layers": 1})
+    for t in TARGETS if "gevp" in steps else []:
+        o, i = mods[t]
+        tau = torch.randn(o, i, generator=g) * 1e-3
         for approx in ("diagonal", "kfac", "lowrank"):
-            # kfac's two dense fp64 eigenproblems (in×in, out×out) take minutes at 4096 on a loaded 2-core machine:
-            # measured at half the module's dims (the plan's d³ law carries it to the real shape)
-            o, i = (d // KFAC_SCALE for d in mods[t]) if approx == "kfac" else mods[t]
-            tau = torch.randn(o, i, generator=g) * 1e-3
+            if approx == "kfac" and max(o, i) > kfac_max_dim:
+                continue
             s = Settings(fisher=approx, n_samples=4, targets=[t])
-            one = Shape(**{**shape.__dict__, "layers": 1})
-            if approx == "kfac":  # the same module at the measured dims: scale the shape's sizes down
-                one = Shape(
-                    **{
-                        **one.__dict__,
-                        "hidden": shape.hidden // KFAC_SCALE,
-                        "heads": shape.heads // KFAC_SCALE,
-                        "kv_heads": max(1, shape.kv_heads // KFAC_SCALE),
-                        "intermediate": shape.intermediate // KFAC_SCALE,
-                    }
-                )
-                o, i = one.modules()[t]
-                tau = torch.randn(o, i, generator=g) * 1e-3
             st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["gevp"]
             if approx == "diagonal":
                 ss, su = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
@@ -181,19 +186,24 @@ def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
                 a, ss, su, tau, 1e-3, Selection(fraction=0.1)))  # fmt: skip
             # the plan's gevp host bytes hold the statistics and the ΔW map too; those are this call's inputs
             work = st.host_bytes - fisher_stats_bytes(one, s, t) - o * i * 4
-            row(f"gevp {approx} {t} {o}x{i}", sec, peak, st.seconds, work)
+            out["rows"].append(_row(f"gevp {approx} {t} {o}x{i}", sec, peak, st.seconds, work))
+            del ss, su
 
+    if "merge" not in steps:
+        return _full_depth(out, full, rates)
     # -- merge per module ---------------------------------------------------------------------------------------
     o, i = mods["q_proj"]
     factors = [(torch.randn(o, 8, generator=g), torch.randn(8, i, generator=g)) for _ in range(2)]
     s = Settings(targets=["q_proj"], n_adapters=2, sst=False)
-    st = {x.step.split(" ")[0]: x for x in estimate(Shape(**{**shape.__dict__, "layers": 1}), s, rates)}["merge"]
+    st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["merge"]
     # ΔW_i = B_i A_i (fp32) for both adapters, then the weighted sum: what task_arithmetic does per module
     sec, peak, _ = timed(lambda: sum(1.0 * (b @ a) for b, a in factors), repeat=3)
-    row(f"merge task_arithmetic q_proj {o}x{i}", sec, peak, st.seconds, st.host_bytes - o * i * 4 * 2)
+    out["rows"].append(_row(f"merge task_arithmetic q_proj {o}x{i}", sec, peak, st.seconds,
+                            st.host_bytes - o * i * 4 * 2))  # fmt: skip
     taus = [b @ a for b, a in factors]
     sec, peak, _ = timed(lambda: [magnitude_trim(t, 0.5) for t in taus], repeat=1)
-    row(f"merge ties trim q_proj {o}x{i} (2 adapters; plan: task_arithmetic's)", sec, peak, st.seconds, 0)
+    out["rows"].append(_row(f"merge ties trim q_proj {o}x{i} (2 adapters; plan: task_arithmetic's)", sec, peak,
+                            st.seconds, 0))  # fmt: skip
 
     # -- generation per token -----------------------------------------------------------------------------------
     ids = torch.randint(4, VOCAB, (1, 32), generator=g)
@@ -205,15 +215,24 @@ def measure_arch(alias: str, rates, gen_tokens: int = 8) -> dict:
         def gen(n):
             return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        t1, _, _ = timed(lambda: gen(1), repeat=2)
-        tn, peak, _ = timed(lambda: gen(gen_tokens + 1), repeat=2)
+        t1, _, _ = timed(lambda: gen(1), repeat=3)
+        tn, peak, _ = timed(lambda: gen(gen_tokens + 1), repeat=3)
     per_tok = (tn - t1) / gen_tokens
     prefill = 2 * (shape.params() - VOCAB * shape.hidden) * 32 / rates.matmul
-    row("generation per new token (batch 1)", per_tok, peak, (st.seconds - prefill) / gen_tokens, 0)
-    # full depth: per layer × layers, plus the real output head (one hidden×vocab read per token)
+    out["rows"].append(_row("generation per new token (batch 1)", per_tok, peak, (st.seconds - prefill) / gen_tokens,
+                            0))  # fmt: skip
+    _full_depth(out, full, rates)
+    # generation at full depth: plus the real output head (one hidden×vocab read per token)
     head = full.vocab * full.hidden * 4 / rates.bandwidth
     out["rows"][-1]["full_depth_s"] = round(per_tok * full.layers + head, 3)
     out["rows"][-1]["full_depth_plan_s"] = round((st.seconds - prefill) / gen_tokens * full.layers + head, 3)
+    return out
+
+
+def _full_depth(out: dict, full: Shape, rates) -> dict:
+    for r in out["rows"]:  # full depth: per layer × layers (GEVP and merge: per module, × layers as well)
+        r["full_depth_s"] = round(r["measured_s"] * full.layers, 2)
+        r["full_depth_plan_s"] = round(r["plan_s"] * full.layers, 2)
     return out
 
 
@@ -247,20 +266,42 @@ def projections(rates) -> dict:
 
 def cmd_measure(args) -> dict:
     load = os.getloadavg()
-    rates = measure_rates("cpu", "float32", size=2048)
-    print(f"load {load}, 2048² fp32 matmul {rates.matmul / 1e9:.1f} GFLOP/s, fp64 {rates.fp64 / 1e9:.1f} GFLOP/s, "
-          f"bandwidth {rates.bandwidth / 1e9:.1f} GB/s", file=sys.stderr)  # fmt: skip
+    rates = measure_rates("cpu", "float32", clock=time.process_time)
+    print(f"load {load}, rates (CPU time, {torch.get_num_threads()} thread): {_rates_text(rates)}", file=sys.stderr)
     report = {
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "loadavg_start": load, "torch": torch.__version__},
-        "rates": {"matmul_2048_fp32_gflops": round(rates.matmul / 1e9, 2), "fp64_gflops": round(rates.fp64 / 1e9, 2),
-                  "bandwidth_gbs": round(rates.bandwidth / 1e9, 2)},
-        "archs": [measure_arch(a, rates) for a in args.archs.split(",")],
+                    "loadavg_start": load, "torch": torch.__version__, "clock": "process_time"},
+        "constants": {"FISHER_OVER_FORWARD": FISHER_OVER_FORWARD, "PER_EXAMPLE_PASSES": PER_EXAMPLE_PASSES,
+                      "CALIBRATION": CALIBRATION},
+        "rates": {k: v for k, v in rates.__dict__.items()},
+        "archs": [measure_arch(a, rates, kfac_max_dim=args.kfac_max_dim, steps=args.steps.split(",")) for a in args.archs.split(",")],
         "gpu_rates_projected": {g: {k: v for k, v in gpu_rates(g).__dict__.items()} for g in GPUS},
     }  # fmt: skip
     report["projections"] = projections(rates)
     report["machine"]["loadavg_end"] = os.getloadavg()
+    report["rates_end"] = {k: v for k, v in measure_rates("cpu", "float32", clock=time.process_time).__dict__.items()}
     return report
+
+
+def _rates_text(r) -> str:
+    return (f"matmul {r.matmul / 1e9:.1f} GFLOP/s, fp64 {r.fp64 / 1e9:.1f} GFLOP/s, bandwidth {r.bandwidth / 1e9:.1f} "
+            f"GB/s, eigh {r.eigh:.3g} d³/s, sort {r.sort:.3g} p·log2p/s, rows {r.rows:.3g} N·p/s")  # fmt: skip
+
+
+def cmd_calibrate(args) -> dict:
+    """Fit ``plan.FISHER_OVER_FORWARD`` on ONE shape: a SmolLM2-135M layer, one batch of 8 × 64 tokens (diagonal)."""
+    from sst_merge.plan import fisher_batch_seconds, forward_flops
+
+    rates = measure_rates("cpu", "float32", clock=time.process_time)
+    batch, length = 8, 64
+    rows, _, shape = fisher_rows(CALIBRATION_ARCH, rates, ("diagonal",), batch=batch, length=length)
+    s = Settings(fisher="diagonal", n_samples=batch, fisher_batch=batch, fisher_length=length, targets=TARGETS)
+    fwd = forward_flops(shape, batch, length) / rates.matmul
+    rest = fisher_batch_seconds(shape, s, rates) - FISHER_OVER_FORWARD * fwd
+    fitted = (rows[0]["measured_s"] - rest) / fwd
+    print(f"FISHER_OVER_FORWARD = {fitted:.2f} (now {FISHER_OVER_FORWARD})", file=sys.stderr)
+    return {"arch": CALIBRATION_ARCH, "batch": [batch, length], "rates": dict(rates.__dict__), "row": rows[0],
+            "FISHER_OVER_FORWARD": round(fitted, 2)}  # fmt: skip
 
 
 def cmd_rehearse(args) -> dict:
@@ -296,21 +337,20 @@ def cmd_table(args) -> str:
     from sst_merge.plan import Memory, check_fit
 
     doc = json.loads(Path(args.input).read_text())
-    lines = ["| architecture | step (one layer, cut depth) | measured | plan | measured × layers | plan × layers |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| architecture | step (one layer, cut depth) | measured (CPU s) | plan | measured / plan | within 25% "
+             "| measured × layers | plan × layers |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arch in doc["archs"]:
         for r in arch["rows"]:
             mem = f", +{r['measured_peak_bytes'] / 2**20:.0f} MiB" if r["measured_peak_bytes"] > 2**20 else ""
             pmem = f", {r['plan_bytes'] / 2**20:.0f} MiB" if r["plan_bytes"] > 2**20 else ""
-            # kfac's GEVP was measured at half the module's dims: d³ carries both columns to the real module
-            k = KFAC_SCALE**3 if r["step"].startswith("gevp kfac") else 1
-            full_m, full_p = (None if v is None else v * k for v in (r.get("full_depth_s"), r.get("full_depth_plan_s")))
-            lines.append(f"| {arch['alias']} | {r['step']} | {r['measured_s']:.3g} s{mem} | {r['plan_s']:.3g} s{pmem} "
-                         f"| {_fmt(full_m)} | {_fmt(full_p)} |")  # fmt: skip
+            ratio = r["time_ratio"]
+            ok = "—" if ratio is None else ("yes" if 0.75 <= ratio <= 1.25 else "**no**")
+            name = arch["alias"] + (" (calibration)" if arch["alias"] == CALIBRATION_ARCH else "")
+            lines.append(f"| {name} | {r['step']} | {r['measured_s']:.3g} s{mem} | {r['plan_s']:.3g} s{pmem} "
+                         f"| {ratio} | {ok} | {_fmt(r.get('full_depth_s'))} | {_fmt(r.get('full_depth_plan_s'))} |")  # fmt: skip
     lines += ["", "| architecture | machine | Fisher | weights | peak device GiB | peak host GiB | Fisher pass | GEVP "
               "| eval batch (16 × 64 new tokens) | fits |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    cpu_rates = Rates(**{k: doc["rates"][k2] * 1e9 for k, k2 in (("matmul", "matmul_2048_fp32_gflops"),
-                      ("fp64", "fp64_gflops"), ("bandwidth", "bandwidth_gbs"))})  # fmt: skip
+    cpu_rates = Rates(**doc["rates"])
     machines = [("this CPU (24 GiB)", Memory(24 * GIB, 24 * GIB), cpu_rates, "float32", False)]
     machines += [(f"{g} (projected)", Memory(GPUS[g]["memory_gib"] * GIB, GPUS[g]["host_gib"] * GIB, 1, g),
                   gpu_rates(g), "bfloat16", True) for g in GPUS]  # fmt: skip
@@ -347,9 +387,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd")
     m = sub.add_parser("measure")
-    m.add_argument("--archs", default=",".join(SEED_MODELS))
-    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--archs", default=",".join((CALIBRATION_ARCH, "llama-3.1-8b", "qwen-2.5-14b")))
+    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--steps", default="gevp,merge,gen", help="besides the Fisher pass: gevp, merge, gen")
+    m.add_argument("--kfac-max-dim", type=int, default=4096, help="skip kfac's GEVP of modules with a larger dim")
     m.add_argument("-o", "--output")
+    c = sub.add_parser("calibrate")
+    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("-o", "--output")
     r = sub.add_parser("rehearse")
     r.add_argument("--arch", default="llama-3.1-8b", choices=list(SHAPES))
     r.add_argument("--layers", type=int, help="decoder layers (default: all)")
@@ -365,14 +410,14 @@ def main() -> None:
     r.add_argument("-o", "--output")
     t = sub.add_parser("table")
     t.add_argument("input", nargs="?", default="bench/results/shapes.json")
-    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "rehearse", "table")
+    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "calibrate", "rehearse", "table")
                          else ["measure", *sys.argv[1:]])  # fmt: skip
     if args.cmd == "table":
         cmd_table(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    emit(cmd_measure(args) if args.cmd == "measure" else cmd_rehearse(args), args.output)
+    emit({"measure": cmd_measure, "calibrate": cmd_calibrate, "rehearse": cmd_rehearse}[args.cmd](args), args.output)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,47 @@ def test_cli_plans_a_merge_config_from_its_adapters(tiny_model_dir, tmp_path, ca
     path.write_text(yaml.safe_dump(cfg))
     assert main(["plan", str(path)]) == 2
     assert "k, fraction, threshold" in capsys.readouterr().err
+
+
+def test_forward_flops_match_a_flop_count_of_the_fisher_forward_on_the_tiny_model():
+    """The Fisher cost law's forward FLOPs (linears, head on the response positions) vs PyTorch's own count of the
+    FLOPs ``batch_nll`` runs on the tiny model — a count, not a timing. The counter does not see the CPU attention
+    kernel, so the law's attention term (4·B·T²·q-width per layer) is taken off by hand."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sst_merge.fisher.data import Example, collate
+    from sst_merge.fisher.grads import batch_nll
+    from sst_merge.plan import forward_flops
+    from sst_merge.testing import tiny_model
+
+    model = tiny_model()
+    shape = Shape.from_config(model.config)
+    g = torch.Generator().manual_seed(0)
+    exs = [Example(tuple(torch.randint(4, 200, (8,), generator=g).tolist()),
+                   tuple(torch.randint(4, 200, (8,), generator=g).tolist())) for _ in range(3)]  # fmt: skip
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        batch_nll(model, collate(exs, 0))
+    attention = 4 * 3 * 16 * 16 * (4 * 16) * 2  # batch 3, 16 tokens, 4 heads × 16, 2 layers
+    assert counter.get_total_flops() == forward_flops(shape, batch=3, length=16, response=8) - attention
+
+
+def test_plan_memory_of_the_tiny_model_weights_and_kv_cache_by_measurement(tiny_model_dir):
+    """``load``'s bytes are the loaded weights' bytes, and the evaluation's KV cache is the one ``generate`` builds
+    (which holds every position but the last generated one), on the tiny model."""
+    from sst_merge.testing import tiny_model
+
+    model = tiny_model()
+    shape = model_shape(str(tiny_model_dir))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    batch, prompt, new = 3, 10, 5
+    s = Settings(eval_batch=batch, prompt_tokens=prompt, new_tokens=new, sst=False)
+    steps = {st.step.split(" ")[0]: st for st in estimate(shape, s, RATES)}
+    assert steps["load"].device_bytes == weights
+    ids = torch.randint(4, 200, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                         return_dict_in_generate=True)  # fmt: skip
+    cache = sum(
+        t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+    )
+    planned = steps["eval"].device_bytes - weights - batch * prompt * shape.vocab * 4  # minus the prompt logits
+    assert cache * (prompt + new) == planned * (prompt + new - 1)

@@ -17,10 +17,12 @@ estimates for every step what the code of this project allocates:
 * ``merge`` — the merged ΔW map (fp32, p·4) and the touched weights saved while it is applied;
 * ``full`` — the ``full`` output loads a fresh fp32 copy of the base on the host (P·4) and adds ΔW.
 
-Times come from FLOP counts and measured (or given) rates: a ``matmul`` rate for dense work, an ``fp64`` rate for
-the eigen-solvers, a memory ``bandwidth`` for generation (one read of the weights per new token). Memory is then
-checked against the device (GPU memory, or the host's available memory on the CPU); a run that cannot fit is refused
-with the option that would: ``kfac`` instead of ``lowrank``, a smaller N, ``bfloat16``, ``device_map=auto``.
+Times come from cost laws and measured (or given) rates (:class:`Rates`): a ``matmul`` rate for the Fisher pass and
+the merge, a memory ``bandwidth`` for generation (one read of the weights per new token), and the rates of the GEVP
+kernels themselves, timed on fixed calibration shapes and carried to each module by its law (:func:`gevp_seconds`).
+Memory is then checked against the device (GPU memory, or the host's available memory on the CPU); a run that cannot
+fit is refused with the option that would: ``kfac`` instead of ``lowrank``, a smaller N, ``bfloat16``,
+``device_map=auto``.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACT_HIDDEN, ACT_INTER = 6, 4
 #: bytes per element of the temporaries of ``torch.isfinite`` (an fp32 ``abs`` copy and three bool masks)
 FINITE_CHECK_BYTES = 7
-#: Calibrated on this project's 2-core CPU by ``bench/shapes.py`` (bench/results/shapes.json, Llama-3.1-8B layer):
-#: scipy's generalized ``eigh`` costs about this many d³ FLOPs at the fp64 matmul rate (9 d³ of arithmetic, run at
-#: about a fifth of the matmul rate); ``lowrank``'s solve + projection makes about this many fp64 passes over the
-#: N×p gradient rows (copies to fp64, Gram products, the B⁻¹ solve); the λ selection costs this multiple of a
-#: stable argsort of the module's p values (the λ grid, the gather and the mask around it).
-EIGH_FLOPS_PER_D3, LOWRANK_PASSES, SELECT_OVER_SORT = 41, 55, 1.65
+#: The Fisher pass's forward + backward (frozen weights: the backward computes input gradients only) takes this many
+#: times its forward FLOPs at the measured matmul rate — 2 for the matmuls alone, the rest is what a layer does
+#: besides its matmuls (attention, norms, activations, hooks). Calibrated on ONE shape, a SmolLM2-135M layer
+#: (``bench/shapes.py calibrate``), and checked on the seed models' layers (``bench/shapes.py check``).
+FISHER_OVER_FORWARD = 3.74
+#: fp32 passes over the per-example gradients (B × p) after their einsum: the ``isfinite`` check, then ``diagonal``'s
+#: square and sum, or ``lowrank``'s copy into its rows.
+PER_EXAMPLE_PASSES = 4
 
 #: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
 #: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
@@ -58,8 +62,10 @@ GPUS: dict[str, dict[str, float]] = {
     "H200-141GB": {"memory_gib": 141e9 / GIB, "host_gib": 128, "matmul": 989e12, "fp64": 67e12, "bandwidth": 4.8e12},
 }
 GPU_EFFICIENCY = {"matmul": 0.4, "bandwidth": 0.6}
-#: Host rates assumed beside a GPU (a 16-core server): the GEVP's eigen-solvers (scipy) and the λ sort run there.
-HOST_FP64, HOST_SORT = 200e9, 1e9
+#: Host rates assumed beside a GPU (a 16-core server): the GEVP's kernels (scipy's eigh, the λ sort, lowrank's passes)
+#: run there. Assumptions, not measurements: this project's 2-core CPU measured (one core) fp64 ≈ 2.4e10 FLOP/s,
+#: eigh ≈ 4e9 d³/s, sort ≈ 1e8 p·log2 p/s, rows ≈ 4e7 N·p/s; a server is assumed 8× (sort: 4×, rows: 5×) that.
+HOST_FP64, HOST_SORT, HOST_EIGH, HOST_ROWS = 200e9, 4e8, 3e10, 2e8
 
 
 @dataclass(frozen=True)
@@ -162,47 +168,115 @@ class Step:
 
 @dataclass
 class Rates:
-    """Throughputs of the machine the plan is for (measured with :func:`measure_rates` or given)."""
+    """Throughputs of the machine the plan is for (measured with :func:`measure_rates` or given).
+
+    The last three are the rates of this project's own GEVP kernels, measured by running them on fixed calibration
+    shapes (:data:`CALIBRATION`) and carried to a module's shape by the kernel's cost law (:func:`gevp_seconds`).
+    They run on the host CPU whatever the device.
+    """
 
     matmul: float  # FLOP/s, dense matmul in the run's dtype
-    fp64: float  # FLOP/s, the eigen-solvers' fp64 work
+    fp64: float  # FLOP/s, fp64 matmul on the host (kfac's projection products, lowrank's Gram products)
     bandwidth: float  # bytes/s, reading weights during generation
-    sort: float = 2e8  # elements·log2(elements) per second of a stable fp64 argsort (the λ selection)
+    sort: float = 2e8  # p·log2(p) per second of a module's λ selection (argsort, gather, mask; diagonal and kfac)
     measured: bool = True
+    eigh: float = 2e9  # d³ per second of one generalized symmetric eigenproblem d×d (scipy ``eigh``, kfac)
+    rows: float = 5e7  # elements (N·p) per second of lowrank's passes over its fp32 rows (fp64 copies, products)
 
 
-def measure_rates(device: str = "cpu", dtype: str = "float32", size: int = 1024) -> Rates:
-    """Measure a matmul rate (``size``² × ``size``), an fp64 rate and a copy bandwidth on ``device`` (≈ 1 s)."""
+#: The calibration shapes of the GEVP kernels (none of them a seed model's module): ``eigh`` on a 768×768 pair,
+#: the diagonal selection and lowrank's solve (N = 4) on a 1024×2048 module.
+CALIBRATION = {"eigh_d": 768, "module": (1024, 2048), "lowrank_n": 4}
+
+
+def _median_seconds(fn, clock, repeat: int = 3) -> float:
+    fn()  # warm-up (allocations, library initialisation)
+    ts = []
+    for _ in range(repeat):
+        t = clock()
+        fn()
+        ts.append(clock() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def measure_rates(device: str = "cpu", dtype: str = "float32", size: int = 1024, clock=time.perf_counter) -> Rates:
+    """Measure the rates of :class:`Rates` on this machine (≈ 2 s on an idle core).
+
+    A ``size``² × ``size`` matmul in ``dtype`` on ``device``, an fp64 matmul and a copy bandwidth, then the GEVP
+    kernels (:func:`measure_gevp_rates`) on the host. ``clock``: ``time.perf_counter`` (wall; what a run sees) or
+    ``time.process_time`` (CPU time of this process: a benchmark on a shared machine, one thread).
+    """
     import torch
 
     from sst_merge.models.loading import DTYPES
 
-    def rate(dt: torch.dtype, n: int) -> float:
-        a = torch.randn(n, n, device=device).to(dt)
-        (a @ a).sum().item()
-        best = math.inf
-        for _ in range(3):
-            t = time.perf_counter()
-            (a @ a).sum().item()
-            best = min(best, time.perf_counter() - t)
-        return 2 * n**3 / best
+    def rate(dt: torch.dtype, n: int, dev: str) -> float:
+        a = torch.randn(n, n, device=dev).to(dt)
+        return 2 * n**3 / _median_seconds(lambda: (a @ a).sum().item(), clock)
 
     x = torch.randn(64 * 2**20 // 4, device=device)
     y = torch.empty_like(x)  # preallocated: a fresh buffer would time page faults, not bandwidth
-    y.copy_(x)
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
+
+    def copy() -> None:
         y.copy_(x)
         if device != "cpu":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    bw = 2 * x.numel() * 4 / best  # read + write
-    v = torch.rand(2**20, dtype=torch.float64, device=device)
-    t = time.perf_counter()
-    torch.argsort(v, descending=True, stable=True)
-    sort = v.numel() * 20 / (time.perf_counter() - t)
-    return Rates(matmul=rate(DTYPES[dtype], size), fp64=rate(torch.float64, size // 2), bandwidth=bw, sort=sort)
+
+    bw = 2 * x.numel() * 4 / _median_seconds(copy, clock, repeat=5)  # read + write
+    fp64 = rate(torch.float64, size // 2, "cpu")
+    return Rates(matmul=rate(DTYPES[dtype], size, device), fp64=fp64, bandwidth=bw,
+                 **measure_gevp_rates(fp64, clock))  # fmt: skip
+
+
+def measure_gevp_rates(fp64: float, clock=time.perf_counter) -> dict[str, float]:
+    """Time the GEVP kernels on the :data:`CALIBRATION` shapes; return ``eigh``, ``sort`` and ``rows`` rates."""
+    import scipy.linalg
+    import torch
+
+    from sst_merge.fisher.gevp import Selection
+    from sst_merge.fisher.solve import project_module
+
+    g = torch.Generator().manual_seed(0)
+    d = CALIBRATION["eigh_d"]
+    x = torch.randn(2, d, d // 4, generator=g, dtype=torch.float64)
+    a, b = (m @ m.T / d + 0.1 * torch.eye(d, dtype=torch.float64) for m in x)
+    eigh = d**3 / _median_seconds(lambda: scipy.linalg.eigh(a.numpy(), b.numpy()), clock)
+    o, i = CALIBRATION["module"]
+    p = o * i
+    sel = Selection(fraction=0.1)
+    tau = torch.randn(o, i, generator=g)
+    ds, du = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
+    sort = p * math.log2(p) / _median_seconds(lambda: project_module("diagonal", ds, du, tau, 1e-3, sel), clock)
+    n = CALIBRATION["lowrank_n"]
+    rs, ru = {"rows": torch.randn(n, p, generator=g)}, {"rows": torch.randn(n, p, generator=g)}
+    t = _median_seconds(lambda: project_module("lowrank", rs, ru, tau, 1e-3, sel), clock)
+    rows = n * p / max(t - lowrank_gram_flops(n, p) / fp64, t / 10)
+    return {"eigh": eigh, "sort": sort, "rows": rows}
+
+
+def lowrank_gram_flops(n: int, p: int) -> float:
+    """FLOPs of lowrank's three N×N Gram products over p columns (``G_uG_uᵀ``, ``G_uG_sᵀ``, ``G_sG_sᵀ``)."""
+    return 3 * 2 * n * n * p
+
+
+def gevp_seconds(fisher: str, o: int, i: int, n: int, rates: Rates) -> float:
+    """Seconds of the GEVP + projection of one out×in module (``project_module``), by the kernel's cost law.
+
+    * ``diagonal``: the λ selection, p·log2 p (an argsort of the p ratios, a gather and a mask);
+    * ``kfac``: two generalized eigenproblems (o³ + i³ at the ``eigh`` rate), the selection on the o×i λ grid, and
+      the projection's fp64 products ``Yᵀ G̃_u ΔW Ã_u X`` and ``Y (C ⊙ S) Xᵀ`` (2o³ + 4o²i + 6oi² FLOPs);
+    * ``lowrank``: N·p elements of each statistic's rows through a fixed number of fp64 passes (copies, products
+      with ΔW and back) at the ``rows`` rate, plus the three N×N Gram products (6N²p FLOPs) and the N×N ``eigh``.
+    """
+    p = o * i
+    select = p * math.log2(p) / rates.sort
+    if fisher == "diagonal":
+        return select
+    if fisher == "kfac":
+        return (o**3 + i**3) / rates.eigh + select + (2 * o**3 + 4 * o * o * i + 6 * o * i * i) / rates.fp64
+    if fisher == "lowrank":
+        return n * p / rates.rows + lowrank_gram_flops(n, p) / rates.fp64 + n**3 / rates.eigh
+    return p**3 / rates.eigh  # dense: one p×p eigenproblem
 
 
 def gpu_rates(name: str) -> Rates:
@@ -210,7 +284,7 @@ def gpu_rates(name: str) -> Rates:
     g = GPUS[name]
     # the eigen-solvers and the λ selection run on the host CPU (scipy), whatever the device: host rates assumed
     return Rates(**{k: g[k] * GPU_EFFICIENCY[k] for k in ("matmul", "bandwidth")}, fp64=HOST_FP64, sort=HOST_SORT,
-                 measured=False)  # fmt: skip
+                 eigh=HOST_EIGH, rows=HOST_ROWS, measured=False)  # fmt: skip
 
 
 # -- the estimate ------------------------------------------------------------------------------------------------
@@ -236,6 +310,39 @@ def fisher_host_bytes(shape: Shape, s: Settings, fisher: str | None = None, n: i
         f = sum(o * o + i * i for o, i in mods)
         return f * 4 + f * 8
     return 2 * n * p * 4  # lowrank: N rows of p, fp32, for both statistics
+
+
+def forward_flops(shape: Shape, batch: int, length: int, response: int | None = None) -> float:
+    """FLOPs of one forward of a right-padded batch (``batch`` × ``length`` tokens) in the Fisher pass.
+
+    Every layer's linear modules (2 FLOPs per weight and token), attention scores and values (2 · 2 · T² · q-width
+    per example and layer, causal but computed in full), and the output head on the ``response`` positions only
+    (default: half of each example).
+    """
+    tok = batch * length
+    q = shape.heads * shape.head_dim
+    response = length // 2 if response is None else response
+    linear = 2 * tok * shape.layers * sum(o * i for o, i in shape.modules().values())
+    attention = 4 * batch * length * length * q * shape.layers
+    return linear + attention + 2 * shape.hidden * shape.vocab * batch * response
+
+
+def fisher_batch_seconds(shape: Shape, s: Settings, rates: Rates) -> float:
+    """Seconds of one Fisher batch: forward + backward, then each target's statistic update.
+
+    ``FISHER_OVER_FORWARD`` × the forward FLOPs at the matmul rate; then per target module (out×in, B examples of
+    T tokens): ``diagonal`` / ``lowrank`` — the per-example gradients' einsum (2·B·T·p FLOPs) and
+    ``PER_EXAMPLE_PASSES`` fp32 passes over them; ``kfac`` — ``aᵀa`` and ``δᵀδ`` (2·B·T·(in² + out²) FLOPs) and
+    their fp64 accumulation (12 bytes per element).
+    """
+    tok = s.fisher_batch * s.fisher_length
+    mods = targets_of(shape, s.targets)
+    t = FISHER_OVER_FORWARD * forward_flops(shape, s.fisher_batch, s.fisher_length) / rates.matmul
+    if s.fisher == "kfac":
+        f = sum(o * o + i * i for o, i in mods)
+        return t + 2 * tok * f / rates.matmul + 12 * f / rates.bandwidth
+    p = sum(o * i for o, i in mods)
+    return t + 2 * tok * p / rates.matmul + PER_EXAMPLE_PASSES * s.fisher_batch * p * 4 / rates.bandwidth
 
 
 def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
@@ -284,28 +391,20 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         largest = {"lowrank": s.n_samples * big, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
         host = fisher_host_bytes(shape, s) + deltas + largest * FINITE_CHECK_BYTES
         n_ex = 2 * s.n_samples
-        grad_flops = (0 if s.fisher == "kfac" else 2 * ftok * p) + (2 * ftok * sum(o * o + i * i for o, i in mods)
-                                                                     if s.fisher == "kfac" else 0)  # fmt: skip
         sample_s = s.n_samples * s.new_tokens * max(W / rates.bandwidth, flops_tok / rates.matmul) / s.fisher_batch
-        fs = n_ex / s.fisher_batch * (3 * flops_tok * ftok + grad_flops) / rates.matmul + sample_s
+        fs = 2 * math.ceil(s.n_samples / s.fisher_batch) * fisher_batch_seconds(shape, s, rates) + sample_s
         steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
-                          f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host"))  # fmt: skip
+                          f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples"))  # fmt: skip
 
-        select_s = sum(o * i * math.log2(o * i) for o, i in mods) / rates.sort if s.fisher != "lowrank" else 0
-        select_s *= SELECT_OVER_SORT
+        gs = sum(gevp_seconds(s.fisher, o, i, s.n_samples, rates) for o, i in mods)
         if s.fisher == "kfac":
-            g_flops = sum(EIGH_FLOPS_PER_D3 * (o**3 + i**3) + 6 * o * i * (o + i) for o, i in mods)
             g_mem = max(2 * (o * o + i * i) * 8 * 3 + o * i * 8 * 4 for o, i in mods)
         elif s.fisher == "lowrank":
-            n = s.n_samples
-            g_flops = sum(2 * 4 * n * n * o * i for o, i in mods)
-            select_s = LOWRANK_PASSES * n * p * 8 / rates.bandwidth  # memory-bound: passes over the rows
-            g_mem = 2 * n * big * 8 + 4 * big * 8
+            g_mem = 2 * s.n_samples * big * 8 + 4 * big * 8
         else:
-            g_flops = 10 * p
             g_mem = 4 * big * 8
-        steps.append(Step("gevp + projection", W, host + g_mem, g_flops / rates.fp64 + select_s,
-                          f"largest module {max(mods)} ; {g_flops / 1e12:.2f} TFLOP fp64"))  # fmt: skip
+        steps.append(Step("gevp + projection", W, host + g_mem, gs, f"{len(mods)} modules, largest {max(mods)}, "
+                          "on the host CPU"))  # fmt: skip
 
     if s.output == "full":
         steps.append(Step("full output", 0, P * 4 + deltas, P * 4 * 3 / rates.bandwidth,
@@ -475,23 +574,33 @@ def settings_from_config(data: dict[str, Any], overrides: list[str] | None = Non
         from sst_merge.config import apply_overrides, validate
         from sst_merge.merge.api import MergeConfig
 
-        cfg = validate(MergeConfig, apply_overrides(dict(data), overrides), source="merge config")
-        params = cfg.params
-        s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
-                     **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
-        if s.sst:
-            from sst_merge.merge.sst import SSTParams
-
-            sp = validate(SSTParams, dict(params), source="merge config params")
-            s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
-                                                                      sp.max_length)  # fmt: skip
-            s.new_tokens = sp.max_new_tokens
-        return cfg.base_model, s
+        return merge_settings(validate(MergeConfig, apply_overrides(dict(data), overrides), source="merge config"))
     from sst_merge.experiments.config import resolve_config
+
+    return experiment_settings(resolve_config(data.get("mode", "minimal"), data, overrides))
+
+
+def merge_settings(cfg: Any) -> tuple[str, Settings]:
+    """Return ``(base model, Settings)`` of a validated ``MergeConfig``."""
+    from sst_merge.config import validate
+
+    s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
+                 **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
+    if s.sst:
+        from sst_merge.merge.sst import SSTParams
+
+        sp = validate(SSTParams, dict(cfg.params), source="merge config params")
+        s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
+                                                                  sp.max_length)  # fmt: skip
+        s.new_tokens = sp.max_new_tokens
+    return cfg.base_model, s
+
+
+def experiment_settings(cfg: Any) -> tuple[str, Settings]:
+    """Return ``(model, Settings)`` of a resolved ``ExperimentConfig``."""
     from sst_merge.merge.sst import SSTParams
     from sst_merge.train.adapter import TrainConfig
 
-    cfg = resolve_config(data.get("mode", "minimal"), data, overrides)
     sp = SSTParams.model_validate(cfg.sst)
     paths = [p for p in [cfg.adapters.safety, *cfg.adapters.utility.values()] if p]
     train = TrainConfig()

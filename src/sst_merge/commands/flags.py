@@ -36,3 +36,13 @@ def add_output_flags(p: argparse.ArgumentParser, help: str, force_help: str, req
     """
     p.add_argument("-o", "--output", required=required, help=help)
     p.add_argument("--force", action="store_true", help=force_help)
+
+
+def add_dry_run_flag(p: argparse.ArgumentParser) -> None:
+    """``--dry-run`` (``args.dry_run``): validate, print ``sst-merge plan``'s estimate, exit 0 or 2; load no weights."""
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print the memory/time estimate of `sst-merge plan` for it and exit without "
+        "loading weights (exit 2 with the option that would fit when it cannot fit)",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sst_merge.commands.flags import add_output_flags, add_set_flag
+from sst_merge.commands.flags import add_dry_run_flag, add_output_flags, add_set_flag
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-pickle", action="store_true", help="accept pickle (.bin) adapter weights; they can run code"
     )
+    add_dry_run_flag(p)
     return p
 
 
@@ -32,6 +33,10 @@ def run(args: argparse.Namespace) -> int:
     from sst_merge.merge.api import load_config, merge
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from sst_merge.commands.plan import dry_run_merge
+
+        return dry_run_merge(config, args.output, args.force, args.allow_pickle)
     out = merge(
         config,
         args.output,

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from sst_merge.config import load_yaml
     from sst_merge.errors import ConfigError
-    from sst_merge.plan import GIB, GPUS, Memory, available_memory, gpu_rates, plan_run, settings_from_config
+    from sst_merge.plan import GIB, GPUS, Memory, available_memory, gpu_rates, settings_from_config
 
     data = load_yaml(args.config) if args.config else {}
     if args.model:
@@ -50,12 +50,49 @@ def run(args: argparse.Namespace) -> int:
     if args.host_gib is not None:
         memory = Memory(device=memory.device if memory.gpus else args.host_gib * GIB, host=args.host_gib * GIB,
                         gpus=memory.gpus, name=memory.name)  # fmt: skip
+    return show_plan(model, settings, memory=memory, rates=rates, on_gpu=on_gpu, json_out=args.json_out)
+
+
+def show_plan(model: str, settings, memory=None, rates=None, on_gpu=None, json_out: str | None = None) -> int:
+    """Print the plan of ``model`` with ``settings`` (``sst-merge plan`` and ``--dry-run`` of ``merge`` / ``run``).
+
+    Returns 0 when the run fits; raises ``ConfigError`` (exit 2) with the one-line fix when it does not.
+    """
+    from sst_merge.errors import ConfigError
+    from sst_merge.plan import plan_run
+
     plan = plan_run(model, settings, memory=memory, rates=rates, on_gpu=on_gpu)
     print(plan.table())
-    if args.json_out:
+    if json_out:
         from sst_merge.io import atomic_write_json
 
-        atomic_write_json(args.json_out, plan.to_json())
+        atomic_write_json(json_out, plan.to_json())
     if plan.problem:
         raise ConfigError(f"{model}: {plan.problem}")
     return 0
+
+
+def dry_run_merge(config, output: str, force: bool, allow_pickle: bool) -> int:
+    """``sst-merge merge --dry-run``: every check ``merge`` makes before heavy work, then the plan; no weights."""
+    from sst_merge.errors import ConfigError
+    from sst_merge.io import check_output_dir
+    from sst_merge.merge.api import prepare
+    from sst_merge.plan import merge_settings
+
+    def no_model():  # the method checks only ask whether a base model can be loaded; a dry run never loads it
+        raise ConfigError("a dry run loads no model")
+
+    check_output_dir(output, force)
+    prepare(config, allow_pickle=allow_pickle, load_model=no_model, show_progress=False)
+    return show_plan(*merge_settings(config))
+
+
+def dry_run_experiment(cfg) -> int:
+    """``sst-merge run --dry-run``: the resolved experiment config's plan; no weights, no run directory."""
+    from sst_merge.experiments.api import experiments_of
+    from sst_merge.experiments.experiments import EXPERIMENTS
+    from sst_merge.plan import experiment_settings
+
+    for name in experiments_of(cfg):
+        EXPERIMENTS.get(name)  # unknown names fail like the run would
+    return show_plan(*experiment_settings(cfg))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sst_merge.commands.flags import add_output_flags, add_set_flag, device_map_arg
+from sst_merge.commands.flags import add_dry_run_flag, add_output_flags, add_set_flag, device_map_arg
 
 
 def add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run experiments exp1|exp2|exp3|all and write results, report and plots")
     add_experiment_args(p)
+    add_dry_run_flag(p)
     return p
 
 
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key, None):
             data[key] = getattr(args, key)
     cfg = resolve_config(data.pop("mode", args.mode), data, args.overrides)
+    if args.dry_run:
+        from sst_merge.commands.plan import dry_run_experiment
+
+        return dry_run_experiment(cfg)
     out = Path(args.output) if args.output else default_run_dir(cfg.experiment, cfg.model, cfg.mode)
     from sst_merge import distributed as ddp
 
