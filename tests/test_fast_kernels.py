@@ -139,3 +139,66 @@ def test_peft_output_same_with_and_without_prefetch(tmp_path, monkeypatch):
     assert a == b
     meta = json.loads((outs[0] / "merge_metadata.json").read_text())
     assert meta["output"]["svd"] == "randomized"
+
+
+def test_magnitude_trim_drops_entries_one_ulp_below_the_threshold():
+    # the kept set is |x| >= k-th largest: entries one float step below it are dropped, entries at it kept
+    n = 40_000
+    thr = torch.tensor(0.75)
+    below = float(torch.nextafter(thr, torch.tensor(-1.0)))
+    t = torch.full((n,), below)
+    t[::4] = 0.75  # 10_000 entries at the threshold, ...
+    t[1::8] = -0.75  # ... 5_000 negative ones ...
+    t[3::16] = 2.0  # ... and 2_500 above it
+    k_kept = int((t.abs() >= 0.75).sum())
+    out = magnitude_trim(t.view(200, 200), k_kept / n)
+    assert int(torch.count_nonzero(out)) == k_kept
+    assert torch.equal(out.reshape(-1), t * (t.abs() >= 0.75))
+
+
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.9, 0.123456])
+@pytest.mark.parametrize("shape", [(7, 5), (1536, 576)])
+def test_dare_drop_mask_is_the_bernoulli_draw(density, shape):
+    """Same mask as ``torch.bernoulli(full(p))`` for the same generator state, and the same draws consumed."""
+    from sst_merge.merge.sparsify import dare_drop
+
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    g1, g2 = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    keep = torch.bernoulli(torch.full_like(tau, density), generator=g1)
+    out = dare_drop(tau, density, g2, rescale="none")
+    assert torch.equal(out, tau * keep)
+    assert torch.equal(dare_drop(tau, density, g1), dare_drop(tau, density, g2))  # streams still in step
+    assert torch.equal(
+        dare_drop(tau, density, torch.Generator().manual_seed(4)),
+        tau * torch.bernoulli(torch.full_like(tau, density), generator=torch.Generator().manual_seed(4)) / density,
+    )
+
+
+def _sign_consensus_reference(taus, weights, normalize):
+    """mergekit's formulation, written out: v = w·τ, s = sign(Σv) (+1 at 0), m = sign(v) == s and v != 0."""
+    v = torch.stack([t * w for t, w in zip(taus, weights, strict=True)])
+    s = torch.where(v.sum(0) >= 0, 1.0, -1.0)
+    m = ((torch.sign(v) == s) & (v != 0)).float()
+    num = (v * m).sum(0)
+    if not normalize:
+        return num
+    den = (m * torch.tensor(weights)[:, None, None]).sum(0)
+    return num / torch.where(den == 0, 1.0, den)
+
+
+@pytest.mark.parametrize("weights", [[1.0, 0.5, 0.5], [2.0, -1.0, 0.25], [1.0, -1.0, 1.0]])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sign_consensus_matches_reference(weights, normalize):
+    g = torch.Generator().manual_seed(5)
+    taus = [magnitude_trim(torch.randn(60, 50, generator=g), 0.4) for _ in weights]
+    taus[1][:5] = -taus[0][:5] * weights[0] / weights[1]  # Σ v = 0 on whole rows where adapter 2 is zero
+    taus[2][:5] = 0.0
+    taus[2][5:8] = 0.0
+    taus[0][5:8] = 0.0
+    taus[1][5:8] = 0.0  # no adapter agrees: divisor 1, result 0
+    out = sign_consensus_merge(taus, weights, normalize)
+    ref = _sign_consensus_reference(taus, weights, normalize)
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+    assert torch.equal(out[5:8], torch.zeros(3, 50))
+    if weights == [1.0, -1.0, 1.0] and normalize:  # divisor w1 + w2 = 0 where both agree: set to 1, as mergekit
+        assert torch.isfinite(out).all()

@@ -38,7 +38,7 @@ class Dense(Approximation):
         return {"F": torch.zeros(p, p, dtype=torch.float64)}
 
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
-        flat = g.reshape(g.shape[0], -1).double().cpu()
+        flat = g.reshape(g.shape[0], -1).double().to(stats["F"].device)
         stats["F"] += flat.T @ flat
 
     def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:

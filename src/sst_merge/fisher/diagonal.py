@@ -53,7 +53,7 @@ class Diagonal(Approximation):
         return {"diag": torch.zeros(out_features, in_features, dtype=torch.float64)}
 
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
-        stats["diag"] += g.pow(2).sum(0).double().cpu()
+        stats["diag"] += g.pow(2).sum(0).double().to(stats["diag"].device)
 
     def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
         stats["diag"] = (stats["diag"] / n).float()

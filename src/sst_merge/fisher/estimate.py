@@ -71,23 +71,39 @@ def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterato
 
 
 class _Accumulator:
-    """Sums of one approximation's statistics over every target module (the registry says what is stored)."""
+    """Sums of one approximation's statistics over every target module (the registry says what is stored).
+
+    The statistics live on the device of the gradients they sum (a GPU model's rows, factors and sums stay on the
+    GPU, with no copy per batch) and are copied to host memory once, by :meth:`finish`.
+    """
 
     def __init__(self, approx: str, modules: dict[str, nn.Linear], n: int) -> None:
         self.kind = get_approximation(approx)
         self.n = n
         self.n_tokens = 0
-        self.stats: dict[str, dict[str, torch.Tensor]] = {
-            name: self.kind.init(*mod.weight.shape, n) for name, mod in modules.items()
-        }
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
+        for name, mod in modules.items():
+            with torch.device(_home(mod.weight)):  # allocated where the module's gradients will be
+                self.stats[name] = self.kind.init(*mod.weight.shape, n)
+        self._finite: list[tuple[str, torch.Tensor]] = []
 
     def update(self, name: str, a: torch.Tensor, delta: torch.Tensor, index: list[int]) -> None:
+        stats = self.stats[name]
+        if any(t.device != a.device for t in stats.values()):  # once: a module computing elsewhere (offloaded)
+            stats.update({key: t.to(a.device) for key, t in stats.items()})
         g = None
         if self.kind.per_example:
             g = per_example_grads(a, delta)  # (B, out, in)
-            if not torch.isfinite(g).all():
-                raise FisherError(f"module {name}: per-example gradients contain NaN or Inf")
-        self.kind.update(self.stats[name], a, delta, g, index)
+            self._finite.append((name, torch.isfinite(g).all()))
+        self.kind.update(stats, a, delta, g, index)
+
+    def check_batch(self) -> None:
+        """Raise if a per-example gradient of this batch was not finite (one device-to-host sync per batch)."""
+        names, flags = zip(*self._finite, strict=True) if self._finite else ((), ())
+        self._finite.clear()
+        if flags and not bool(torch.stack([f.to(flags[0].device) for f in flags]).all()):
+            bad = next(n for n, f in zip(names, flags, strict=True) if not bool(f))
+            raise FisherError(f"module {bad}: per-example gradients contain NaN or Inf")
 
     def finish(self) -> dict[str, dict[str, torch.Tensor]]:
         for name, s in self.stats.items():
@@ -95,7 +111,13 @@ class _Accumulator:
             for key, t in s.items():
                 if not torch.isfinite(t).all():
                     raise FisherError(f"module {name}: Fisher statistic {key} contains NaN or Inf")
+                s[key] = t.cpu()  # the one copy to host memory
         return self.stats
+
+
+def _home(weight: torch.Tensor) -> torch.device:
+    """Where a module's statistics start: its weight's device (host memory for a weight not materialised)."""
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
 
 
 def estimate_fisher(
@@ -132,6 +154,7 @@ def estimate_fisher(
                 acc.n_tokens += int(batch.attention_mask.sum())
                 for name, (a, delta) in capture_batch(model, cap, batch).items():
                     acc.update(name, a, delta, idx)
+                acc.check_batch()
 
     # A rank that fails here tells the others before the all-reduce, so no rank waits on it forever.
     ddp.gather_checked(desc, accumulate)

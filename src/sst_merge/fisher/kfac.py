@@ -104,8 +104,8 @@ class Kfac(Approximation):
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
         a2 = a.reshape(-1, a.shape[-1]).float()
         d2 = delta.reshape(-1, delta.shape[-1]).float()
-        stats["A"] += (a2.T @ a2).double().cpu()
-        stats["G"] += (d2.T @ d2).double().cpu()
+        stats["A"] += (a2.T @ a2).double().to(stats["A"].device)
+        stats["G"] += (d2.T @ d2).double().to(stats["G"].device)
 
     def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
         stats["A"] = (stats["A"] / max(n_tokens, 1)).float()

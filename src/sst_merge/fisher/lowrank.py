@@ -113,7 +113,7 @@ class Lowrank(Approximation):
         return {"rows": torch.zeros(n, out_features * in_features, dtype=torch.float32)}
 
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
-        stats["rows"][index] = g.reshape(g.shape[0], -1).cpu()
+        stats["rows"][index] = g.reshape(g.shape[0], -1).to(stats["rows"].device)
 
     def trace(self, stats: Stats) -> float:
         return float(stats["rows"].double().pow(2).sum()) / stats["rows"].shape[0]

@@ -6,6 +6,7 @@ only from the ``torch.Generator`` passed in.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -26,8 +27,9 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``max(1, int(density·numel))`` entries of largest magnitude, zero the rest (TIES "trim").
 
     ``density >= 1`` returns ``tau`` unchanged. Exactly k entries are kept: the threshold is the k-th largest
-    magnitude, found by selection, never a sort (:func:`kth_largest`); if entries tie at the threshold,
-    ``torch.topk`` picks exactly k of them.
+    magnitude, found by selection, never a sort (:func:`kth_largest`), and the entries at or above it are kept in one
+    pass (``hardshrink`` just below the threshold); if entries tie at the threshold, ``torch.topk`` picks exactly k
+    of them.
     """
     if density >= 1:
         return tau
@@ -35,11 +37,14 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     n = flat.numel()
     k = max(1, int(density * n))
     mag = flat.abs()
-    keep = mag >= kth_largest(mag, k)
-    if int(torch.count_nonzero(keep)) != k:  # ties at the threshold
-        keep = torch.zeros_like(keep)
+    threshold, at_or_above = _kth_largest_counted(mag, k)
+    if at_or_above != k:  # ties at the threshold
+        keep = torch.zeros(n, dtype=torch.bool, device=tau.device)
         keep[torch.topk(mag, k, sorted=False).indices] = True
-    return (flat * keep).view_as(tau)
+        return (flat * keep).view_as(tau)
+    # |x| > the largest value below the threshold  ⇔  |x| >= threshold (no value of the dtype lies between them)
+    below = torch.nextafter(threshold, torch.tensor(-math.inf, dtype=threshold.dtype, device=threshold.device))
+    return torch.nn.functional.hardshrink(tau, float(below))
 
 
 #: Entries of the strided sample :func:`kth_largest` brackets the threshold with.
@@ -49,27 +54,34 @@ _SAMPLE = 4096
 def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Return the k-th largest entry of the 1-D ``values`` (exactly what ``torch.kthvalue(values, n-k+1)`` gives).
 
-    Faster than one ``kthvalue`` over all n entries: the quantiles of a strided sample (deterministic, no random
+    Faster than one ``kthvalue`` over all n entries: order statistics of a strided sample (deterministic, no random
     numbers) bracket the answer in ``[lo, hi]``; when the count above ``hi`` and the band ``[lo, hi]`` show the
     k-th largest lies in the band, ``kthvalue`` runs on the band only (a few percent of n). A sample that misses
     falls back to the full ``kthvalue``, so the result is always exact; only the speed depends on the sample.
     """
+    return _kth_largest_counted(values, k)[0]
+
+
+def _kth_largest_counted(values: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """:func:`kth_largest` and the number of entries ``>=`` it (``k`` unless entries tie there)."""
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}] (the number of values)")
-    if n <= 4 * _SAMPLE:
-        return torch.kthvalue(values, n - k + 1).values
-    sample = values[:: n // _SAMPLE].float()
-    q, m = 1 - k / n, sample.numel()
-    margin = 4 * (q * (1 - q) / m) ** 0.5 + 2 / m  # 4 standard errors of a sample quantile, plus rounding
-    lo = float(torch.quantile(sample, max(0.0, q - margin)))  # sample values: exact in the input's dtype
-    hi = float(torch.quantile(sample, min(1.0, q + margin)))
-    above = int(torch.count_nonzero(values > hi))
-    band = values[(values >= lo) & (values <= hi)]
-    j = k - above  # rank of the answer inside the band, counted from its top
-    if 1 <= j <= band.numel():
-        return torch.kthvalue(band, band.numel() - j + 1).values
-    return torch.kthvalue(values, n - k + 1).values
+    if n > 4 * _SAMPLE:
+        sample = values[:: n // _SAMPLE].sort().values  # sample entries: exact values of the input's dtype
+        q, m = 1 - k / n, sample.numel()
+        margin = 4 * (q * (1 - q) / m) ** 0.5 + 2 / m  # 4 standard errors of a sample quantile, plus rounding
+        lo = sample[max(0, math.floor((q - margin) * (m - 1)))]
+        hi = sample[min(m - 1, math.ceil((q + margin) * (m - 1)))]
+        above_hi = values > hi
+        above = int(torch.count_nonzero(above_hi))
+        band = values[(values >= lo) ^ above_hi]  # lo <= v <= hi (above_hi is a subset of values >= lo)
+        j = k - above  # rank of the answer inside the band, counted from its top
+        if 1 <= j <= band.numel():
+            kth = torch.kthvalue(band, band.numel() - j + 1).values
+            return kth, above + int(torch.count_nonzero(band >= kth))
+    kth = torch.kthvalue(values, n - k + 1).values
+    return kth, int(torch.count_nonzero(values >= kth))
 
 
 def dare_drop(
@@ -87,10 +99,13 @@ def dare_drop(
     """
     if density >= 1:
         return tau
-    keep = torch.bernoulli(torch.full_like(tau, density, dtype=torch.float32), generator=generator)
-    out = tau * keep
+    # u < p with u ~ U[0, 1) drawn entry by entry from ``generator`` is what torch.bernoulli(full(p)) draws and
+    # compares, so the mask is the same for the same generator state; drawing u directly skips the p tensor and
+    # its slower per-entry kernel, and u's buffer becomes the output (no other copy)
+    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32, device=tau.device).lt_(density)  # 1.0 / 0.0
+    out = keep.mul_(tau) if torch.promote_types(tau.dtype, keep.dtype) == keep.dtype else keep * tau
     if rescale == "inverse":
-        out = out / density
+        out = out.div_(density)
     elif rescale == "l1":
         before, after = tau.abs().sum(), out.abs().sum()
         if before >= 1e-7 and after >= 1e-7:  # mergekit's tolerance: tiny norms are left unscaled
@@ -109,16 +124,17 @@ def sign_consensus_merge(
     ``Σ mᵢ vᵢ`` with ``normalize=False``.
     """
     total = weighted_sum(taus, weights)  # Σ vᵢ
-    elected = torch.where(total >= 0, 1.0, -1.0)  # s
-    num = torch.zeros_like(total)
-    den = torch.zeros_like(total)
-    agreeing = torch.empty_like(total)
+    elected = total.sign_().add_(0.5).sign_()  # s: +1 where Σ vᵢ >= 0, else -1 (sign() - 1, 0, 1 → -1, 1, 1)
+    num = torch.zeros_like(elected)
+    den = torch.zeros_like(elected)
+    agreeing = torch.empty_like(elected)
     for t, w in zip(taus, weights, strict=True):
         # |vᵢ| where vᵢ is non-zero with sign s, else 0 (in place: these tensors are a module's full ΔW)
         torch.mul(t.float(), elected, out=agreeing).mul_(float(w)).clamp_min_(0)
         num.add_(agreeing)
-        den.add_((agreeing > 0).to(den.dtype), alpha=float(w))
+        den.add_(agreeing.sign_(), alpha=float(w))  # mᵢ = sign(|vᵢ|) ∈ {0, 1}
     num.mul_(elected)
     if not normalize:
         return num
-    return num.div_(torch.where(den == 0, 1.0, den))
+    # where no adapter agrees num is 0 and the divisor becomes 1 (elementwise arithmetic: torch.where is slow on CPU)
+    return num.div_(den.add_(den.abs().sign_().sub_(1).neg_()))
