@@ -52,7 +52,8 @@ def test_benign_dev_set_is_disjoint_from_every_other_prompt_file_and_the_harmful
     HarmBench (val + test) or StrongREJECT prompt."""
     others: list[str] = []
     for path in sorted(RESOURCES.glob("*.jsonl")):
-        if path == DEV_FILE:
+        # judge_labels.jsonl holds labelled responses to prompts copied from the evaluation sets (this one included)
+        if path == DEV_FILE or path.name == "judge_labels.jsonl":
             continue
         for line in path.read_text().splitlines():
             if line.strip() and "prompt" in (row := json.loads(line)):
