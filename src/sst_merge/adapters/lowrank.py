@@ -75,7 +75,7 @@ def randomized_svd_factors(
     delta: torch.Tensor,
     rank: int,
     oversample: int = 16,
-    power_iters: int = 3,
+    power_iters: int = 6,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Truncate ``delta`` (out, in) to rank ``rank`` with a randomised SVD; return ``(A, B, relative error)``.
