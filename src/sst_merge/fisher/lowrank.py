@@ -94,15 +94,6 @@ def lowrank_project(
     return y.reshape(x.shape).to(x.dtype), sol.lam, n
 
 
-def stacked_rows(G_u: torch.Tensor, penalties: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """Rows ``C`` with ``CᵀC/N_u = G_uᵀG_u/N_u + Σ β_j G_jᵀG_j/N_j`` (so ``B = CᵀC/N_u + εI`` keeps the lowrank form)."""
-    if not penalties:
-        return G_u
-    n_u = G_u.shape[0]
-    parts = [G_u.double()] + [G.double() * math.sqrt(beta * n_u / G.shape[0]) for beta, G in penalties]
-    return torch.cat(parts)
-
-
 @APPROXIMATIONS.register("lowrank")
 class Lowrank(Approximation):
     """Stores ``{"rows": G}`` (N×p, row b = the row-major flattened ``g_b``), so ``F = GᵀG/N`` exactly."""
@@ -123,16 +114,14 @@ class Lowrank(Approximation):
         if len(parts) == 1 and parts[0][0] == 1.0:
             return parts[0][1]
         n_c = sum(st["rows"].shape[0] for _, st in parts)
-        return {"rows": torch.cat([st["rows"] * math.sqrt(w * n_c / st["rows"].shape[0]) for w, st in parts])}
+        return {"rows": torch.cat([st["rows"].double() * math.sqrt(w * n_c / st["rows"].shape[0]) for w, st in parts])}
 
     def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
         G_s, G_u = stats_s["rows"], stats_u["rows"]
         mean_diag = float(G_u.double().pow(2).sum()) / (G_u.shape[0] * G_u.shape[1])
         damping = eps * check_mean(mean_diag, "mean diagonal of F_u")
-        rows = stacked_rows(G_u, [(beta, st["rows"]) for beta, st in active_penalties(penalties)])
-        # B = rowsᵀrows/N_u + εI: the solver divides by the number of rows, so scale them to keep N_u
-        scale = math.sqrt(rows.shape[0] / G_u.shape[0])
-        rows = rows * scale if rows is not G_u else rows
+        # B = rowsᵀrows/N_rows + εI = F_u + Σ β_j F_j + εI (the penalties' rows stacked under G_u, scaled)
+        rows = self.combine([(1.0, stats_u), *active_penalties(penalties)])["rows"]
         sol = lowrank_gevp(G_s, rows, damping)
         out, lam_desc, n = lowrank_project(tau, G_s, rows, sol, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)

@@ -286,8 +286,7 @@ class SSTMerge(MergeMethod):
             # the safety adapter whole, the utility update projected: Fishers at base + τ_safety
             stats, info = self._fisher(params, ctx, tau_s, [(safety.sha256, 1.0)], sorted(set(utility_dw) | set(tau_s)))
             diag.update(info)
-            kept_u = self._project(params, ctx, utility_dw, {"num": stats["utility"], "den": stats["safety"],
-                                                             **_penalty(params, stats)}, diag)  # fmt: skip
+            kept_u = self._project(params, ctx, utility_dw, stats, diag)
             merged: dict[str, torch.Tensor] = {}
             for m in ctx.modules:
                 if m in tau_s or m in kept_u:
@@ -305,9 +304,7 @@ class SSTMerge(MergeMethod):
             pre_key = sorted((ctx.adapters[i].sha256, ctx.weights[i]) for i in utility)
             stats, info = self._fisher(params, ctx, utility_dw, pre_key, list(tau_s))
             diag.update(info)
-            projected = self._project(
-                params, ctx, tau_s, {"num": stats["safety"], "den": stats["utility"], **_penalty(params, stats)}, diag
-            )
+            projected = self._project(params, ctx, tau_s, stats, diag)
 
         out: dict[str, torch.Tensor] = {}
         for m in ctx.modules:
@@ -366,8 +363,9 @@ class SSTMerge(MergeMethod):
         stats: dict[str, dict],
         diag: dict[str, Any],
     ) -> dict[str, torch.Tensor]:
-        """Project each module of ``tau_s`` (the update being projected) with ``stats["num"]`` (what ranks a
-        direction), ``stats["den"]`` (its cost) and, when β > 0, ``stats["benign_refusal"]`` added to the cost."""
+        """Project each module of ``tau_s`` (the update being projected): ``params.project`` names the objective
+        that ranks a direction (safety or utility), the other one is its cost, plus ``β F_b`` when β > 0."""
+        num, den = ("safety", "utility") if params.project == "safety" else ("utility", "safety")
         projected: dict[str, torch.Tensor] = {}
         per_module: dict[str, Any] = {}
         whole_range: list[str] = []
@@ -377,8 +375,8 @@ class SSTMerge(MergeMethod):
             try:
                 res = project_module(
                     params.fisher,
-                    stats["num"][m],
-                    stats["den"][m],
+                    stats[num][m],
+                    stats[den][m],
                     tau,
                     params.eps,
                     params.selection(tau.numel()),
@@ -418,13 +416,10 @@ class SSTMerge(MergeMethod):
         diag["modules_keeping_whole_range"] = len(whole_range)
         kind = get_approximation(params.fisher)
         # scale of each Fisher relative to F_u (sum of traces over modules): β in units of tr F_u / tr F_b
-        named = {"safety" if params.project == "safety" else "utility": stats["num"],
-                 "utility" if params.project == "safety" else "safety": stats["den"],
-                 **{k: v for k, v in stats.items() if k not in ("num", "den")}}  # fmt: skip
-        tr_u = sum(kind.trace(named["utility"][m]) for m in tau_s)
+        tr_u = sum(kind.trace(stats["utility"][m]) for m in tau_s)
         diag["trace_relative_to_F_u"] = {
-            name: sum(kind.trace(named[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
-            for name in named
+            name: sum(kind.trace(stats[name][m]) for m in tau_s) / tr_u if tr_u > 0 else None
+            for name in stats
             if name != "utility"
         }
         total = math.sqrt(sum(v["safety_norm"] ** 2 for v in per_module.values()))
@@ -456,10 +451,6 @@ class SSTMerge(MergeMethod):
     def apply_safety_weight(self, params, weights, roles, alpha):  # type: ignore[override]
         """The safety weight is α, the projected update's scale; the safety adapter's own weight stays 1."""
         return {**params, "alpha": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
-
-
-def _penalty(params: SSTParams, stats: dict[str, dict]) -> dict[str, dict]:
-    return {"benign_refusal": stats["benign_refusal"]} if params.beta > 0 else {}
 
 
 def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
