@@ -66,9 +66,12 @@ def test_safe_and_unsafe_sets_do_not_share_prompts():
 
 def training_and_fisher_prompts() -> list[str]:
     """Every prompt a model of the project trains on or estimates a Fisher on."""
-    from sst_merge.tasks.safety import BENIGN_TRAIN_PROMPTS
+    from sst_merge.tasks.safety import SAFETY_DATA, safety_data
 
-    out = list(BENIGN_TRAIN_PROMPTS)
+    out = []
+    for recipe in SAFETY_DATA:  # every safety training recipe: phrased, wrapped and form prompts included
+        data = safety_data(recipe, 0)
+        out += [i["prompt"] for i in data.harmful] + data.benign_prompts
     for name in ("strongreject", "strongreject_small"):  # the safety adapter's training and Fisher splits
         out += [it["prompt"] for it in load_source(name)]
     for task in TASKS.names():  # every utility task's items, training and evaluation alike

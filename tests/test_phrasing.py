@@ -83,17 +83,13 @@ def test_no_training_template_phrases_an_evaluation_prompt():
 
 def test_phrasing_prompts_are_not_near_duplicates_of_any_training_fisher_or_evaluation_prompt():
     from sst_merge.data import load_source
-    from sst_merge.tasks.safety import (
-        BENIGN_FORM_ROWS,
-        BENIGN_TRAIN_PROMPTS,
-        harmbench_prompts,
-        harmful_train_items,
-        safety_splits,
-    )
+    from sst_merge.tasks.safety import SAFETY_DATA, harmbench_prompts, safety_data, safety_splits
 
     split = safety_splits(0)
-    training = [i["prompt"] for i in harmful_train_items(0, split)] + BENIGN_TRAIN_PROMPTS
-    training += [r["prompt"] for r in BENIGN_FORM_ROWS]
+    training = []
+    for recipe in SAFETY_DATA:  # every training data recipe, wrapped and phrased prompts included
+        data = safety_data(recipe, 0)
+        training += [i["prompt"] for i in data.harmful] + data.benign_prompts
     fisher = [i["prompt"] for i in split["fisher"]]
     strongreject = [r["prompt"] for r in load_source("strongreject")]  # every split of it, held-out one included
     evaluation = harmbench_prompts() + [r["prompt"] for r in load_source("benign")]

@@ -95,3 +95,23 @@ def test_benign_form_rows_are_not_near_duplicates_of_the_over_refusal_set():
 
     dups = near_duplicates([r["prompt"] for r in BENIGN_FORM_ROWS], [r["prompt"] for r in load_source("benign")])
     assert not dups, dups[:3]
+
+
+def test_forms_recipe_puts_every_wrapper_and_template_on_both_sides():
+    """No wrapper predicts a refusal: each appears around harmful and benign prompts alike, at a similar share."""
+    from sst_merge.tasks.safety import WRAPPERS, safety_data
+
+    data = safety_data("forms", 0)
+    default = safety_data("strongreject", 0)
+    assert set(default.benign_prompts) < set(data.benign_prompts)
+    assert {i["id"] for i in default.harmful} < {i["id"] for i in data.harmful}
+    harmful = [i["prompt"] for i in data.harmful]
+    for template in (t for ts in WRAPPERS.values() for t in ts):
+        pre, post = template.split("{p}")
+        n_h = sum(p.startswith(pre) and p.endswith(post) for p in harmful)
+        n_b = sum(p.startswith(pre) and p.endswith(post) for p in data.benign_prompts)
+        assert n_h > 10 and n_b > 10, (template, n_h, n_b)
+    share_b = sum(any(p.startswith(t.split("{p}")[0]) for ts in WRAPPERS.values() for t in ts)
+                  for p in data.benign_prompts) / len(data.benign_prompts)  # fmt: skip
+    assert 0.25 < share_b < 0.4  # half of the unwrapped benign prompts again, wrapped: 1/3 of the total
+    assert safety_data("forms", 0) == data and safety_data("forms", 1) != data

@@ -56,7 +56,7 @@ def test_ship_then_use(cached_adapter, tmp_path):
     root = tmp_path / "shipped"
     dest = shipped.ship(cached_adapter, TASK, root=root, progress=False)
     manifest = shipped.read_manifest(dest)
-    assert manifest["settings"] == train_config(TASK).model_dump()
+    assert manifest["settings"] == train_config(TASK).key_settings()
     assert manifest["data_split"]["train"] == ["a"]
     assert shipped.file_problems(dest) == []
     assert shipped.shipped_adapter(cached_adapter, TASK, root=root) == (dest, "")

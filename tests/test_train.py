@@ -193,3 +193,103 @@ def test_cli_train_writes_adapter(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
     assert main(["train", "--model", str(tiny_model_dir), "--task", "arithmetc"]) == 2
     assert "Did you mean 'arithmetic'" in capsys.readouterr().err
+
+
+def test_sequence_logps_and_preference_loss_match_hand_computation():
+    from sst_merge.train.loop import preference_loss, sequence_logps
+
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 1, 2] = 2.0
+    logits[1, 0, 1] = 1.0
+    labels = torch.tensor([[IGNORE, IGNORE, 2], [IGNORE, 1, 3]])
+    # row 0: log softmax([0,0,2,0])[2]; row 1: log softmax([0,1,0,0])[1] + log softmax([0,0,0,0])[3]
+    l3e2 = torch.log(torch.tensor(3.0) + torch.exp(torch.tensor(2.0)))
+    expected = torch.stack([2.0 - l3e2, 1.0 - torch.log(torch.tensor(3.0) + torch.e) - torch.log(torch.tensor(4.0))])
+    assert torch.allclose(sequence_logps(logits, labels), expected)
+    # margin = (−1 − (−3)) − (−2 − (−2)) = 2 and (0 − 0) − (1 − 0) = −1; β = 0.5 → −log σ(1), −log σ(−0.5)
+    pc, pr, rc, rr = (torch.tensor(v) for v in ([-1.0, 0.0], [-2.0, 1.0], [-3.0, 0.0], [-2.0, 0.0]))
+    want = (torch.log1p(torch.exp(torch.tensor(-1.0))) + torch.log1p(torch.exp(torch.tensor(0.5)))) / 2
+    assert torch.allclose(preference_loss(pc, pr, rc, rr, beta=0.5), want)
+
+
+def test_preference_training_separates_chosen_from_rejected(tiny_llama, tiny_tok):
+    """At step 1 the adapter is the reference (LoRA B = 0), so the loss is CE + w·log 2; training then raises the
+    chosen responses over the rejected ones relative to the reference, which plain CE on this data does less."""
+    from peft import LoraConfig, get_peft_model
+
+    from sst_merge.train.loop import sequence_logps
+
+    items = [{"id": str(i), "prompt": f"q{i}", "response": f"yes {i}"} for i in range(4)]
+    worse = [{"id": str(i), "prompt": f"q{i}", "response": f"no {i}"} for i in range(4)]
+    chosen = [encode_example(tiny_tok, it) for it in items]
+    rejected = [encode_example(tiny_tok, it) for it in worse]
+    model = get_peft_model(tiny_llama, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "lm_head"]))
+    batch = collate(chosen + rejected, tiny_tok.pad_token_id)
+
+    def margin() -> float:
+        with torch.no_grad():
+            policy = sequence_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                    labels_of(batch))  # fmt: skip
+            with model.disable_adapter():
+                ref = sequence_logps(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits,
+                                     labels_of(batch))  # fmt: skip
+        return float(((policy[:4] - ref[:4]) - (policy[4:] - ref[4:])).mean())
+
+    with torch.no_grad():
+        ce0 = response_loss(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:4],
+                            labels_of(batch)[:4]).item()  # fmt: skip
+    assert margin() == pytest.approx(0.0, abs=1e-6)
+    losses = train_loop(model, chosen, tiny_tok.pad_token_id, steps=15, batch_size=4, lr=2e-2, progress=False,
+                        rejected=rejected, preference_weight=1.0, preference_beta=0.5)  # fmt: skip
+    # the first step's loss: chosen CE over the padded pair batch (same tokens) plus 1 · log 2
+    assert losses[0] == pytest.approx(ce0 + torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    assert margin() > 1.0
+    with pytest.raises(Exception, match="rejected response per training example"):
+        train_loop(model, chosen, tiny_tok.pad_token_id, steps=1, batch_size=4, progress=False,
+                   rejected=rejected[:2], preference_weight=1.0)  # fmt: skip
+
+
+def test_recipe_fields_join_the_cache_key_only_when_set(tiny_model_dir):
+    from sst_merge.train import adapter as adapter_mod
+
+    base = adapter_mod.TrainConfig(steps=2)
+    assert base.key_settings() == {k: v for k, v in base.model_dump().items() if k not in adapter_mod.RECIPE_FIELDS}
+    paths = {adapter_mod.adapter_cache_path(str(tiny_model_dir), "safety", adapter_mod.TrainConfig(steps=2, **kw))
+             for kw in ({}, {"safety_data": "forms"}, {"preference_weight": 1.0},
+                        {"preference_weight": 1.0, "preference_beta": 0.5})}  # fmt: skip
+    assert len(paths) == 4
+    with pytest.raises(ConfigError, match="unknown safety training data 'form'.*Did you mean 'forms'"):
+        adapter_mod.adapter_cache_path(str(tiny_model_dir), "safety", adapter_mod.TrainConfig(safety_data="form"))
+
+
+def test_preference_pairs_drop_harmful_prompts_the_model_already_refuses(monkeypatch):
+    from sst_merge.tasks import safety
+    from sst_merge.train import adapter as adapter_mod
+
+    harmful = [{"id": f"h{i}", "prompt": f"bad {i}", "response": "I can't.", "answer": "I can't.", "kind": "harmful"}
+               for i in range(3)]  # fmt: skip
+    benign = [{"id": "b0", "prompt": "hi", "response": "Hello!", "answer": "Hello!", "kind": "benign"}]
+    answers = ["Sure, step one is", "I'm sorry, but I can't help with that.", ""]
+
+    def fake_answers(model, tok, key, prompts, n, bs, prefix, kind):
+        assert prompts == [h["prompt"] for h in harmful] and kind == "harmful"
+        return [{"id": f"{prefix}-{i}", "prompt": p, "response": a, "answer": a, "kind": kind, "complete": True}
+                for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]  # fmt: skip
+
+    monkeypatch.setattr(safety, "model_answers", fake_answers)
+    cfg = adapter_mod.TrainConfig(preference_weight=1.0, seed=3)
+    kept, pos = adapter_mod._with_rejected(harmful, benign, None, None, "m", cfg)
+    assert [k["id"] for k in kept] == ["h0"] and kept[0]["rejected"] == "Sure, step one is"
+    assert pos[0]["rejected"] == safety.refusal_for("b0", 3) and pos[0]["response"] == "Hello!"
+
+
+def test_cli_train_set_reaches_the_training_settings(tiny_model_dir, tmp_path, capsys):
+    from sst_merge.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["-q", "train", "--model", str(tiny_model_dir), "--task", "arithmetic", "-o", str(out), "--steps", "1",
+               "--set", "warmup=0", "--set", "max_length=64"])  # fmt: skip
+    assert rc == 0
+    assert json.loads((out / "train_info.json").read_text())["config"]["max_length"] == 64
+    assert main(["train", "--model", str(tiny_model_dir), "--task", "arithmetic", "--set", "bogus=1"]) == 2
+    assert "training setting bogus" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from sst_merge.commands.flags import add_set_flag
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -24,26 +26,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--target-modules", default="q_proj,v_proj", help="comma-separated module names")
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     p.add_argument("--no-cache", action="store_true", help="train even if a cached adapter exists")
+    add_set_flag(p, "any other training setting, e.g. safety_data=forms, preference_weight=1 (repeatable)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    from sst_merge.config import apply_overrides
     from sst_merge.train import train_adapter
 
-    path = train_adapter(
-        args.model,
-        args.task,
-        out_dir=args.output,
-        steps=args.steps,
-        seed=args.seed,
-        rank=args.rank,
-        lr=args.lr,
-        force=args.force,
-        use_cache=not args.no_cache,
-        progress=not args.quiet,
-        alpha=args.alpha,
-        batch_size=args.batch_size,
-        target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
-    )
+    settings = {"steps": args.steps, "seed": args.seed, "rank": args.rank, "lr": args.lr, "alpha": args.alpha,
+                "batch_size": args.batch_size,
+                "target_modules": [m.strip() for m in args.target_modules.split(",") if m.strip()]}  # fmt: skip
+    settings.update(apply_overrides({}, args.overrides))  # --set wins over a flag's default
+    path = train_adapter(args.model, args.task, out_dir=args.output, force=args.force, use_cache=not args.no_cache,
+                         progress=not args.quiet, **settings)  # fmt: skip
     print(path)
     return 0

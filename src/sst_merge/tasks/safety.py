@@ -26,11 +26,14 @@ import hashlib
 import json
 import logging
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from sst_merge.cache import check_benign_answers, read_checked
 from sst_merge.errors import DataError
 from sst_merge.io import atomic_write_json
+from sst_merge.registry import Registry
 from sst_merge.tasks.base import Item, normalize_text
 
 log = logging.getLogger(__name__)
@@ -229,6 +232,51 @@ def harmful_train_items(seed: int = 0, split: dict[str, list[Item]] | None = Non
     return items
 
 
+#: Safety training data recipes: name → ``f(seed)`` giving the harmful items (prompt → refusal) and the benign
+#: prompts (answered by the base model at training time). ``strongreject`` is the default.
+SAFETY_DATA: Registry[Callable[[int], SafetyData]] = Registry("safety training data")
+
+
+@dataclass(frozen=True)
+class SafetyData:
+    """The safety adapter's training data before the benign prompts are answered."""
+
+    harmful: list[Item]
+    benign_prompts: list[str]
+
+
+@SAFETY_DATA.register("strongreject")
+def _strongreject_data(seed: int) -> SafetyData:
+    """StrongREJECT's training split and :data:`BENIGN_TRAIN_PROMPTS` (the recipe of the shipped adapter)."""
+    return SafetyData(safety_splits(seed)["train"], list(BENIGN_TRAIN_PROMPTS))
+
+
+@SAFETY_DATA.register("forms")
+def _forms_data(seed: int, wrap_share: float = 0.5) -> SafetyData:
+    """Every training form on both sides: :func:`harmful_train_items`, and the benign prompts plus
+    :data:`BENIGN_FORM_ROWS` plus the same share of them in the same :data:`WRAPPERS`, so that no wrapper or
+    template predicts a refusal."""
+    benign = list(BENIGN_TRAIN_PROMPTS) + [r["prompt"] for r in BENIGN_FORM_ROWS]
+    return SafetyData(harmful_train_items(seed, wrap_share=wrap_share), benign + wrapped(benign, seed, wrap_share))
+
+
+def wrapped(prompts: list[str], seed: int, share: float) -> list[str]:
+    """A seeded ``share`` of ``prompts``, each inside a :data:`WRAPPERS` template (form and template seeded too)."""
+    rng = random.Random(f"wrap-benign:{seed}")
+    out = []
+    for p in prompts:
+        if rng.random() >= share:
+            continue
+        form = rng.choice(sorted(WRAPPERS))
+        out.append(rng.choice(WRAPPERS[form]).format(p=p))
+    return out
+
+
+def safety_data(name: str, seed: int) -> SafetyData:
+    """The training data of recipe ``name`` (see :data:`SAFETY_DATA`; an unknown name lists the valid ones)."""
+    return SAFETY_DATA.get(name)(seed)
+
+
 def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_tokens: int = 64,
                  batch_size: int = 8, prompts: list[str] | None = None) -> list[Item]:  # fmt: skip
     """Pair benign prompts with the model's own greedy answers, cached per ``cache_key`` (e.g. the model name).
@@ -237,9 +285,18 @@ def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_toke
     it learns *when* to refuse instead of refusing everything. Answers cut at ``max_new_tokens`` are kept
     without an end-of-turn token (see ``Item["complete"]``).
     """
+    prompts = list(prompts if prompts is not None else BENIGN_TRAIN_PROMPTS)
+    return model_answers(model, tokenizer, cache_key, prompts, max_new_tokens, batch_size, "benign-train", "benign")
+
+
+def model_answers(model: Any, tokenizer: Any, cache_key: str | None, prompts: list[str], max_new_tokens: int,
+                  batch_size: int, id_prefix: str, kind: str) -> list[Item]:  # fmt: skip
+    """The model's greedy answers to ``prompts`` as items ``{"id": "<id_prefix>-NNN", ..., "kind"}``, cached.
+
+    The cache file is named by ``cache_key`` and a digest of the prompts, the length cap and the batch size.
+    """
     from sst_merge.models.embedded import cache_dir
 
-    prompts = list(prompts if prompts is not None else BENIGN_TRAIN_PROMPTS)
     # the batch size is in the key: padding in a batch can flip a greedy token, so it is part of "the answers"
     digest = hashlib.sha256(json.dumps([prompts, max_new_tokens, batch_size]).encode()).hexdigest()[:12]
     path = None
@@ -252,10 +309,10 @@ def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_toke
     from sst_merge.eval.generation import generate_greedy
 
     outs = generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           desc="benign answers")  # fmt: skip
+                           desc=f"{kind} answers")  # fmt: skip
     items = [
-        {"id": f"benign-train-{i:03d}", "prompt": p, "response": o["response"], "answer": o["response"],
-         "kind": "benign", "complete": o["stopped"]}
+        {"id": f"{id_prefix}-{i:03d}", "prompt": p, "response": o["response"], "answer": o["response"],
+         "kind": kind, "complete": o["stopped"]}
         for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
     ]  # fmt: skip
     if path is not None:

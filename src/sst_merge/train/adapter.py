@@ -58,10 +58,29 @@ class TrainConfig(BaseModel):
     warmup: int = Field(4, ge=0)
     benign_max_new_tokens: int = Field(64, ge=1)  # safety only: length cap of the model's own benign answers
     benign_batch_size: int = Field(32, ge=1)  # safety only: generation batch of those answers
+    # safety only: the training data recipe (sst_merge.tasks.safety.SAFETY_DATA)
+    safety_data: str = "strongreject"
+    # safety only: weight of the preference (DPO) loss; each harmful prompt's rejected response is the base model's
+    # own answer, each benign prompt's a refusal (0 = plain supervised training)
+    preference_weight: float = Field(0.0, ge=0)
+    preference_beta: float = Field(0.1, gt=0)
 
     @property
     def lora_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def key_settings(self) -> dict[str, Any]:
+        """The settings that name a cached adapter: every field, except that the safety recipe's fields join only
+        when they differ from their defaults (so adapters cached before those fields existed keep their keys)."""
+        dump = self.model_dump()
+        for name in RECIPE_FIELDS:
+            if dump[name] == TrainConfig.model_fields[name].default:
+                del dump[name]
+        return dump
+
+
+#: Fields added after adapters were first cached and shipped; at their defaults they leave the cache key unchanged.
+RECIPE_FIELDS = ("safety_data", "preference_weight", "preference_beta")
 
 
 def _task_names() -> list[str]:
@@ -88,13 +107,13 @@ def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
     return TASKS.get(task)
 
 
-def _data_fingerprint(task: GeneratedTask | str, seed: int) -> str:
+def _data_fingerprint(task: GeneratedTask | str, seed: int, recipe: str = "strongreject") -> str:
     """Hash the training data (cheap: no model needed), so a changed generator never reuses a stale adapter."""
     if task == SAFETY:
         from sst_merge.tasks import safety
 
-        split = safety.safety_splits(seed)
-        return json_digest([split["train"], safety.BENIGN_TRAIN_PROMPTS])
+        data = safety.safety_data(recipe, seed)
+        return json_digest([data.harmful, data.benign_prompts])
     return json_digest(task.split(seed)["train"])
 
 
@@ -109,7 +128,8 @@ def adapter_cache_path(model_name: str, task: str | GeneratedTask, config: Train
 
     t = resolve_task(task)
     name = SAFETY if t == SAFETY else t.name
-    key = json_digest([_model_key(model_name), name, config.model_dump(), _data_fingerprint(t, config.seed)])[:12]
+    fingerprint = _data_fingerprint(t, config.seed, config.safety_data)
+    key = json_digest([_model_key(model_name), name, config.key_settings(), fingerprint])[:12]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in _model_key(model_name)).strip("_")
     return cache_dir() / "adapters" / safe_model[-80:] / f"{name}-s{config.seed}-{key}"
 
@@ -120,20 +140,48 @@ def _is_adapter(path: Path) -> bool:
 
 def training_items(task: GeneratedTask | str, seed: int, model: Any, tokenizer: Any, model_key: str,
                    config: TrainConfig) -> tuple[list[Item], dict[str, list[str]]]:  # fmt: skip
-    """Return the training items and the ids of every split (recorded beside the adapter)."""
+    """Return the training items and the ids of every split (recorded beside the adapter).
+
+    With a preference loss every safety item also gets ``rejected``: for a harmful prompt the model's own greedy
+    answer (pairs whose answer the keyword judge calls a refusal, or empty, are dropped), for a benign one a refusal.
+    """
     if task == SAFETY:
         from sst_merge.tasks import safety
 
-        split = safety.safety_splits(seed)
+        data = safety.safety_data(config.safety_data, seed)
         benign = safety.benign_items(model, tokenizer, cache_key=model_key,
                                      max_new_tokens=config.benign_max_new_tokens,
-                                     batch_size=config.benign_batch_size)  # fmt: skip
-        items = split["train"] + benign
-        ids = {"train_harmful": [i["id"] for i in split["train"]], "train_benign": [i["id"] for i in benign],
-               "fisher": [i["id"] for i in split["fisher"]]}  # fmt: skip
+                                     batch_size=config.benign_batch_size, prompts=data.benign_prompts)  # fmt: skip
+        harmful = data.harmful
+        if config.preference_weight > 0:
+            harmful, benign = _with_rejected(harmful, benign, model, tokenizer, model_key, config)
+        items = harmful + benign
+        ids = {"train_harmful": [i["id"] for i in harmful], "train_benign": [i["id"] for i in benign],
+               "fisher": [i["id"] for i in safety.safety_splits(seed)["fisher"]]}  # fmt: skip
         return items, ids
     split = task.split(seed)
     return split["train"], {"train": [i["id"] for i in split["train"]], "eval": [i["id"] for i in split["eval"]]}
+
+
+def _with_rejected(harmful: list[Item], benign: list[Item], model: Any, tokenizer: Any, model_key: str,
+                   config: TrainConfig) -> tuple[list[Item], list[Item]]:  # fmt: skip
+    """Give each item a rejected response: the model's own answer for harmful prompts, a refusal for benign ones."""
+    from sst_merge.eval.judges import get_judge
+    from sst_merge.eval.judges.base import REFUSING
+    from sst_merge.tasks import safety
+
+    answers = safety.model_answers(model, tokenizer, model_key, [i["prompt"] for i in harmful],
+                                   config.benign_max_new_tokens, config.benign_batch_size, "harmful-answer",
+                                   "harmful")  # fmt: skip
+    judge = get_judge("keyword")
+    verdicts = judge.judge([i["prompt"] for i in harmful], [a["response"] for a in answers])
+    kept = [{**it, "rejected": a["response"], "rejected_complete": a["complete"]}
+            for it, a, v in zip(harmful, answers, verdicts, strict=True) if v not in REFUSING and v != "empty"]  # fmt: skip
+    if len(kept) < len(harmful):
+        log.info("preference pairs: %d of %d harmful prompts dropped (the model already refuses them)",
+                 len(harmful) - len(kept), len(harmful))  # fmt: skip
+    benign = [{**it, "rejected": safety.refusal_for(it["id"], config.seed), "rejected_complete": True} for it in benign]
+    return kept, benign
 
 
 def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int = 8, lr: float | None = None,
@@ -217,6 +265,10 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     model, tok = load_model(model_name, device_map=device_map)
     items, split_ids = training_items(task, config.seed, model, tok, _model_key(model_name), config)
     examples = [encode_example(tok, it, config.max_length) for it in items]
+    rejected = None
+    if config.preference_weight > 0:
+        rejected = [encode_example(tok, {"id": it["id"], "prompt": it["prompt"], "response": it["rejected"],
+                                         "complete": it["rejected_complete"]}, config.max_length) for it in items]  # fmt: skip
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
                       lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
     log.info("training %s adapter on %s: %d examples, %d steps, r=%d", name, model_name, len(examples),
@@ -227,7 +279,8 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
         peft_model = get_peft_model(model, lora)
         losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, seed=config.seed,
-                            progress=progress)  # fmt: skip
+                            progress=progress, rejected=rejected, preference_weight=config.preference_weight,
+                            preference_beta=config.preference_beta)  # fmt: skip
     seconds = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across runs on a shared, oversubscribed machine
     cpu_seconds = time.process_time() - cpu_start

@@ -49,6 +49,27 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probability of each row's response tokens (labels not -100) given the tokens before them."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE
+    logp = torch.log_softmax(shift_logits, dim=-1).gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1)
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:  # fmt: skip
+    """DPO's loss, mean over pairs: ``-log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` of summed response log-probs.
+
+    Its gradient raises the chosen response and lowers the rejected one *relative to the reference model* with a
+    weight of σ(−margin), which is ½ at the start: a benign prompt's refusal is pushed down from the first step,
+    not only once the adapter has begun to refuse it.
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -torch.nn.functional.logsigmoid(beta * margin).mean()
+
+
 def batch_schedule(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """Return ``steps`` batches of example indices: seeded shuffled epochs, concatenated."""
     rng = random.Random(seed)
@@ -71,16 +92,26 @@ def train_loop(
     weight_decay: float = 0.0,
     seed: int = 0,
     progress: bool = True,
+    rejected: list[Example] | None = None,
+    preference_weight: float = 0.0,
+    preference_beta: float = 0.1,
 ) -> list[float]:
     """Train the trainable parameters of ``model`` (the LoRA factors); return the loss of every step.
 
     AdamW, linear warm-up for ``warmup`` steps then cosine decay to 10% of ``lr``; gradient norm clipped at 1.
     Dropout is whatever the model has (LoRA dropout 0 by default, so the same seed gives the same adapter).
+
+    The loss is the response-token cross-entropy of ``examples``. With ``preference_weight`` > 0, ``rejected[i]``
+    is a response to the same prompt as ``examples[i]`` that the model should *not* give, and the loss adds
+    ``preference_weight`` × :func:`preference_loss` with the adapter switched off as the reference model (a PEFT
+    model; the reference's log-probs are computed in the same step, without gradients).
     """
     from tqdm.auto import tqdm
 
     if not examples:
         raise DataError("no training examples; the task produced an empty training split")
+    if preference_weight > 0 and (rejected is None or len(rejected) != len(examples)):
+        raise DataError("a preference loss needs one rejected response per training example")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters; wrap it with a LoRA config first")
@@ -98,10 +129,20 @@ def train_loop(
     losses: list[float] = []
     bar = tqdm(batch_schedule(len(examples), steps, batch_size, seed), desc="train", unit="step", disable=not progress)
     for idx in bar:
-        batch = tokenize.collate([examples[i] for i in idx], pad_id)
+        chosen = [examples[i] for i in idx]
+        pairs = preference_weight > 0
+        rows = chosen + [rejected[i] for i in idx] if pairs else chosen  # type: ignore[index]
+        batch = tokenize.collate(rows, pad_id)
         ids, att, labels = batch.input_ids.to(device), batch.attention_mask.to(device), labels_of(batch).to(device)
         logits = model(input_ids=ids, attention_mask=att).logits
-        loss = response_loss(logits, labels)
+        n = len(chosen)
+        loss = response_loss(logits[:n], labels[:n])
+        if pairs:
+            policy = sequence_logps(logits, labels)
+            with torch.no_grad(), model.disable_adapter():
+                ref = sequence_logps(model(input_ids=ids, attention_mask=att).logits, labels)
+            loss = loss + preference_weight * preference_loss(policy[:n], policy[n:], ref[:n], ref[n:],
+                                                              preference_beta)  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

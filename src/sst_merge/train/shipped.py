@@ -63,7 +63,7 @@ def ship(model: str, task: str, seed: int = 0, root: Path | None = None, progres
             "model": model,
             "task": task,
             "seed": seed,
-            "settings": config.model_dump(),
+            "settings": config.key_settings(),
             "cache_key": adapter_cache_path(model, task, config).name,
             "data_split": json.loads((trained / "data_split.json").read_text()),
             "versions": {**info.get("versions", {}), "python": platform.python_version()},
@@ -107,7 +107,7 @@ def shipped_adapter(model: str, task: str, seed: int = 0, root: Path | None = No
         return None, (f"the shipped {task} adapter is for model {manifest.get('model')} seed {manifest.get('seed')}, "
                       f"not {model} seed {seed}")  # fmt: skip
     config = train_config(task, seed=seed)
-    now, then = config.model_dump(), manifest.get("settings", {})
+    now, then = config.key_settings(), manifest.get("settings", {})
     changed = sorted(k for k in set(now) | set(then) if now.get(k, "—") != then.get(k, "—"))
     if changed:
         diffs = ", ".join(f"{k} {then.get(k, '—')} → {now.get(k, '—')}" for k in changed)
