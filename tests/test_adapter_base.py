@@ -143,3 +143,26 @@ def test_packaged_adapters_name_the_embedded_alias(task):
 
     config = json.loads((shipped.SHIPPED_ROOT / task / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == shipped.SHIPPED_MODEL == ALIAS  # portable: no machine's path
+
+
+def test_merged_adapter_of_an_alias_loads_with_plain_peft(embedded_tiny, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sst_merge.merge.api import merge
+
+    m = tiny_model("llama")
+    paths = [random_lora(m, str(tmp_path / n), seed=i, base_model_name_or_path=ALIAS) for i, n in enumerate("ab")]
+    adapters = [{"path": p, "weight": 1.0, "role": "utility"} for p in paths]
+    config = {"base_model": ALIAS, "method": "task_arithmetic", "adapters": adapters, "output": {"format": "peft"}}
+    out = tmp_path / "merged"
+    merge(config, out, show_progress=False)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        embedded_tiny.resolve()
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    plain = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(embedded_tiny), out).eval()
+    ids = torch.tensor([[2, 7, 1, 8, 2]])
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, ref(input_ids=ids).logits)

@@ -48,16 +48,17 @@ def resolve_model(name: str) -> str:
 def loadable_base(name: str) -> str:
     """Return the base a plain ``from_pretrained`` opens: an alias's or a local path's absolute directory; a hub id.
 
-    This is what a trained adapter records as ``base_model_name_or_path``, so PEFT alone can load it here. An
-    embedded alias gives its conversion's directory without converting (it exists once the model was loaded).
+    This is what a trained or merged adapter records as ``base_model_name_or_path``, so PEFT alone can load it
+    here. An embedded alias gives its conversion's directory without converting (it exists once the model was
+    loaded); a name that is none of these is returned as written (nothing is validated or loaded).
     """
-    if ALIASES.get(name, "").startswith("embedded:"):
+    target = ALIASES.get(name, name)
+    if target.startswith("embedded:"):
         from sst_merge.models.embedded import converted_dir
 
-        return str(converted_dir(ALIASES[name].removeprefix("embedded:")).expanduser().resolve())
-    path = resolve_model(name)
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
+        return str(converted_dir(target.removeprefix("embedded:")).expanduser().resolve())
+    p = Path(target).expanduser()
+    return str(p.resolve()) if p.exists() else target
 
 
 def base_identity(name: str) -> str:
