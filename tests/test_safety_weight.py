@@ -63,3 +63,34 @@ def test_a_new_method_joins_exp3_with_no_edit_to_experiments(runner, monkeypatch
     assert spec.label == "scaled(alpha=0.75)" and spec.method == "scaled"
     assert dict(spec.params) == {"seed": 0, "density": runner.cfg.sweep.density, "gain": 1.5}
     assert [a.weight for a in spec.adapters] == [1.0, 1.0]
+
+
+def test_exp2_merges_each_method_at_its_configured_safety_weight(tmp_path, tiny_model_dir, monkeypatch):
+    """exp2's merges, captured before any evaluation: sst at the config's α with its safety adapter at weight 1,
+    every other method with its safety adapter at weight 1 (the specs exp2 built with a method-name branch)."""
+    sst = {"safety_data": "s.jsonl", "utility_data": "u.jsonl", "alpha": 0.5}
+    over = {"model": str(tiny_model_dir), "utility_tasks": ["passage_qa"], "sst": sst, "exp2_ks": [1],
+            "sweep": {"methods": ["sst", "ties", "task_arithmetic"]}}  # fmt: skip
+    runner = Runner(resolve_config("minimal", over), tmp_path / "run", load=lambda: None, show_progress=False)
+    monkeypatch.setattr(experiments.adapter_paths, "utility_adapters", lambda cfg, tasks: {t: "u" for t in tasks})
+    monkeypatch.setattr(experiments.adapter_paths, "safety_adapter", lambda cfg: "s")
+    seen = []
+    monkeypatch.setattr(runner, "evaluate", lambda spec: seen.append(spec) or {})
+
+    class Built(Exception):
+        pass
+
+    monkeypatch.setattr(experiments, "add_behaviour", lambda r: (_ for _ in ()).throw(Built()))
+    with pytest.raises(Built):
+        experiments.exp2(runner)
+    merged = {s.method: s for s in seen if s.method}
+    assert [s.label for s in seen] == ["utility[passage_qa]", "K=1:utility", "K=1:sst(alpha=0.5)",
+                                      "K=1:ties(alpha=1)", "K=1:task_arithmetic(alpha=1)"]  # fmt: skip
+    weights = {m: [(a.path, a.weight, a.role) for a in s.adapters] for m, s in merged.items()}
+    assert weights == {m: [("u", 1.0, "utility"), ("s", 1.0, "safety")] for m in ("sst", "ties", "task_arithmetic")}
+    assert dict(merged["sst"].params)["alpha"] == 0.5
+    assert dict(merged["ties"].params) == {"seed": 0, "density": runner.cfg.sweep.density}
+    assert dict(merged["task_arithmetic"].params) == {"seed": 0}
+    for m, s in merged.items():  # the same spec exp3 builds at that safety weight (cache keys unchanged)
+        ref = merged_spec(runner, m, UTILITY, "s", 0.5 if m == "sst" else 1.0)
+        assert (s.adapters, s.method, s.params) == (ref.adapters, ref.method, ref.params)

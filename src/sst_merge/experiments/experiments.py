@@ -185,7 +185,8 @@ def exp2(runner: Runner) -> dict[str, Any]:
         ref_label = f"K={k}:utility"  # the pre-merge reference of this K: the K utility adapters, no safety
         runner.evaluate(ModelSpec(ref_label, tuple(utility)))
         for method in cfg.sweep.methods:
-            spec = merged_spec(runner, method, utility, safety, cfg.sst["alpha"] if method == "sst" else 1.0)
+            alpha = get_method(method).configured_safety_weight(cfg.method_params(method))  # sst: its α; others: 1
+            spec = merged_spec(runner, method, utility, safety, alpha)
             spec = ModelSpec(f"K={k}:{spec.label}", spec.adapters, spec.method, spec.params)
             runner.evaluate(spec)
             rows.append({"k": k, "method": method, "model": spec.label, "reference": ref_label, "tasks": chosen})

@@ -121,11 +121,14 @@ def check_compatible(adapters: list[LoraAdapter]) -> list[str]:
 
     Checks: ``modules_to_save`` copies, one base model, overlapping target modules, equal ΔW shapes per module.
     """
+    from sst_merge.models import base_identity
+
     for a in adapters:
         a.check_extra()
     first = adapters[0]
     for a in adapters[1:]:
-        x, y = (first.base_model or "").rstrip("/"), (a.base_model or "").rstrip("/")
+        # one base recorded two ways (an alias, its cache directory here or on another machine) is one base
+        x, y = (base_identity(b) if b else "" for b in (first.base_model, a.base_model))
         if x and y and x != y:
             raise AdapterError(
                 f"adapters {first.path} (base {first.base_model}) and {a.path} (base {a.base_model}) were trained on "

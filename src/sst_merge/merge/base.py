@@ -86,6 +86,14 @@ class MergeMethod:
         """
         return dict(params), [alpha if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
 
+    def configured_safety_weight(self, params: dict[str, Any]) -> float:
+        """Return the safety weight that ``params`` (the method's configured parameters) give.
+
+        exp2 merges each method at this weight. The default is 1: the ``Σ wᵢτᵢ`` methods hold no safety weight in
+        their parameters, and the safety adapter's own weight is 1.
+        """
+        return 1.0
+
     def linear_coefficients(self, params: MethodParams, ctx: MergeContext) -> list[float] | None:
         """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""
         return None

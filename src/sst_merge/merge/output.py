@@ -29,7 +29,7 @@ from sst_merge.adapters.lora import CONFIG_NAME
 from sst_merge.adapters.lowrank import concat_factors, randomized_svd_factors, svd_factors
 from sst_merge.adapters.save import save_lora
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
-from sst_merge.models.loading import DTYPES
+from sst_merge.models.loading import DTYPES, loadable_base
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def _write_peft(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, di
             factors[m] = (A, B)
             stats[m] = {"rank": int(A.shape[0]), "rel_frobenius_error": err}
     dtype = torch.float32 if out.dtype == "auto" else DTYPES[out.dtype]
-    save_lora(out_dir, factors, base_model=plan.config.base_model, embedding_modules=embedding, dtype=dtype)
+    # the base directory that loads here (an alias means nothing to PEFT), as `sst-merge train` records it
+    base = loadable_base(plan.config.base_model)
+    save_lora(out_dir, factors, base_model=base, embedding_modules=embedding, dtype=dtype)
     return stats
 
 

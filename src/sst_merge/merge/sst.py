@@ -452,6 +452,10 @@ class SSTMerge(MergeMethod):
         """The safety weight is α, the projected update's scale; the safety adapter's own weight stays 1."""
         return {**params, "alpha": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
 
+    def configured_safety_weight(self, params):  # type: ignore[override]
+        """The configured α (its default where the parameters do not set it)."""
+        return float(params.get("alpha", self.Params.model_fields["alpha"].default))
+
 
 def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
     """Whether a k / fraction selection kept every direction with λ > 0 short of the identity (selects nothing)."""

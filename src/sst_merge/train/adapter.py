@@ -2,7 +2,8 @@
 
 The output directory is a standard PEFT adapter plus what a reader needs to trust it::
 
-    adapter_config.json, adapter_model.safetensors   # PeftModel.from_pretrained(base, DIR)
+    adapter_config.json, adapter_model.safetensors   # AutoPeftModelForCausalLM.from_pretrained(DIR)
+    README.md                                        # model card: the base, its alias and GGUF provenance
     train_log.csv, loss.png                          # loss per step
     data_split.json                                  # ids of the training items (and the held-out ones)
     train_info.json                                  # resolved settings, seed, time, cache key, versions
@@ -18,6 +19,7 @@ import io
 import logging
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from sst_merge.cache import check_adapter, entry_lock, read_checked
 from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, json_digest
 from sst_merge.tasks.base import GeneratedTask, Item
+from sst_merge.train.card import record_base
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +241,7 @@ def train_adapter(
     with entry_lock(cached):  # a second identical train waits, then reads the first one's adapter
         if use_cache and read_checked(cached, check_adapter) is not None:  # a damaged one is moved aside, retrained
             log.info("using cached adapter %s", cached)
+            record_base(cached, model_name, name)  # an entry from before adapters recorded a loadable base
             if out_dir is None:
                 return cached
             with atomic_output_dir(out_dir, force=force) as tmp:
@@ -257,7 +261,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
                 progress: bool) -> None:  # fmt: skip
     from peft import LoraConfig, get_peft_model
 
-    from sst_merge.models import load_model
+    from sst_merge.models import load_model, loadable_base
     from sst_merge.models.tokenize import pad_id
     from sst_merge.train.loop import encode_example, train_loop
 
@@ -274,7 +278,10 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     log.info("training %s adapter on %s: %d examples, %d steps, r=%d", name, model_name, len(examples),
              config.steps, config.rank)  # fmt: skip
     start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT asks the model the deprecated `is_gradient_checkpointing`; nothing here can ask it otherwise
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module="transformers.modeling_utils")  # fmt: skip
         torch.manual_seed(config.seed)  # LoRA A is initialised from the global RNG
         peft_model = get_peft_model(model, lora)
         losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
@@ -284,8 +291,11 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     seconds = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across runs on a shared, oversubscribed machine
     cpu_seconds = time.process_time() - cpu_start
-    peft_model.peft_config["default"].base_model_name_or_path = model_name
-    peft_model.save_pretrained(tmp)
+    # the base that loads here (not the alias), so plain PEFT opens the adapter; the vocabulary was not resized, so
+    # no embedding layer is saved (and PEFT does not look the base up on the hub to find out)
+    peft_model.peft_config["default"].base_model_name_or_path = loadable_base(model_name)
+    peft_model.save_pretrained(tmp, save_embedding_layers=False)
+    base = record_base(tmp, model_name, name)  # the model card, with the alias and the GGUF provenance
     write_loss_log(tmp, losses)
     atomic_write_json(tmp / "data_split.json", {"task": name, "seed": config.seed, **split_ids})
     import peft
@@ -294,7 +304,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     from sst_merge import __version__
 
     atomic_write_json(tmp / "train_info.json", {
-        "model": model_name, "task": name, "config": config.model_dump(), "lora_alpha": config.lora_alpha,
+        "model": model_name, "base": base, "task": name, "config": config.model_dump(), "lora_alpha": config.lora_alpha,
         "n_train_examples": len(examples), "train_seconds": round(seconds, 2),
         "seconds_per_step": round(seconds / config.steps, 3),
         "cpu_seconds": round(cpu_seconds, 2), "first_loss": losses[0], "last_loss": losses[-1],

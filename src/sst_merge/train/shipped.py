@@ -9,6 +9,10 @@ training log and info) plus ``manifest.json``::
     versions                       # sst-merge, torch, transformers, peft, python
     files                          # SHA-256 of every other file in the directory
 
+``adapter_config.json`` records the model as it was named (the alias ``smollm2-135m``), not the directory it was
+trained from, which exists only on that machine: a shipped adapter loads through sst-merge, or with plain PEFT once
+the base is named (README "Loading an adapter with plain PEFT").
+
 A shipped adapter stands in for training only while it is what ``train_adapter`` would train now: same model,
 seed, settings and data (equal cache key), and files matching their SHA-256. Anything else falls back to training,
 with the reason logged. :func:`ship` (``scripts/ship_adapters.py``) trains, or takes from the cache, and copies.
@@ -58,6 +62,9 @@ def ship(model: str, task: str, seed: int = 0, root: Path | None = None, progres
         for name in SHIP_FILES:
             if (trained / name).is_file():
                 shutil.copy2(trained / name, tmp / name)
+        # the trained copy names the base's directory on this machine; a shipped copy names the model portably
+        lora = json.loads((tmp / "adapter_config.json").read_text())
+        atomic_write_json(tmp / "adapter_config.json", {**lora, "base_model_name_or_path": model})
         manifest = {
             "command": command(model, task, seed),
             "model": model,
