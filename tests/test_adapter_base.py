@@ -83,7 +83,10 @@ def test_trained_adapter_loads_with_plain_peft_and_training_warns_nothing(embedd
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     plain = AutoPeftModelForCausalLM.from_pretrained(out).eval()  # PEFT alone: no alias, no hub
-    ours, _ = load_with_adapters(ALIAS, [str(out)], merge_adapters=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours, _ = load_with_adapters(ALIAS, [str(out)], merge_adapters=False)  # the path `sst-merge eval` loads by
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.no_grad():
         a, b = plain(input_ids=ids).logits, ours(input_ids=ids).logits

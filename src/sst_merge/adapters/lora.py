@@ -7,9 +7,12 @@ delta for that module is added to ``model.layers.0.self_attn.q_proj.weight``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,3 +199,13 @@ class LoraAdapter:
 def load_adapters(paths: list[str | Path], allow_pickle: bool = False) -> list[LoraAdapter]:
     """Load several adapters."""
     return [LoraAdapter.load(p, allow_pickle=allow_pickle) for p in paths]
+
+
+@contextlib.contextmanager
+def peft_quiet() -> Iterator[None]:
+    """Silence the one deprecation PEFT triggers inside transformers (it asks the model the deprecated
+    ``is_gradient_checkpointing``; nothing outside PEFT can ask it otherwise) while wrapping, loading or training."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module="transformers.modeling_utils")  # fmt: skip
+        yield

@@ -195,11 +195,14 @@ def load_with_adapters(
     if adapters:
         from peft import PeftModel
 
-        if len(adapters) == 1 and not merge_adapters:
-            model = PeftModel.from_pretrained(model, str(adapters[0]), is_trainable=False)
-        else:
-            for a in adapters:
-                model = PeftModel.from_pretrained(model, str(a), is_trainable=False).merge_and_unload()
+        from sst_merge.adapters.lora import peft_quiet
+
+        with peft_quiet():
+            if len(adapters) == 1 and not merge_adapters:
+                model = PeftModel.from_pretrained(model, str(adapters[0]), is_trainable=False)
+            else:
+                for a in adapters:
+                    model = PeftModel.from_pretrained(model, str(a), is_trainable=False).merge_and_unload()
         model.eval()
     return model, tok
 

@@ -19,7 +19,6 @@ import io
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +260,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
                 progress: bool) -> None:  # fmt: skip
     from peft import LoraConfig, get_peft_model
 
+    from sst_merge.adapters.lora import peft_quiet
     from sst_merge.models import load_model, loadable_base
     from sst_merge.models.tokenize import pad_id
     from sst_merge.train.loop import encode_example, train_loop
@@ -278,10 +278,7 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
     log.info("training %s adapter on %s: %d examples, %d steps, r=%d", name, model_name, len(examples),
              config.steps, config.rank)  # fmt: skip
     start, cpu_start = time.perf_counter(), time.process_time()
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # PEFT asks the model the deprecated `is_gradient_checkpointing`; nothing here can ask it otherwise
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                                module="transformers.modeling_utils")  # fmt: skip
+    with torch.random.fork_rng(devices=[]), peft_quiet():
         torch.manual_seed(config.seed)  # LoRA A is initialised from the global RNG
         peft_model = get_peft_model(model, lora)
         losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
