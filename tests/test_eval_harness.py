@@ -406,3 +406,24 @@ def test_every_evaluator_reports_the_metrics_of_its_own_summarise(monkeypatch):
     items, plan = mmlu_items()
     r = evaluate(ForcedLetterLM(ltok, plan), ltok, ["mmlu"], data={"mmlu": items}, show_progress=False)
     assert r["tasks"]["mmlu"]["metrics"] is marker["metrics"]
+
+
+def test_cli_eval_reads_the_named_fisher_sources_in_a_fresh_process(tiny_model_dir, tmp_path):
+    """`--data refusal=safety_fisher` (StrongREJECT's held-out split) resolves in a process that imported nothing
+    else first: the CLI registers the named Fisher sources itself."""
+    import os
+    import subprocess
+    import sys
+
+    from sst_merge.tasks.safety import safety_splits
+
+    out = tmp_path / "sr.json"
+    code = "import sys; from sst_merge.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = ["-q", "eval", "--model", str(tiny_model_dir), "--tasks", "refusal", "--data", "refusal=safety_fisher",
+            "--limit", "2", "--max-new-tokens", "2", "-o", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "sr.records.jsonl").read_text().splitlines()]
+    fisher = {it["prompt"] for it in safety_splits(0)["fisher"]}
+    assert len(lines) == 2 and all(x["prompt"] in fisher for x in lines)
