@@ -145,7 +145,7 @@ def test_registry_lists_sources_and_round_robin():
 
 def test_named_fisher_sources_are_the_embedded_splits_and_never_evaluation_items():
     """``safety_fisher`` and ``utility:NAME`` (what examples/merge_sst.yaml names) are the seed-0 Fisher/training splits."""
-    from sst_merge.tasks import TASKS, get_task
+    from sst_merge.tasks import UTILITY_TASKS, get_task
     from sst_merge.tasks.base import normalize_text
     from sst_merge.tasks.safety import harmbench_prompts, safety_splits
 
@@ -155,7 +155,7 @@ def test_named_fisher_sources_are_the_embedded_splits_and_never_evaluation_items
     assert all(it["response"] for it in fisher)
     banned = {normalize_text(p) for p in harmbench_prompts()} | {normalize_text(it["prompt"]) for it in split["train"]}
     assert not banned & {normalize_text(it["prompt"]) for it in fisher}
-    for name in TASKS.names():
+    for name in UTILITY_TASKS.names():
         task_split = get_task(name).split(seed=0)
         items = load_source(f"utility:{name}")
         assert items == task_split["train"]

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from sst_merge.data import load_source
-from sst_merge.tasks import TASKS, get_task
+from sst_merge.tasks import UTILITY_TASKS, get_task
 from sst_merge.tasks.base import normalize_text
 
 TYPES = {
@@ -74,7 +74,7 @@ def training_and_fisher_prompts() -> list[str]:
         out += [i["prompt"] for i in data.harmful] + data.benign_prompts
     for name in ("strongreject", "strongreject_small"):  # the safety adapter's training and Fisher splits
         out += [it["prompt"] for it in load_source(name)]
-    for task in TASKS.names():  # every utility task's items, training and evaluation alike
+    for task in UTILITY_TASKS.names():  # every utility task's items, training and evaluation alike
         out += [it["prompt"] for split in get_task(task).split(seed=0).values() for it in split]
     return out
 

@@ -7,11 +7,11 @@ import re
 import pytest
 
 from sst_merge.errors import ConfigError, DataError
-from sst_merge.tasks import TASKS, get_task, is_correct, normalize_answer, normalize_text
+from sst_merge.tasks import UTILITY_TASKS, get_task, is_correct, normalize_answer, normalize_text
 from sst_merge.tasks.base import GeneratedTask
 from sst_merge.tasks.generated import UNITS
 
-ALL = TASKS.names()
+ALL = UTILITY_TASKS.names()
 
 
 def test_at_least_four_tasks_registered():

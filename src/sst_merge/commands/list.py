@@ -33,9 +33,9 @@ def _sources() -> list[tuple[str, str]]:
 
 
 def _utility_tasks() -> list[tuple[str, str]]:
-    from sst_merge.tasks import TASKS
+    from sst_merge.tasks import UTILITY_TASKS
 
-    return [(name, f"generated task, metric {TASKS.get(name).metric}") for name in TASKS.names()]
+    return [(name, f"generated task, metric {UTILITY_TASKS.get(name).metric}") for name in UTILITY_TASKS.names()]
 
 
 def _experiments() -> list[tuple[str, str]]:

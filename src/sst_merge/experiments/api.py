@@ -34,9 +34,9 @@ def run_tasks(cfg: ExperimentConfig, experiments: list[str]) -> list[str]:
 
 
 def _registered_tasks() -> list[str]:
-    from sst_merge.tasks import TASKS
+    from sst_merge.tasks import UTILITY_TASKS
 
-    return [n for n in TASKS.names() if n != "safety"]
+    return [n for n in UTILITY_TASKS.names() if n != "safety"]
 
 
 def run_experiment(

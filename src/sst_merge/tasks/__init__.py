@@ -14,16 +14,16 @@ from __future__ import annotations
 from sst_merge.registry import Registry
 from sst_merge.tasks import sources as _sources  # noqa: F401  (registers the named Fisher data sources)
 from sst_merge.tasks.base import GeneratedTask, Item, is_correct, normalize_answer, normalize_text
-from sst_merge.tasks.generated import UTILITY_TASKS
+from sst_merge.tasks.generated import GENERATED_TASKS
 
-TASKS: Registry[GeneratedTask] = Registry("task")
-for _task in UTILITY_TASKS:
-    TASKS.register(_task.name)(_task)
+UTILITY_TASKS: Registry[GeneratedTask] = Registry("utility task")
+for _task in GENERATED_TASKS:
+    UTILITY_TASKS.register(_task.name)(_task)
 
 
 def get_task(name: str) -> GeneratedTask:
     """Return the task registered as ``name`` (unknown names list the valid ones and the nearest match)."""
-    return TASKS.get(name)
+    return UTILITY_TASKS.get(name)
 
 
-__all__ = ["TASKS", "GeneratedTask", "Item", "get_task", "is_correct", "normalize_answer", "normalize_text"]
+__all__ = ["UTILITY_TASKS", "GeneratedTask", "Item", "get_task", "is_correct", "normalize_answer", "normalize_text"]

@@ -122,7 +122,7 @@ def _nth_word(rng: random.Random) -> tuple[str, str]:
     return prompt, words[k]
 
 
-UTILITY_TASKS = [
+GENERATED_TASKS = [
     GeneratedTask("passage_qa", "extractive QA over a generated three-person passage", _passage_qa),
     GeneratedTask("table_lookup", "look up one cell of a generated four-row table", _table_lookup),
     GeneratedTask("unit_conversion", "convert an integer between metric (and hour/minute) units", _unit_conversion),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from sst_merge.data.sources import source
-from sst_merge.tasks.generated import UTILITY_TASKS
+from sst_merge.tasks.generated import GENERATED_TASKS
 
 #: The seed of the named splits (the seed every experiment and the shipped adapters use by default).
 SEED = 0
@@ -32,5 +32,5 @@ def _utility_train(task: Any) -> Any:
     return load
 
 
-for _task in UTILITY_TASKS:
+for _task in GENERATED_TASKS:
     source(f"utility:{_task.name}", f"training items of the utility task {_task.name} (seed 0)")(_utility_train(_task))

@@ -86,9 +86,9 @@ RECIPE_FIELDS = ("safety_data", "preference_weight", "preference_beta")
 
 
 def _task_names() -> list[str]:
-    from sst_merge.tasks import TASKS
+    from sst_merge.tasks import UTILITY_TASKS
 
-    return [SAFETY, *TASKS.names()]
+    return [SAFETY, *UTILITY_TASKS.names()]
 
 
 def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
@@ -97,16 +97,16 @@ def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
         return task
     if task == SAFETY:
         return SAFETY
-    from sst_merge.tasks import TASKS
+    from sst_merge.tasks import UTILITY_TASKS
 
-    if task not in TASKS:
+    if task not in UTILITY_TASKS:
         import difflib
 
         names = _task_names()
         close = difflib.get_close_matches(task, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"unknown task {task!r}; choose one of: {', '.join(names)}.{hint}")
-    return TASKS.get(task)
+    return UTILITY_TASKS.get(task)
 
 
 def _data_fingerprint(task: GeneratedTask | str, seed: int, recipe: str = "strongreject") -> str:
