@@ -157,7 +157,7 @@ def random_model_dir(
 
     Under CUDA the weights are initialised on the GPU (a full-depth 8B model initialises in seconds there).
 
-    ``tokenizer`` defaults to the byte-level test tokenizer of :mod:`sst_merge.testing` (260 tokens, fits every
+    ``tokenizer`` defaults to the byte-level tokenizer of :mod:`sst_merge.models.bytelevel` (260 tokens, fits every
     vocabulary); the vocabulary defaults to the real one. The result is a plain model directory that ``--model``
     accepts (weights in ``dtype``, safetensors).
     """
@@ -167,7 +167,7 @@ def random_model_dir(
     from sst_merge.models.loading import DTYPES
 
     if tokenizer is None:
-        from sst_merge.testing import tiny_tokenizer
+        from sst_merge.models.bytelevel import tiny_tokenizer
 
         tokenizer = tiny_tokenizer()
     vocab = vocab_size or SHAPES[alias]["vocab_size"]
