@@ -245,7 +245,7 @@ def test_task_accuracy_exact_match_and_letter(tmp_path):
 def test_registered_task_from_sst_merge_tasks():
     import sst_merge.tasks as tasks_mod  # the project's own module: a failing import is a failure, not a skip
 
-    name = tasks_mod.TASKS.names()[0]
+    name = tasks_mod.UTILITY_TASKS.names()[0]
     task = tasks_mod.get_task(name)
     tok = tiny_tokenizer()
     first = task.split(seed=0)["eval"][0]
