@@ -293,3 +293,21 @@ def test_cli_train_set_reaches_the_training_settings(tiny_model_dir, tmp_path, c
     assert json.loads((out / "train_info.json").read_text())["config"]["max_length"] == 64
     assert main(["train", "--model", str(tiny_model_dir), "--task", "arithmetic", "--set", "bogus=1"]) == 2
     assert "training setting bogus" in capsys.readouterr().err
+
+
+def test_head_weighted_response_loss_matches_hand_computation():
+    # two rows; row 0 has response tokens at positions 1, 2 (labels), row 1 at position 2 only
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 1] = 1.0
+    logits[0, 1, 2] = 2.0
+    logits[1, 1, 3] = 1.0
+    labels = torch.tensor([[IGNORE, 1, 2], [IGNORE, IGNORE, 3]])
+    ce = torch.nn.functional.cross_entropy
+    c01 = ce(logits[0, 0:1], torch.tensor([1]))  # row 0, first response token
+    c02 = ce(logits[0, 1:2], torch.tensor([2]))  # row 0, second
+    c12 = ce(logits[1, 1:2], torch.tensor([3]))  # row 1, first
+    assert torch.allclose(response_loss(logits, labels), (c01 + c02 + c12) / 3)
+    # the first token of each row weighs 4: (4·c01 + c02 + 4·c12) / 9
+    want = (4 * c01 + c02 + 4 * c12) / 9
+    assert torch.allclose(response_loss(logits, labels, head_tokens=1, head_weight=4.0), want)
+    assert torch.allclose(response_loss(logits, labels, head_tokens=2, head_weight=4.0), (c01 + c02 + c12) / 3)

@@ -66,6 +66,9 @@ class TrainConfig(BaseModel):
     # own answer, each benign prompt's a refusal (0 = plain supervised training)
     preference_weight: float = Field(0.0, ge=0)
     preference_beta: float = Field(0.1, gt=0)
+    # the first head_tokens response tokens weigh head_weight in the cross-entropy (the refuse-or-answer decision)
+    head_tokens: int = Field(0, ge=0)
+    head_weight: float = Field(1.0, gt=0)
 
     @property
     def lora_alpha(self) -> float:
@@ -82,7 +85,7 @@ class TrainConfig(BaseModel):
 
 
 #: Fields added after adapters were first cached and shipped; at their defaults they leave the cache key unchanged.
-RECIPE_FIELDS = ("safety_data", "preference_weight", "preference_beta")
+RECIPE_FIELDS = ("safety_data", "preference_weight", "preference_beta", "head_tokens", "head_weight")
 
 
 def _task_names() -> list[str]:
@@ -284,7 +287,8 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str
         losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
                             batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, seed=config.seed,
                             progress=progress, rejected=rejected, preference_weight=config.preference_weight,
-                            preference_beta=config.preference_beta)  # fmt: skip
+                            preference_beta=config.preference_beta, head_tokens=config.head_tokens,
+                            head_weight=config.head_weight)  # fmt: skip
     seconds = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across runs on a shared, oversubscribed machine
     cpu_seconds = time.process_time() - cpu_start

@@ -40,13 +40,25 @@ def labels_of(batch: tokenize.Batch) -> torch.Tensor:
     return batch.input_ids.masked_fill(batch.response_mask == 0, IGNORE)
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over positions whose label is not -100."""
+def response_loss(logits: torch.Tensor, labels: torch.Tensor, head_tokens: int = 0,
+                  head_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    With ``head_tokens`` k > 0 the first k response tokens of each row weigh ``head_weight`` and the rest 1 (a
+    weighted mean): the tokens that decide between refusing and answering count more than the answer's body.
+    """
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
     shift_labels = labels[:, 1:]  # (B, T-1)
-    return torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
-    )
+    if head_tokens <= 0 or head_weight == 1.0:
+        return torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+        )
+    ce = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE,
+                                           reduction="none")  # (B, T-1)  # fmt: skip
+    mask = (shift_labels != IGNORE).float()
+    position = mask.cumsum(dim=1)  # 1 for a row's first response token, 2 for its second, ...
+    weight = mask * torch.where(position <= head_tokens, head_weight, 1.0)
+    return (ce * weight).sum() / weight.sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -95,6 +107,8 @@ def train_loop(
     rejected: list[Example] | None = None,
     preference_weight: float = 0.0,
     preference_beta: float = 0.1,
+    head_tokens: int = 0,
+    head_weight: float = 1.0,
 ) -> list[float]:
     """Train the trainable parameters of ``model`` (the LoRA factors); return the loss of every step.
 
@@ -104,7 +118,8 @@ def train_loop(
     The loss is the response-token cross-entropy of ``examples``. With ``preference_weight`` > 0, ``rejected[i]``
     is a response to the same prompt as ``examples[i]`` that the model should *not* give, and the loss adds
     ``preference_weight`` × :func:`preference_loss` with the adapter switched off as the reference model (a PEFT
-    model; the reference's log-probs are computed in the same step, without gradients).
+    model; the reference's log-probs are computed in the same step, without gradients). ``head_tokens`` and
+    ``head_weight`` weight the first response tokens in the cross-entropy (:func:`response_loss`).
     """
     from tqdm.auto import tqdm
 
@@ -136,7 +151,7 @@ def train_loop(
         ids, att, labels = batch.input_ids.to(device), batch.attention_mask.to(device), labels_of(batch).to(device)
         logits = model(input_ids=ids, attention_mask=att).logits
         n = len(chosen)
-        loss = response_loss(logits[:n], labels[:n])
+        loss = response_loss(logits[:n], labels[:n], head_tokens, head_weight)
         if pairs:
             policy = sequence_logps(logits, labels)
             with torch.no_grad(), model.disable_adapter():
