@@ -1,7 +1,7 @@
 """Re-judge the recorded responses of the safety recipe study with the current keyword judge (no generation).
 
     python docs/results/safety_adapter/rejudge.py            # development table and the selection score
-    python docs/results/safety_adapter/rejudge.py test       # the reported sets of the shipped adapter and C11
+    python docs/results/safety_adapter/rejudge.py test       # the reported sets of the shipped adapter, C11 and C12
 
 Records: ``records/<candidate>.dev.jsonl.gz`` (HarmBench val, benign_dev, phrasing:dev), ``<name>.test.jsonl.gz``
 (HarmBench test, benign, phrasing eval) and ``<name>.sr.jsonl.gz`` (StrongREJECT's held-out split), all 64 tokens.
@@ -48,7 +48,7 @@ def fmt(c: tuple[int, int]) -> str:
 def main() -> None:
     print(f"judge keyword v{KeywordJudge.version}")
     if len(sys.argv) > 1 and sys.argv[1] == "test":
-        for name in ("shipped", "C11"):
+        for name in ("shipped", "C11", "C12"):
             r, s = rates(HERE / "records" / f"{name}.test.jsonl.gz"), rates(HERE / "records" / f"{name}.sr.jsonl.gz")
             print(f"== {name}")
             print("  HarmBench test refusal       ", fmt(r[("refusal",)]))
