@@ -64,7 +64,6 @@ def records_path_for(output: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources: --data refusal=safety_fisher)
     from sst_merge import distributed as ddp
     from sst_merge.config import validate
     from sst_merge.errors import ConfigError, OutputExistsError

@@ -88,6 +88,8 @@ class Evaluator:
         source = data or self.default_source
         if source is None:
             raise ConfigError(f"task {self.task_name!r} has no default data; pass data for it")
+        import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources: data="safety_fisher" evaluates them)
+
         return load_source(source, limit=limit, require=self.required_fields)
 
     def run(self, model, tokenizer, items: list[dict[str, Any]], settings: EvalContext) -> dict[str, Any]:
