@@ -1,7 +1,7 @@
 """A byte-level tokenizer with a ChatML template, built in-process: fits every vocabulary (260 tokens).
 
 The test-suite's tiny models use it (:mod:`sst_merge.testing`), and so do random-initialised models of real shapes
-(:func:`sst_merge.models.shapes.save_random_model`), which need a tokenizer that no download provides.
+(:func:`sst_merge.models.shapes.random_model_dir`), which need a tokenizer that no download provides.
 """
 
 from __future__ import annotations

@@ -239,16 +239,19 @@ SAFETY_DATA: Registry[Callable[[int], SafetyData]] = Registry("safety training d
 
 @dataclass(frozen=True)
 class SafetyData:
-    """The safety adapter's training data before the benign prompts are answered."""
+    """The safety adapter's training data before the benign prompts are answered, and the Fisher split it leaves
+    out (recorded beside the adapter)."""
 
     harmful: list[Item]
     benign_prompts: list[str]
+    fisher: list[Item]
 
 
 @SAFETY_DATA.register("strongreject")
 def _strongreject_data(seed: int) -> SafetyData:
     """StrongREJECT's training split and :data:`BENIGN_TRAIN_PROMPTS` (the recipe of the shipped adapter)."""
-    return SafetyData(safety_splits(seed)["train"], list(BENIGN_TRAIN_PROMPTS))
+    split = safety_splits(seed)
+    return SafetyData(split["train"], list(BENIGN_TRAIN_PROMPTS), split["fisher"])
 
 
 @SAFETY_DATA.register("forms")
@@ -256,8 +259,10 @@ def _forms_data(seed: int, wrap_share: float = 0.5) -> SafetyData:
     """Every training form on both sides: :func:`harmful_train_items`, and the benign prompts plus
     :data:`BENIGN_FORM_ROWS` plus the same share of them in the same :data:`WRAPPERS`, so that no wrapper or
     template predicts a refusal."""
+    split = safety_splits(seed)
     benign = list(BENIGN_TRAIN_PROMPTS) + [r["prompt"] for r in BENIGN_FORM_ROWS]
-    return SafetyData(harmful_train_items(seed, wrap_share=wrap_share), benign + wrapped(benign, seed, wrap_share))
+    return SafetyData(harmful_train_items(seed, split, wrap_share), benign + wrapped(benign, seed, wrap_share),
+                      split["fisher"])  # fmt: skip
 
 
 def wrapped(prompts: list[str], seed: int, share: float) -> list[str]:

@@ -112,14 +112,14 @@ def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
     return UTILITY_TASKS.get(task)
 
 
-def _data_fingerprint(task: GeneratedTask | str, seed: int, recipe: str = "strongreject") -> str:
+def _data_fingerprint(task: GeneratedTask | str, config: TrainConfig) -> str:
     """Hash the training data (cheap: no model needed), so a changed generator never reuses a stale adapter."""
     if task == SAFETY:
         from sst_merge.tasks import safety
 
-        data = safety.safety_data(recipe, seed)
+        data = safety.safety_data(config.safety_data, config.seed)
         return json_digest([data.harmful, data.benign_prompts])
-    return json_digest(task.split(seed)["train"])
+    return json_digest(task.split(config.seed)["train"])
 
 
 def _model_key(model_name: str) -> str:
@@ -133,8 +133,7 @@ def adapter_cache_path(model_name: str, task: str | GeneratedTask, config: Train
 
     t = resolve_task(task)
     name = SAFETY if t == SAFETY else t.name
-    fingerprint = _data_fingerprint(t, config.seed, config.safety_data)
-    key = json_digest([_model_key(model_name), name, config.key_settings(), fingerprint])[:12]
+    key = json_digest([_model_key(model_name), name, config.key_settings(), _data_fingerprint(t, config)])[:12]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in _model_key(model_name)).strip("_")
     return cache_dir() / "adapters" / safe_model[-80:] / f"{name}-s{config.seed}-{key}"
 
@@ -162,7 +161,7 @@ def training_items(task: GeneratedTask | str, seed: int, model: Any, tokenizer: 
             harmful, benign = _with_rejected(harmful, benign, model, tokenizer, model_key, config)
         items = harmful + benign
         ids = {"train_harmful": [i["id"] for i in harmful], "train_benign": [i["id"] for i in benign],
-               "fisher": [i["id"] for i in safety.safety_splits(seed)["fisher"]]}  # fmt: skip
+               "fisher": [i["id"] for i in data.fisher]}  # fmt: skip
         return items, ids
     split = task.split(seed)
     return split["train"], {"train": [i["id"] for i in split["train"]], "eval": [i["id"] for i in split["eval"]]}

@@ -40,6 +40,14 @@ def labels_of(batch: tokenize.Batch) -> torch.Tensor:
     return batch.input_ids.masked_fill(batch.response_mask == 0, IGNORE)
 
 
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T-1) next-token negative log-likelihood and the (B, T-1) float mask of the positions that carry a label."""
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), shift_labels,
+                                            ignore_index=IGNORE, reduction="none")  # fmt: skip
+    return nll, (shift_labels != IGNORE).float()
+
+
 def response_loss(logits: torch.Tensor, labels: torch.Tensor, head_tokens: int = 0,
                   head_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
     """Mean next-token cross-entropy over positions whose label is not -100.
@@ -47,27 +55,21 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor, head_tokens: int =
     With ``head_tokens`` k > 0 the first k response tokens of each row weigh ``head_weight`` and the rest 1 (a
     weighted mean): the tokens that decide between refusing and answering count more than the answer's body.
     """
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = labels[:, 1:]  # (B, T-1)
     if head_tokens <= 0 or head_weight == 1.0:
+        shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
         return torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE
+            shift_logits.reshape(-1, shift_logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE
         )
-    ce = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE,
-                                           reduction="none")  # (B, T-1)  # fmt: skip
-    mask = (shift_labels != IGNORE).float()
+    nll, mask = token_nll(logits, labels)
     position = mask.cumsum(dim=1)  # 1 for a row's first response token, 2 for its second, ...
     weight = mask * torch.where(position <= head_tokens, head_weight, 1.0)
-    return (ce * weight).sum() / weight.sum()
+    return (nll * weight).sum() / weight.sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(B,) summed log-probability of each row's response tokens (labels not -100) given the tokens before them."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    mask = shift_labels != IGNORE
-    logp = torch.log_softmax(shift_logits, dim=-1).gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (logp * mask).sum(-1)
+    nll, mask = token_nll(logits, labels)
+    return -(nll * mask).sum(-1)
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -142,10 +144,10 @@ def train_loop(
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
+    pairs = preference_weight > 0
     bar = tqdm(batch_schedule(len(examples), steps, batch_size, seed), desc="train", unit="step", disable=not progress)
     for idx in bar:
         chosen = [examples[i] for i in idx]
-        pairs = preference_weight > 0
         rows = chosen + [rejected[i] for i in idx] if pairs else chosen  # type: ignore[index]
         batch = tokenize.collate(rows, pad_id)
         ids, att, labels = batch.input_ids.to(device), batch.attention_mask.to(device), labels_of(batch).to(device)
