@@ -9,7 +9,7 @@ import torch
 
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.fisher.data import Example, collate, encode_example, encode_prompt, load_items, subsample, truncate
-from sst_merge.fisher.estimate import applied_deltas, estimate_fisher, target_modules
+from sst_merge.fisher.estimate import _Accumulator, all_finite, applied_deltas, estimate_fisher, target_modules
 from sst_merge.fisher.grads import (
     Capture,
     FisherError,
@@ -180,6 +180,30 @@ def test_nan_model_raises(tiny_llama, tiny_tok):
         tiny_llama.get_submodule(MODULES[0]).weight[0, 0] = float("nan")
     with pytest.raises(FisherError):
         estimate_fisher(tiny_llama, MODULES, examples(tiny_tok), "lowrank", tiny_tok.pad_token_id, show_progress=False)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("approx", ["diagonal", "lowrank"])
+def test_non_finite_per_example_gradient_names_its_module(bad, approx):
+    """One non-finite δ element of one example, in the second module only: the batch check names that module."""
+    mods = {"m1": torch.nn.Linear(3, 2, bias=False), "m2": torch.nn.Linear(3, 2, bias=False)}
+    acc = _Accumulator(approx, mods, 2)
+    a, delta = torch.ones(2, 4, 3), torch.ones(2, 4, 2)
+    acc.update("m1", a, delta, [0, 1])
+    acc.check_batch()  # all finite: no error
+    delta[1, 2, 0] = bad
+    acc.update("m1", a, torch.ones(2, 4, 2), [0, 1])
+    acc.update("m2", a, delta, [0, 1])
+    with pytest.raises(FisherError, match="module m2: per-example gradients contain NaN or Inf"):
+        acc.check_batch()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e30])
+def test_all_finite_matches_isfinite(bad):
+    t = torch.randn(5, 7)
+    assert bool(all_finite(t)) and bool(all_finite(t.double()))
+    t[3, 1] = bad
+    assert bool(all_finite(t)) == bool(torch.isfinite(t).all()) == (abs(bad) < float("inf"))
 
 
 def test_target_modules_refuses_non_linear(tiny_llama):

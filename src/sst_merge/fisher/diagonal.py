@@ -53,10 +53,11 @@ class Diagonal(Approximation):
         return {"diag": torch.zeros(out_features, in_features, dtype=torch.float64)}
 
     def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
-        stats["diag"] += g.pow(2).sum(0).double().to(stats["diag"].device)
+        # g is this batch's own temporary: squared in place, summed over examples, added into the fp64 sum
+        stats["diag"].add_(g.square_().sum(0).to(stats["diag"].device))
 
     def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
-        stats["diag"] = (stats["diag"] / n).float()
+        stats["diag"] = stats["diag"].div_(n).float()
         return stats
 
     def trace(self, stats: Stats) -> float:

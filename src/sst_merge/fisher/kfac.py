@@ -108,8 +108,8 @@ class Kfac(Approximation):
         stats["G"] += (d2.T @ d2).double().to(stats["G"].device)
 
     def finish(self, stats: Stats, n: int, n_tokens: int) -> Stats:
-        stats["A"] = (stats["A"] / max(n_tokens, 1)).float()
-        stats["G"] = (stats["G"] / n).float()
+        stats["A"] = stats["A"].div_(max(n_tokens, 1)).float()
+        stats["G"] = stats["G"].div_(n).float()
         return stats
 
     def trace(self, stats: Stats) -> float:
