@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sst_merge.adapters.lowrank import randomized_svd_factors, svd_factors
-from sst_merge.merge.sparsify import kth_largest, magnitude_trim, sign_consensus_merge
+from sst_merge.merge.sparsify import _prime_at_least, kth_largest, magnitude_trim, sign_consensus_merge
 
 
 def test_kth_largest_hand_computed():
@@ -30,13 +30,33 @@ def test_kth_largest_exact_when_the_sample_misses_and_with_ties():
     n = 60_000
     # the strided sample sees only the zeros at multiples of the stride; the large values lie between them
     v = torch.zeros(n)
-    stride = n // 4096
+    stride = _prime_at_least(n // 4096)
     idx = torch.arange(n)
     v[idx % stride != 0] = torch.linspace(1, 2, int((idx % stride != 0).sum()))
     for k in (1, 7, n // 2, n - 10):
         assert torch.equal(kth_largest(v, k), torch.kthvalue(v, n - k + 1).values)
     ties = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0]).repeat(5000)
     assert float(kth_largest(ties, 5000)) == 3.0 and float(kth_largest(ties, 5001)) == 2.0
+
+
+def test_prime_at_least_by_hand():
+    assert [_prime_at_least(m) for m in (0, 2, 14, 1024, 1031)] == [2, 2, 17, 1031, 1031]
+
+
+def test_kth_largest_brackets_a_low_rank_delta_w_without_the_full_kthvalue(monkeypatch):
+    """A LoRA ΔW = B·A has columns of different scale. A stride that divides the row length (4096 // 4 = 1024 here)
+    samples four columns only, misses the bracket and falls back to ``kthvalue`` over all n entries (5× slower);
+    the prime stride samples every column and runs ``kthvalue`` on the band only."""
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(1024, 8, generator=g) @ torch.randn(8, 4096, generator=g)
+    mag = delta.reshape(-1).abs()
+    n, k = mag.numel(), mag.numel() // 2
+    sizes = []
+    real = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda v, kk: sizes.append(v.numel()) or real(v, kk))
+    got = kth_largest(mag, k)
+    assert sizes and max(sizes) < n // 5  # the band only
+    assert torch.equal(got, real(mag, n - k + 1).values)
 
 
 def test_magnitude_trim_large_matches_topk_reference():

@@ -55,7 +55,9 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """Return the k-th largest entry of the 1-D ``values`` (exactly what ``torch.kthvalue(values, n-k+1)`` gives).
 
     Faster than one ``kthvalue`` over all n entries: order statistics of a strided sample (deterministic, no random
-    numbers) bracket the answer in ``[lo, hi]``; when the count above ``hi`` and the band ``[lo, hi]`` show the
+    numbers; the stride is a prime, so on a flattened matrix it visits every column instead of the few a stride
+    sharing a factor with the row length would — a LoRA ΔW's columns differ in scale) bracket the answer in
+    ``[lo, hi]``; when the count above ``hi`` and the band ``[lo, hi]`` show the
     k-th largest lies in the band, ``kthvalue`` runs on the band only (a few percent of n). A sample that misses
     falls back to the full ``kthvalue``, so the result is always exact; only the speed depends on the sample.
     """
@@ -68,7 +70,7 @@ def _kth_largest_counted(values: torch.Tensor, k: int) -> tuple[torch.Tensor, in
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}] (the number of values)")
     if n > 4 * _SAMPLE:
-        sample = values[:: n // _SAMPLE].sort().values  # sample entries: exact values of the input's dtype
+        sample = values[:: _prime_at_least(n // _SAMPLE)].sort().values  # exact values of the input's dtype
         q, m = 1 - k / n, sample.numel()
         margin = 4 * (q * (1 - q) / m) ** 0.5 + 2 / m  # 4 standard errors of a sample quantile, plus rounding
         lo = sample[max(0, math.floor((q - margin) * (m - 1)))]
@@ -82,6 +84,14 @@ def _kth_largest_counted(values: torch.Tensor, k: int) -> tuple[torch.Tensor, in
             return kth, above + int(torch.count_nonzero(band >= kth))
     kth = torch.kthvalue(values, n - k + 1).values
     return kth, int(torch.count_nonzero(values >= kth))
+
+
+def _prime_at_least(m: int) -> int:
+    """The smallest prime ``>= m`` (trial division; m is at most a few hundred thousand here)."""
+    m = max(m, 2)
+    while any(m % d == 0 for d in range(2, math.isqrt(m) + 1)):
+        m += 1
+    return m
 
 
 def dare_drop(
