@@ -3,22 +3,27 @@
 Timings are CPU seconds of this process (``time.process_time``) with one thread, rates included: on a shared machine
 the wall clock measures the other jobs, the CPU time measures the work.
 
-``calibrate`` — fits ``plan.FISHER_OVER_FORWARD`` on ONE shape: a SmolLM2-135M layer, one Fisher batch of 8 × 64
-tokens (``diagonal``). The GEVP kernels need no fit: ``plan.measure_rates`` times them on fixed calibration shapes
-(``plan.CALIBRATION``: a 768² eigenproblem, a 1024×2048 module) and their cost laws carry them to any module.
+``calibrate`` — fits ``plan.FISHER_ACT_PASSES`` (the Fisher pass's work besides its matmuls) on ONE shape: a
+SmolLM2-135M layer, one Fisher batch of 8 × 64 tokens (``diagonal``). The GEVP kernels need no fit:
+``plan.measure_rates`` times them on fixed calibration shapes (``plan.CALIBRATION``: a 768² eigenproblem, a
+1024×2048 and a 256×512 module) and their cost laws carry them to any module.
 
 ``measure`` (default) — the check, on other shapes: for each architecture a randomly initialised model with the real
 per-layer shapes, one decoder layer and a 512-token vocabulary (fp32):
 
-* Fisher per approximation (diagonal, kfac, lowrank) over q_proj and v_proj, one batch of 2 examples × 64 tokens:
-  CPU time (median of 3) and peak memory above the loaded model (resident-set high-water mark);
-* GEVP + projection per module (q_proj, v_proj) at the module's real dims, per approximation (lowrank N = 4), with
-  random statistics of the real sizes (kfac skipped above ``--kfac-max-dim``);
+* Fisher per approximation (diagonal, kfac, lowrank) over q_proj and v_proj, one ``estimate_fisher`` call of one
+  batch (``--fisher-batches``, default 1, 2 and 8 examples × 64 tokens): CPU time (median of 3) and peak memory
+  above the loaded model (resident-set high-water mark);
+* GEVP + projection per module (q_proj, v_proj) at the module's real dims, per approximation (lowrank N = 4, and
+  N = 16 where N·p ≤ 20 M), with random statistics of the real sizes (kfac skipped above ``--kfac-max-dim``);
 * (``--steps merge,gen``) merge per module and generation per new token.
 
 Each is compared with :mod:`sst_merge.plan`'s estimate for the same shapes and settings, using the rates measured at
 the start of the same run, and extrapolated to full depth (× layers). GPU figures in the JSON are projections from
 nominal rates (``plan.GPUS``), marked ``projected``.
+
+``faults`` — the page-fault step behind ``plan.MMAP_THRESHOLD``: an elementwise op into a fresh result vs a
+preallocated one, 8–128 MiB.
 
 ``rehearse`` — the whole toolkit on one architecture (``sst_merge.rehearsal``), e.g. a full-depth random-init
 Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
@@ -29,8 +34,9 @@ Llama-3.1-8B on a GPU, printing each step's time and peak GPU memory::
 Usage::
 
     export PYTHONPATH=src OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-    nice -n 10 python bench/shapes.py calibrate
-    nice -n 10 python bench/shapes.py measure --archs smollm2-135m,llama-3.1-8b --steps gevp -o bench/results/shapes.json
+    python bench/shapes.py calibrate
+    python bench/shapes.py measure -o bench/results/shapes.json     # ≈ 10 min of one idle core
+    python bench/shapes.py faults -o bench/results/faults.json
     python bench/shapes.py table
 """
 
@@ -42,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,15 +59,16 @@ from common import emit  # noqa: E402
 from sst_merge.models.shapes import SEED_MODELS, SHAPES, random_model_dir, shape_config  # noqa: E402
 from sst_merge.plan import (  # noqa: E402
     CALIBRATION,
-    FISHER_OVER_FORWARD,
+    FISHER_ACT_PASSES,
     GIB,
     GPUS,
-    PER_EXAMPLE_PASSES,
+    PER_EXAMPLE_BYTES,
     Rates,
     Settings,
     Shape,
     estimate,
     gpu_rates,
+    measure_matmul_curve,
     measure_rates,
 )
 from sst_merge.rehearsal import _rss_peak, _rss_peak_reset  # noqa: E402
@@ -115,11 +123,15 @@ def cut_model(alias: str):
 
 def fisher_rows(alias: str, rates, approximations=("diagonal", "kfac", "lowrank"), batch=2, length=64, repeat=3):
     """Fisher pass of one batch (``batch`` × ``length`` tokens) over q_proj and v_proj of a one-layer model: measured
-    CPU seconds and peak memory, and the plan's ``fisher_batch_seconds`` and memory for the same settings."""
+    CPU seconds and peak memory of one ``estimate_fisher`` call (one batch and the pass's work on its statistics),
+    and the plan's ``fisher_pass_seconds`` and memory for the same settings."""
     from sst_merge.fisher.estimate import estimate_fisher
-    from sst_merge.plan import fisher_batch_seconds, fisher_host_bytes
+    from sst_merge.plan import fisher_host_bytes, fisher_pass_seconds
 
     model, shape = cut_model(alias)
+    # the short-GEMM curve on this architecture's width, as ``plan`` measures it for this model
+    rates = replace(rates, matmul_curve=measure_matmul_curve("cpu", "float32", min(shape.hidden, 4096),
+                                                             clock=time.process_time))  # fmt: skip
     names = [f"model.layers.0.self_attn.{t}" for t in TARGETS]
     mods = shape.modules()
     rows = []
@@ -134,7 +146,7 @@ def fisher_rows(alias: str, rates, approximations=("diagonal", "kfac", "lowrank"
         sec, peak, _ = timed(lambda approx=approx: estimate_fisher(
             model, names, exs, approx, 0, batch_size=batch, show_progress=False), repeat=repeat)  # fmt: skip
         rows.append(_row(f"fisher {approx} (q,v; batch {batch}×{length})", sec, peak,
-                         fisher_batch_seconds(shape, s, rates), est_b))  # fmt: skip
+                         fisher_pass_seconds(shape, s, rates, batch), est_b))  # fmt: skip
     return rows, model, shape
 
 
@@ -148,14 +160,22 @@ def _row(step: str, seconds: float, peak: int, est_s: float, est_b: float) -> di
 
 
 def measure_arch(
-    alias: str, rates, gen_tokens: int = 8, kfac_max_dim: int = 4096, steps=("gevp", "merge", "gen")
+    alias: str,
+    rates,
+    gen_tokens: int = 8,
+    kfac_max_dim: int = 4096,
+    steps=("gevp", "merge", "gen"),
+    batches=((2, 64),),
 ) -> dict:
     from sst_merge.fisher.gevp import Selection
     from sst_merge.fisher.solve import project_module
-    from sst_merge.merge.sparsify import magnitude_trim
+    from sst_merge.plan import merge_module_seconds, ties_module_seconds
 
     full = Shape.from_config(shape_config(alias))
-    rows, model, shape = fisher_rows(alias, rates)
+    rows, model, shape = [], None, None
+    for b, t in batches:
+        more, model, shape = fisher_rows(alias, rates, batch=b, length=t)
+        rows += more
     mods = shape.modules()
     out: dict = {"alias": alias, "source": SHAPES[alias]["source"], "layers_measured": 1, "vocab_measured": VOCAB,
                  "full_layers": full.layers, "rows": rows}  # fmt: skip
@@ -166,10 +186,12 @@ def measure_arch(
     for t in TARGETS if "gevp" in steps else []:
         o, i = mods[t]
         tau = torch.randn(o, i, generator=g) * 1e-3
-        for approx in ("diagonal", "kfac", "lowrank"):
+        # lowrank at N = 4 and, where its rows stay small (N·p ≤ 20 M), N = 16
+        cases = [("diagonal", 4), ("kfac", 4), ("lowrank", 4)] + ([("lowrank", 16)] if 16 * o * i <= 20e6 else [])
+        for approx, n in cases:
             if approx == "kfac" and max(o, i) > kfac_max_dim:
                 continue
-            s = Settings(fisher=approx, n_samples=4, targets=[t])
+            s = Settings(fisher=approx, n_samples=n, targets=[t])
             st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["gevp"]
             if approx == "diagonal":
                 ss, su = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
@@ -181,29 +203,27 @@ def measure_arch(
 
                 ss, su = {"A": spd(i), "G": spd(o)}, {"A": spd(i), "G": spd(o)}
             else:
-                ss, su = {"rows": torch.randn(4, o * i, generator=g)}, {"rows": torch.randn(4, o * i, generator=g)}
+                ss, su = {"rows": torch.randn(n, o * i, generator=g)}, {"rows": torch.randn(n, o * i, generator=g)}
             sec, peak, _ = timed(lambda a=approx, ss=ss, su=su, tau=tau: project_module(
-                a, ss, su, tau, 1e-3, Selection(fraction=0.1)))  # fmt: skip
+                a, ss, su, tau, 1e-3, Selection(fraction=0.1)), repeat=3)  # fmt: skip
             # the plan's gevp host bytes hold the statistics and the ΔW map too; those are this call's inputs
             work = st.host_bytes - fisher_stats_bytes(one, s, t) - o * i * 4
-            out["rows"].append(_row(f"gevp {approx} {t} {o}x{i}", sec, peak, st.seconds, work))
+            label = f"gevp {approx} {t} {o}x{i}" + (f" (N = {n})" if approx == "lowrank" else "")
+            out["rows"].append(_row(label, sec, peak, st.seconds, work))
             del ss, su
 
     if "merge" not in steps:
         return _full_depth(out, full, rates)
-    # -- merge per module ---------------------------------------------------------------------------------------
+    # -- merge per module, in a fresh process: a long-lived one may serve the big matrices from heap freed by the
+    # rows above, without the page faults the law counts (a merge command's own process has no such heap) --------
     o, i = mods["q_proj"]
-    factors = [(torch.randn(o, 8, generator=g), torch.randn(8, i, generator=g)) for _ in range(2)]
     s = Settings(targets=["q_proj"], n_adapters=2, sst=False)
     st = {x.step.split(" ")[0]: x for x in estimate(one, s, rates)}["merge"]
-    # ΔW_i = B_i A_i (fp32) for both adapters, then the weighted sum: what task_arithmetic does per module
-    sec, peak, _ = timed(lambda: sum(1.0 * (b @ a) for b, a in factors), repeat=3)
-    out["rows"].append(_row(f"merge task_arithmetic q_proj {o}x{i}", sec, peak, st.seconds,
-                            st.host_bytes - o * i * 4 * 2))  # fmt: skip
-    taus = [b @ a for b, a in factors]
-    sec, peak, _ = timed(lambda: [magnitude_trim(t, 0.5) for t in taus], repeat=1)
-    out["rows"].append(_row(f"merge ties trim q_proj {o}x{i} (2 adapters; plan: task_arithmetic's)", sec, peak,
-                            st.seconds, 0))  # fmt: skip
+    m = _merge_in_fresh_process(o, i)
+    out["rows"].append(_row(f"merge task_arithmetic q_proj {o}x{i} (2 adapters, rank 8)", *m["task_arithmetic"],
+                            merge_module_seconds(o, i, 2, 8, rates), st.host_bytes - o * i * 4 * 2))  # fmt: skip
+    out["rows"].append(_row(f"merge ties q_proj {o}x{i} (2 adapters, density 0.5; from their ΔW)", *m["ties"],
+                            ties_module_seconds(o, i, 2, rates), 0))  # fmt: skip
 
     # -- generation per token -----------------------------------------------------------------------------------
     ids = torch.randint(4, VOCAB, (1, 32), generator=g)
@@ -227,6 +247,43 @@ def measure_arch(
     out["rows"][-1]["full_depth_s"] = round(per_tok * full.layers + head, 3)
     out["rows"][-1]["full_depth_plan_s"] = round((st.seconds - prefill) / gen_tokens * full.layers + head, 3)
     return out
+
+
+_MERGE_CHILD = """
+import json, sys, torch
+torch.set_num_threads(1)
+sys.path.insert(0, {bench!r})
+from shapes import timed
+from sst_merge.merge.sparsify import weighted_sum
+from sst_merge.merge.ties import Ties
+o, i = {o}, {i}
+# a real run loads a model first, which frees buffers near glibc's 32 MiB cap and so raises its mmap and trim
+# thresholds: smaller buffers are then reused from the heap. A fresh interpreter starts at 128 KiB.
+torch.empty(31 * 2**20 // 4).fill_(0)
+g = torch.Generator().manual_seed(1)
+factors = [(torch.randn(o, 8, generator=g), torch.randn(8, i, generator=g)) for _ in range(2)]
+# what task_arithmetic does per module: ΔW_i = s·B_i@A_i (LoraAdapter.delta), then weighted_sum × λ
+merge = lambda: weighted_sum([1.0 * (b @ a) for b, a in factors], [0.5, 0.5]) * 1.0
+merge()  # warm-up: a merge over many modules reuses its heap for buffers below the mmap threshold
+ta = timed(merge, repeat=3)
+taus = [b @ a for b, a in factors]
+method = Ties()
+params = method.Params(density=0.5)
+method.merge_module(taus, [0.5, 0.5], params, g)
+ties = timed(lambda: method.merge_module(taus, [0.5, 0.5], params, g), repeat=3)
+print(json.dumps({{"task_arithmetic": ta[:2], "ties": ties[:2]}}))
+"""
+
+
+def _merge_in_fresh_process(o: int, i: int) -> dict:
+    """CPU seconds and peak memory of one module's task-arithmetic and TIES merge, timed in a fresh process."""
+    import json
+    import subprocess
+
+    code = _MERGE_CHILD.format(bench=str(Path(__file__).resolve().parent), o=o, i=i)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _full_depth(out: dict, full: Shape, rates) -> dict:
@@ -271,10 +328,12 @@ def cmd_measure(args) -> dict:
     report = {
         "machine": {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "platform": platform.platform(),
                     "loadavg_start": load, "torch": torch.__version__, "clock": "process_time"},
-        "constants": {"FISHER_OVER_FORWARD": FISHER_OVER_FORWARD, "PER_EXAMPLE_PASSES": PER_EXAMPLE_PASSES,
+        "constants": {"FISHER_ACT_PASSES": FISHER_ACT_PASSES, "PER_EXAMPLE_BYTES": PER_EXAMPLE_BYTES,
                       "CALIBRATION": CALIBRATION},
         "rates": {k: v for k, v in rates.__dict__.items()},
-        "archs": [measure_arch(a, rates, kfac_max_dim=args.kfac_max_dim, steps=args.steps.split(",")) for a in args.archs.split(",")],
+        "archs": [measure_arch(a, rates, kfac_max_dim=args.kfac_max_dim, steps=args.steps.split(","),
+                               batches=[tuple(map(int, x.split("x"))) for x in args.fisher_batches.split(",")])
+                  for a in args.archs.split(",")],
         "gpu_rates_projected": {g: {k: v for k, v in gpu_rates(g).__dict__.items()} for g in GPUS},
     }  # fmt: skip
     report["projections"] = projections(rates)
@@ -289,19 +348,49 @@ def _rates_text(r) -> str:
 
 
 def cmd_calibrate(args) -> dict:
-    """Fit ``plan.FISHER_OVER_FORWARD`` on ONE shape: a SmolLM2-135M layer, one batch of 8 × 64 tokens (diagonal)."""
-    from sst_merge.plan import fisher_batch_seconds, forward_flops
+    """Fit ``plan.FISHER_ACT_PASSES`` on ONE shape: a SmolLM2-135M layer, one batch of 8 × 64 tokens (diagonal)."""
+    from sst_merge.plan import fisher_activation_seconds
 
     rates = measure_rates("cpu", "float32", clock=time.process_time)
     batch, length = 8, 64
-    rows, _, shape = fisher_rows(CALIBRATION_ARCH, rates, ("diagonal",), batch=batch, length=length)
+    rows, _, shape = fisher_rows(CALIBRATION_ARCH, rates, ("diagonal",), batch=batch, length=length, repeat=5)
     s = Settings(fisher="diagonal", n_samples=batch, fisher_batch=batch, fisher_length=length, targets=TARGETS)
-    fwd = forward_flops(shape, batch, length) / rates.matmul
-    rest = fisher_batch_seconds(shape, s, rates) - FISHER_OVER_FORWARD * fwd
-    fitted = (rows[0]["measured_s"] - rest) / fwd
-    print(f"FISHER_OVER_FORWARD = {fitted:.2f} (now {FISHER_OVER_FORWARD})", file=sys.stderr)
+    one = fisher_activation_seconds(shape, s, rates, passes=1.0)
+    rest = rows[0]["plan_s"] - FISHER_ACT_PASSES * one  # the plan without its activation passes
+    fitted = (rows[0]["measured_s"] - rest) / one
+    print(f"FISHER_ACT_PASSES = {fitted:.1f} (now {FISHER_ACT_PASSES})", file=sys.stderr)
     return {"arch": CALIBRATION_ARCH, "batch": [batch, length], "rates": dict(rates.__dict__), "row": rows[0],
-            "FISHER_OVER_FORWARD": round(fitted, 2)}  # fmt: skip
+            "FISHER_ACT_PASSES": round(fitted, 1)}  # fmt: skip
+
+
+def cmd_faults(args) -> dict:
+    """The page-fault step behind ``plan.MMAP_THRESHOLD``: ``x * 2`` into a fresh result vs a preallocated one, per
+    size, with the minor page faults per call (``getrusage``)."""
+    import resource
+
+    rows = []
+    for mib in (8, 16, 24, 31, 33, 48, 64, 128):
+        x = torch.randn(mib * 2**20 // 4)
+        y = torch.empty_like(x)
+
+        def med(fn):
+            fn()
+            ts = []
+            for _ in range(7):
+                t = time.process_time()
+                fn()
+                ts.append(time.process_time() - t)
+            return sorted(ts)[3]
+
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fresh = med(lambda x=x: x * 2)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 8
+        reused = med(lambda x=x, y=y: torch.mul(x, 2, out=y))
+        rows.append({"mib": mib, "fresh_gb_s": round(2 * x.numel() * 4 / fresh / 1e9, 1),
+                     "preallocated_gb_s": round(2 * x.numel() * 4 / reused / 1e9, 1), "faults_per_call": faults})  # fmt: skip
+        print(f"{mib} MiB: fresh {rows[-1]['fresh_gb_s']} GB/s, preallocated {rows[-1]['preallocated_gb_s']} GB/s, "
+              f"{faults:.0f} page faults per call", file=sys.stderr)  # fmt: skip
+    return {"clock": "process_time", "threads": torch.get_num_threads(), "rows": rows}
 
 
 def cmd_rehearse(args) -> dict:
@@ -390,6 +479,7 @@ def main() -> None:
     m.add_argument("--archs", default=",".join((CALIBRATION_ARCH, "llama-3.1-8b", "qwen-2.5-14b")))
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--steps", default="gevp,merge,gen", help="besides the Fisher pass: gevp, merge, gen")
+    m.add_argument("--fisher-batches", default="1x64,2x64,8x64", help="Fisher batches B×T to time (comma-separated)")
     m.add_argument("--kfac-max-dim", type=int, default=4096, help="skip kfac's GEVP of modules with a larger dim")
     m.add_argument("-o", "--output")
     c = sub.add_parser("calibrate")
@@ -408,16 +498,20 @@ def main() -> None:
     r.add_argument("--work", help="working directory (default: a new temporary one)")
     r.add_argument("--threads", type=int)
     r.add_argument("-o", "--output")
+    f = sub.add_parser("faults")
+    f.add_argument("--threads", type=int, default=1)
+    f.add_argument("-o", "--output")
     t = sub.add_parser("table")
     t.add_argument("input", nargs="?", default="bench/results/shapes.json")
-    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "calibrate", "rehearse", "table")
+    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "calibrate", "rehearse", "table", "faults")
                          else ["measure", *sys.argv[1:]])  # fmt: skip
     if args.cmd == "table":
         cmd_table(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    emit({"measure": cmd_measure, "calibrate": cmd_calibrate, "rehearse": cmd_rehearse}[args.cmd](args), args.output)
+    emit({"measure": cmd_measure, "calibrate": cmd_calibrate, "rehearse": cmd_rehearse, "faults": cmd_faults}[args.cmd](args),
+         args.output)  # fmt: skip
 
 
 if __name__ == "__main__":

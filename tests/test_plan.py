@@ -213,3 +213,132 @@ def test_plan_memory_of_the_tiny_model_weights_and_kv_cache_by_measurement(tiny_
     )
     planned = steps["eval"].device_bytes - weights - batch * prompt * shape.vocab * 4  # minus the prompt logits
     assert cache * (prompt + new) == planned * (prompt + new - 1)
+
+
+# -- the cost laws' machine terms: short GEMMs, fresh pages, python's share -------------------------------------
+
+
+def test_matmul_at_interpolates_the_curve_in_log_rows_and_clamps_at_its_ends():
+    r = Rates(matmul=5e11, fp64=1e10, bandwidth=1e10, matmul_curve=((256, 2e11), (64, 1e11)))
+    assert r.matmul_at(128) == pytest.approx(1.5e11)  # halfway in log(rows) between 64 and 256
+    assert r.matmul_at(64) == r.matmul_at(8) == 1e11
+    assert r.matmul_at(256) == r.matmul_at(4096) == 2e11
+    assert Rates(matmul=5e11, fp64=1e10, bandwidth=1e10).matmul_at(64) == 5e11  # no curve: the square's rate
+
+
+def test_fresh_pages_cost_from_the_mmap_threshold_on_the_host_and_never_on_a_gpu_device():
+    from sst_merge.plan import MMAP_THRESHOLD
+
+    cpu = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, fault=2e9)
+    assert cpu.fresh_seconds(MMAP_THRESHOLD - 1) == 0.0
+    assert cpu.fresh_seconds(MMAP_THRESHOLD) == pytest.approx(MMAP_THRESHOLD / 2e9)
+    assert cpu.fresh_seconds(MMAP_THRESHOLD, device=True) == pytest.approx(MMAP_THRESHOLD / 2e9)
+    gpu = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, fault=2e9, device_faults=False)
+    assert gpu.fresh_seconds(2**30, device=True) == 0.0
+    assert gpu.fresh_seconds(2**30) == pytest.approx(2**30 / 2e9)  # host buffers (the GEVP) still fault
+
+
+def test_lowrank_gevp_pays_page_faults_only_once_its_fp64_copies_reach_the_threshold():
+    from sst_merge.plan import gevp_seconds, lowrank_gram_flops
+
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, eigh=1e9, rows=1e8, fault=2e9)
+
+    def base(o, i, n):
+        return n * o * i / 1e8 + lowrank_gram_flops(n, o * i) / 1e10 + n**3 / 1e9
+
+    # N·p·8 = 4 × 512 × 1024 × 8 = 16 MiB: every buffer below 32 MiB, no faults
+    assert gevp_seconds("lowrank", 512, 1024, 4, r) == pytest.approx(base(512, 1024, 4))
+    # N·p·8 = 64 MiB: six fp64 copies of the rows fault; the p-sized ones (16 MiB, 8 MiB) do not
+    o, i, n = 1024, 2048, 4
+    assert gevp_seconds("lowrank", o, i, n, r) == pytest.approx(base(o, i, n) + 6 * n * o * i * 8 / 2e9)
+    # p·8 = 64 MiB: the five p-sized fp64 buffers and the fp32 result (32 MiB) fault too
+    o, i = 2048, 4096
+    faults = (6 * n * o * i * 8 + 5 * o * i * 8 + o * i * 4) / 2e9
+    assert gevp_seconds("lowrank", o, i, n, r) == pytest.approx(base(o, i, n) + faults)
+
+
+def test_fisher_batch_law_by_hand_on_a_small_layer():
+    """One layer small enough that no buffer faults: 2 × forward FLOPs at the curve's rate, the activation passes,
+    python's share, and per target the einsum and the bytes moved over the per-example gradients."""
+    from sst_merge.plan import (
+        ACT_HIDDEN,
+        ACT_INTER,
+        FISHER_ACT_PASSES,
+        FISHER_BATCH_OVERHEAD_S,
+        FISHER_LAYER_OVERHEAD_S,
+        FISHER_PASS_OVERHEAD_S,
+        PER_EXAMPLE_BYTES,
+        fisher_batch_seconds,
+        fisher_pass_seconds,
+        fisher_statistics_seconds,
+        forward_flops,
+    )
+
+    shape = Shape(
+        hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, head_dim=16, vocab=100, tied=True, qkv_bias=False
+    )
+    r = Rates(matmul=9e11, fp64=1e10, bandwidth=1e10, matmul_curve=((64, 1e11), (1024, 4e11)))
+    s = Settings(fisher="diagonal", n_samples=6, fisher_batch=4, fisher_length=64, targets=["q_proj", "v_proj"])
+    p = 64 * 64 + 32 * 64  # q_proj 64×64, v_proj 32×64
+    mm = 2.5e11  # 4 × 64 = 256 rows: halfway in log(rows) from 64 to 1024
+    act = FISHER_ACT_PASSES * 256 * (ACT_HIDDEN * 64 + ACT_INTER * 128) * 4 / 1e10
+    want = 2 * forward_flops(shape, 4, 64) / mm + act + FISHER_BATCH_OVERHEAD_S + FISHER_LAYER_OVERHEAD_S
+    want += 2 * 256 * p / mm + PER_EXAMPLE_BYTES * 4 * p / 1e10
+    assert r.matmul_at(256) == pytest.approx(mm)
+    assert fisher_batch_seconds(shape, s, r) == pytest.approx(want)
+    stats = FISHER_PASS_OVERHEAD_S + 40 * p / 1e10
+    assert fisher_statistics_seconds(shape, s, r) == pytest.approx(stats)
+    # 6 examples in batches of 4: two batches, and the statistics once
+    assert fisher_pass_seconds(shape, s, r) == pytest.approx(2 * want + stats)
+
+
+def test_fisher_per_example_gradients_fault_on_the_cpu_but_not_on_a_gpu():
+    from sst_merge.plan import MMAP_THRESHOLD, fisher_batch_seconds
+
+    shape = model_shape("llama-3.1-8b")
+    s = Settings(fisher="lowrank", fisher_batch=8, fisher_length=64, targets=["q_proj"])
+    cpu = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, fault=1e9)
+    gpu = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, fault=1e9, device_faults=False)
+    g = 8 * 4096 * 4096 * 4  # B × p fp32 of one q_proj: 512 MiB ≥ the threshold
+    assert g >= MMAP_THRESHOLD
+    extra = fisher_batch_seconds(shape, s, cpu) - fisher_batch_seconds(shape, s, gpu)
+    assert extra == pytest.approx(32 * g / 1e9)  # one fresh buffer per layer's q_proj
+
+
+def test_measured_rates_carry_a_matmul_curve_and_a_fault_rate():
+    from sst_merge.plan import CURVE_ROWS, measure_fault_rate, measure_matmul_curve
+
+    curve = measure_matmul_curve("cpu", "float32", 64)
+    assert [m for m, _ in curve] == [*CURVE_ROWS, 1024] and all(rate > 0 for _, rate in curve)
+    assert 0 < measure_fault_rate() < float("inf")
+
+
+def test_merge_laws_by_hand_and_ties_only_when_a_ties_merge_runs():
+    from sst_merge.plan import MMAP_THRESHOLD, merge_module_seconds, ties_module_seconds
+
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, heap_bandwidth=2e10, fault=2e9, ties=1e8)
+    # 512 × 1024, 2 adapters of rank 8: every fp32 ΔW is 2 MiB, reused heap (no faults, the heap bandwidth)
+    p = 512 * 1024
+    want = 2 * (2 * 8 * p / 1e11 + 16 * p / 2e10) + (4 + 12 * 2 + 8) * p / 2e10
+    assert merge_module_seconds(512, 1024, 2, 8, r) == pytest.approx(want)
+    assert ties_module_seconds(512, 1024, 2, r) == pytest.approx(2 * p / 1e8)
+    # 4096²: a ΔW is 64 MiB, so every one of the six fp32 buffers faults and the passes run at the DRAM bandwidth
+    p = 4096 * 4096
+    assert 4 * p >= MMAP_THRESHOLD
+    want = 2 * (2 * 8 * p / 1e11 + 2 * 4 * p / 2e9 + 16 * p / 1e10) + 2 * 4 * p / 2e9 + (4 + 24 + 8) * p / 1e10
+    assert merge_module_seconds(4096, 4096, 2, 8, r) == pytest.approx(want)
+    assert ties_module_seconds(4096, 4096, 2, r) == pytest.approx(2 * p / 1e8 + (2 * 34 + 20) * p / 2e9)
+    shape = model_shape("llama-3.1-8b")
+    merge = {st.step.split(" ")[0]: st for st in estimate(shape, Settings(sst=False), r)}["merge"]
+    ties = {st.step.split(" ")[0]: st for st in estimate(shape, Settings(sst=False, ties=True), r)}["merge"]
+    extra = 32 * (ties_module_seconds(4096, 4096, 2, r) + ties_module_seconds(1024, 4096, 2, r))
+    assert ties.seconds - merge.seconds == pytest.approx(extra)
+
+
+def test_merge_config_with_ties_plans_its_trim(tmp_path):
+    from sst_merge.plan import settings_from_config
+
+    adapters = [{"path": _adapter(tmp_path / n)} for n in ("a", "b")]
+    _, ties = settings_from_config({"base_model": "llama-3.1-8b", "method": "ties", "adapters": adapters})
+    _, ta = settings_from_config({"base_model": "llama-3.1-8b", "method": "task_arithmetic", "adapters": adapters})
+    assert ties.ties and not ta.ties and ties.n_adapters == 2

@@ -42,16 +42,47 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #: seven projections, the MLP's gate/up outputs and SiLU, attention outputs and norms — measured on the seed
 #: architectures with ``bench/shapes.py`` (≈ 6·hidden + 4·intermediate).
 ACT_HIDDEN, ACT_INTER = 6, 4
-#: bytes per element of the temporaries of ``torch.isfinite`` (an fp32 ``abs`` copy and three bool masks)
-FINITE_CHECK_BYTES = 7
-#: The Fisher pass's forward + backward (frozen weights: the backward computes input gradients only) takes this many
-#: times its forward FLOPs at the measured matmul rate — 2 for the matmuls alone, the rest is what a layer does
-#: besides its matmuls (attention, norms, activations, hooks). Calibrated on ONE shape, a SmolLM2-135M layer
-#: (``bench/shapes.py calibrate``), and checked on the seed models' layers (``bench/shapes.py check``).
-FISHER_OVER_FORWARD = 3.74
-#: fp32 passes over the per-example gradients (B × p) after their einsum: the ``isfinite`` check, then ``diagonal``'s
-#: square and sum, or ``lowrank``'s copy into its rows.
-PER_EXAMPLE_PASSES = 4
+#: The Fisher pass's forward + backward (frozen weights: the backward computes input gradients only) is twice the
+#: forward FLOPs at the matmul rate of its batch's row count (:meth:`Rates.matmul_at`), plus what a layer does besides
+#: its matmuls (norms, rope, SiLU, softmax, the capture hooks): this many passes, at the copy bandwidth, over each
+#: token's activations of every layer (``ACT_HIDDEN``·hidden + ``ACT_INTER``·intermediate elements). Fitted on ONE
+#: shape, a SmolLM2-135M layer at one batch (``bench/shapes.py calibrate``), and checked on the seed models' layers
+#: and other batches (``bench/shapes.py measure``).
+FISHER_ACT_PASSES = 30.0
+#: Python's share of a Fisher batch (the model's forward, autograd's bookkeeping, the capture hooks), seconds per
+#: batch and per decoder layer, and once per pass (setting up the hooks and the statistics), whatever the shapes:
+#: measured on a 64-wide model here (CPU time; 1 and 4 layers, 1 and 4 batches of 8 tokens: 1.0 ms + 0.9 ms per
+#: layer per batch, 0.7–1.2 ms per pass). It dominates only tiny batches of tiny layers.
+FISHER_BATCH_OVERHEAD_S, FISHER_LAYER_OVERHEAD_S, FISHER_PASS_OVERHEAD_S = 1.0e-3, 0.9e-3, 1.0e-3
+#: Python's share of one generated token (``generate``'s step: logits processing, the cache, every layer's module
+#: calls), seconds per token and per layer: measured on a 64-wide model here (CPU time; 1, 4 and 8 layers, 16 new
+#: tokens: 0.6 ms + 0.27 ms per layer per token).
+GEN_TOKEN_OVERHEAD_S, GEN_LAYER_OVERHEAD_S = 0.6e-3, 0.27e-3
+#: bytes moved (read + written) per element of the per-example gradients (B × p, fp32) after their einsum writes
+#: them: the finite check reads them (``aminmax``), then ``diagonal`` squares them in place and sums over examples,
+#: ``lowrank`` copies them into its rows.
+PER_EXAMPLE_BYTES = 16
+#: glibc's largest ``mmap`` threshold (64-bit): a host buffer at least this large is mapped fresh for every
+#: allocation and freed back to the kernel, so writing it first faults in every page (:attr:`Rates.fault`). Smaller
+#: temporaries are reused from the heap. Measured step on this project's machine: a fresh 31 MiB result is written at
+#: 14 GB/s, a 33 MiB one at 4.3 GB/s (``bench/shapes.py faults``).
+MMAP_THRESHOLD = 32 * 2**20
+#: fresh fp64 copies of the N × p rows in lowrank's solve (``fisher/lowrank.py``): the damping's mean diagonal (the
+#: copy and its square), ``lowrank_gevp``'s and ``lowrank_project``'s copies of G_s and G_u.
+LOWRANK_FP64_COPIES = 6
+#: fresh p-sized (fp64, fp32) buffers of one module's GEVP + projection besides the sort's own. ``diagonal``: the
+#: damping's mean, F_u and F_s in fp64, F_u + ε, the ratio λ, the argsort's indices and the sorted λ; the mask in
+#: ΔW's dtype and the product. ``kfac``: the λ grid, the indices, the sorted λ, the mask in fp64, ΔW in fp64, the
+#: products ``G̃_u ΔW``, ``· Ã_u``, ``· X``, ``C ⊙ S``, ``Y ·``, ``· Xᵀ``; the fp32 result.
+DIAGONAL_P_COPIES, KFAC_P_COPIES = (7, 2), (11, 1)
+#: bytes per element of TIES' fresh buffers, per adapter (``magnitude_trim``: the magnitudes, its masks and index
+#: tensors, the trimmed ΔW) and per module (``sign_consensus_merge``: the elected sign, numerator, divisor, agreeing
+#: entries, and the λ-scaled result). Counted with ``getrusage`` on 4096² ΔW: 34 and 20; the whole TIES call faulted
+#: 41–72 bytes per element with 2–4 adapters, depending on what the allocator already held.
+TIES_FRESH_BYTES = (34, 20)
+#: fresh p-sized fp64 buffers of ``lowrank_project`` (ΔW's fp64 copy, G_sᵀc, G_uᵀz, the difference, its scaling);
+#: the fp32 result is one more, of 4 bytes per element.
+LOWRANK_P_COPIES = 5
 
 #: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
 #: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
@@ -66,6 +97,8 @@ GPU_EFFICIENCY = {"matmul": 0.4, "bandwidth": 0.6}
 #: run there. Assumptions, not measurements: this project's 2-core CPU measured (one core) fp64 ≈ 2.4e10 FLOP/s,
 #: eigh ≈ 4e9 d³/s, sort ≈ 1e8 p·log2 p/s, rows ≈ 4e7 N·p/s; a server is assumed 8× (sort: 4×, rows: 5×) that.
 HOST_FP64, HOST_SORT, HOST_EIGH, HOST_ROWS = 200e9, 4e8, 3e10, 2e8
+#: first-touch page faults on such a host, bytes/s (per core, like this machine's 3.1e9; assumed)
+HOST_FAULT = 3e9
 
 
 @dataclass(frozen=True)
@@ -153,6 +186,7 @@ class Settings:
     output: str | None = None  # "peft" / "full" for a merge; None for an experiment (no output written)
     sst: bool = True
     train: bool = False  # an experiment whose adapters are not given trains them first
+    ties: bool = False  # a TIES merge (trim + sign election) is among the merges: the merge step costs its law
 
 
 @dataclass
@@ -181,12 +215,47 @@ class Rates:
     sort: float = 2e8  # p·log2(p) per second of a module's λ selection (argsort, gather, mask; diagonal and kfac)
     measured: bool = True
     eigh: float = 2e9  # d³ per second of one generalized symmetric eigenproblem d×d (scipy ``eigh``, kfac)
-    rows: float = 5e7  # elements (N·p) per second of lowrank's passes over its fp32 rows (fp64 copies, products)
+    rows: float = 5e7  # elements (N·p) per second of lowrank's passes over its rows, fresh pages excluded
+    fault: float = 3e9  # bytes/s of first writes into a fresh host buffer of ≥ MMAP_THRESHOLD (page faults)
+    heap_bandwidth: float = 0.0  # bytes/s (read + write) over 16 MiB buffers, the heap's reused ones (0: bandwidth)
+    ties: float = 5e7  # elements × adapters per second of TIES' module kernel (trim each ΔW, elect, disjoint mean)
+    device_faults: bool = True  # the Fisher pass's temporaries fault too (CPU); a GPU's caching allocator reuses them
+    matmul_curve: tuple = ()  # (rows, FLOP/s) of (rows × width) @ (width × width) in the run's dtype
+
+    def matmul_at(self, rows: int) -> float:
+        """The matmul rate of a GEMM with ``rows`` rows (a Fisher batch's B·T tokens): interpolated in log(rows) on
+        :attr:`matmul_curve`, clamped at its ends; :attr:`matmul` without a curve (projected rates)."""
+        pts = sorted((float(m), float(r)) for m, r in self.matmul_curve)
+        if not pts:
+            return self.matmul
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (m0, r0), (m1, r1) in zip(pts, pts[1:], strict=False):
+            if rows <= m1:
+                w = math.log(rows / m0) / math.log(m1 / m0)
+                return r0 + w * (r1 - r0)
+        return pts[-1][1]
+
+    def moved_seconds(self, nbytes: float, buffer: float) -> float:
+        """Seconds of moving ``nbytes`` (reads + writes) through buffers of ``buffer`` bytes: below
+        :data:`MMAP_THRESHOLD` at :attr:`heap_bandwidth` (reused heap memory, cache-resident here), else at
+        :attr:`bandwidth`."""
+        fast = self.heap_bandwidth if buffer < MMAP_THRESHOLD and self.heap_bandwidth > 0 else self.bandwidth
+        return nbytes / fast
+
+    def fresh_seconds(self, nbytes: float, device: bool = False) -> float:
+        """Seconds of faulting in a fresh buffer of ``nbytes`` (0 below :data:`MMAP_THRESHOLD`; 0 on a GPU device)."""
+        if nbytes < MMAP_THRESHOLD or (device and not self.device_faults):
+            return 0.0
+        return nbytes / self.fault
 
 
 #: The calibration shapes of the GEVP kernels (none of them a seed model's module): ``eigh`` on a 768×768 pair,
-#: the diagonal selection and lowrank's solve (N = 4) on a 1024×2048 module.
-CALIBRATION = {"eigh_d": 768, "module": (1024, 2048), "lowrank_n": 4}
+#: the diagonal selection on a 1024×2048 module, lowrank's solve (N = 4) on a 256×512 module (its fp64 copies,
+#: 4 MiB, stay below :data:`MMAP_THRESHOLD`: the ``rows`` rate excludes page faults, which ``fault`` prices).
+CALIBRATION = {"eigh_d": 768, "module": (1024, 2048), "lowrank_n": 4, "lowrank_module": (256, 512)}
+#: row counts of the short GEMMs timed for :attr:`Rates.matmul_curve` (plus 1024)
+CURVE_ROWS = (64, 128, 256, 512)
 
 
 def _median_seconds(fn, clock, repeat: int = 3) -> float:
@@ -199,11 +268,15 @@ def _median_seconds(fn, clock, repeat: int = 3) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def measure_rates(device: str = "cpu", dtype: str = "float32", size: int = 1024, clock=time.perf_counter) -> Rates:
+def measure_rates(
+    device: str = "cpu", dtype: str = "float32", size: int = 1024, clock=time.perf_counter, width: int | None = None
+) -> Rates:
     """Measure the rates of :class:`Rates` on this machine (≈ 2 s on an idle core).
 
-    A ``size``² × ``size`` matmul in ``dtype`` on ``device``, an fp64 matmul and a copy bandwidth, then the GEVP
-    kernels (:func:`measure_gevp_rates`) on the host. ``clock``: ``time.perf_counter`` (wall; what a run sees) or
+    A ``size``² × ``size`` matmul in ``dtype`` on ``device``, the matmul curve (:func:`measure_matmul_curve`) on a
+    ``width``² weight (default ``size``; ``plan`` passes the model's hidden size), an fp64 matmul, the copy bandwidth
+    over 64 MiB and over 16 MiB buffers, the page-fault rate of a fresh 64 MiB host buffer, then the GEVP kernels
+    and TIES' module kernel (:func:`measure_gevp_rates`) on the host. ``clock``: ``time.perf_counter`` (wall; what a run sees) or
     ``time.process_time`` (CPU time of this process: a benchmark on a shared machine, one thread).
     """
     import torch
@@ -223,13 +296,45 @@ def measure_rates(device: str = "cpu", dtype: str = "float32", size: int = 1024,
             torch.cuda.synchronize()
 
     bw = 2 * x.numel() * 4 / _median_seconds(copy, clock, repeat=5)  # read + write
+    x, y = x[: 16 * 2**20 // 4], y[: 16 * 2**20 // 4]
+    heap_bw = 2 * x.numel() * 4 / _median_seconds(copy, clock, repeat=5)
     fp64 = rate(torch.float64, size // 2, "cpu")
-    return Rates(matmul=rate(DTYPES[dtype], size, device), fp64=fp64, bandwidth=bw,
-                 **measure_gevp_rates(fp64, clock))  # fmt: skip
+    matmul = rate(DTYPES[dtype], size, device)
+    curve = measure_matmul_curve(device, dtype, width or size, clock)
+    on_gpu = device != "cpu"
+    return Rates(matmul=matmul, fp64=fp64, bandwidth=bw, heap_bandwidth=heap_bw, fault=measure_fault_rate(clock),
+                 device_faults=not on_gpu, matmul_curve=curve, **measure_gevp_rates(fp64, clock))  # fmt: skip
+
+
+def measure_matmul_curve(device: str, dtype: str, width: int, clock=time.perf_counter) -> tuple:
+    """FLOP/s of (rows × width) @ (width × width) for rows in :data:`CURVE_ROWS` and 1024: a GEMM with few rows
+    runs below the square's rate (the weight is streamed and packed once per call, whatever the row count)."""
+    import torch
+
+    from sst_merge.models.loading import DTYPES
+
+    w = torch.randn(width, width, device=device).to(DTYPES[dtype])
+    out = []
+    for m in (*CURVE_ROWS, 1024):
+        x = torch.randn(m, width, device=device).to(DTYPES[dtype])
+        out.append((m, 2 * m * width * width / _median_seconds(lambda x=x: (x @ w).sum().item(), clock)))
+    return tuple(out)
+
+
+def measure_fault_rate(clock=time.perf_counter) -> float:
+    """Bytes/s of first writes into fresh host pages: ``x * 2`` into a new 64 MiB result, less the same into a
+    preallocated one (the difference is the page faults of the new buffer)."""
+    import torch
+
+    x = torch.randn(64 * 2**20 // 4)
+    y = torch.empty_like(x)
+    fresh = _median_seconds(lambda: x * 2, clock, repeat=5)
+    reused = _median_seconds(lambda: torch.mul(x, 2, out=y), clock, repeat=5)
+    return x.numel() * 4 / max(fresh - reused, fresh / 20)
 
 
 def measure_gevp_rates(fp64: float, clock=time.perf_counter) -> dict[str, float]:
-    """Time the GEVP kernels on the :data:`CALIBRATION` shapes; return ``eigh``, ``sort`` and ``rows`` rates."""
+    """Time the GEVP kernels on the :data:`CALIBRATION` shapes; return ``eigh``, ``sort``, ``rows`` and ``ties``."""
     import scipy.linalg
     import torch
 
@@ -248,10 +353,29 @@ def measure_gevp_rates(fp64: float, clock=time.perf_counter) -> dict[str, float]
     ds, du = {"diag": torch.rand(o, i, generator=g)}, {"diag": torch.rand(o, i, generator=g) + 0.1}
     sort = p * math.log2(p) / _median_seconds(lambda: project_module("diagonal", ds, du, tau, 1e-3, sel), clock)
     n = CALIBRATION["lowrank_n"]
+    o, i = CALIBRATION["lowrank_module"]
+    p = o * i
+    tau = torch.randn(o, i, generator=g)
     rs, ru = {"rows": torch.randn(n, p, generator=g)}, {"rows": torch.randn(n, p, generator=g)}
-    t = _median_seconds(lambda: project_module("lowrank", rs, ru, tau, 1e-3, sel), clock)
+    t = _median_seconds(lambda: project_module("lowrank", rs, ru, tau, 1e-3, sel), clock, repeat=5)
     rows = n * p / max(t - lowrank_gram_flops(n, p) / fp64, t / 10)
-    return {"eigh": eigh, "sort": sort, "rows": rows}
+    return {"eigh": eigh, "sort": sort, "rows": rows, "ties": measure_ties_rate(clock)}
+
+
+def measure_ties_rate(clock=time.perf_counter) -> float:
+    """Elements × adapters per second of ``Ties.merge_module`` on two rank-8 1024 × 2048 ΔW (density 0.5): every buffer
+    below :data:`MMAP_THRESHOLD`, so its page faults are priced apart (:func:`ties_module_seconds`)."""
+    import torch
+
+    from sst_merge.merge.ties import Ties
+
+    g = torch.Generator().manual_seed(0)
+    o, i = CALIBRATION["module"]
+    taus = [torch.randn(o, 8, generator=g) @ torch.randn(8, i, generator=g) for _ in range(2)]  # rank-8 ΔW, as LoRA's
+    method = Ties()
+    params = method.Params(density=0.5)
+    t = _median_seconds(lambda: method.merge_module(taus, [0.5, 0.5], params, g), clock)
+    return 2 * o * i / t
 
 
 def lowrank_gram_flops(n: int, p: int) -> float:
@@ -262,21 +386,61 @@ def lowrank_gram_flops(n: int, p: int) -> float:
 def gevp_seconds(fisher: str, o: int, i: int, n: int, rates: Rates) -> float:
     """Seconds of the GEVP + projection of one out×in module (``project_module``), by the kernel's cost law.
 
-    * ``diagonal``: the λ selection, p·log2 p (an argsort of the p ratios, a gather and a mask);
-    * ``kfac``: two generalized eigenproblems (o³ + i³ at the ``eigh`` rate), the selection on the o×i λ grid, and
-      the projection's fp64 products ``Yᵀ G̃_u ΔW Ã_u X`` and ``Y (C ⊙ S) Xᵀ`` (2o³ + 4o²i + 6oi² FLOPs);
+    * ``diagonal``: the λ selection, p·log2 p (an argsort of the p ratios, a gather and a mask), and the page faults
+      of its fresh p-sized buffers (:data:`DIAGONAL_P_COPIES`, each once it reaches :data:`MMAP_THRESHOLD`);
+    * ``kfac``: two generalized eigenproblems (o³ + i³ at the ``eigh`` rate), the selection on the o×i λ grid, the
+      projection's fp64 products ``Yᵀ G̃_u ΔW Ã_u X`` and ``Y (C ⊙ S) Xᵀ`` (2o³ + 4o²i + 6oi² FLOPs), and the page
+      faults of its fresh p-sized buffers (:data:`KFAC_P_COPIES`);
     * ``lowrank``: N·p elements of each statistic's rows through a fixed number of fp64 passes (copies, products
-      with ΔW and back) at the ``rows`` rate, plus the three N×N Gram products (6N²p FLOPs) and the N×N ``eigh``.
+      with ΔW and back) at the ``rows`` rate, the page faults of its fresh buffers (:data:`LOWRANK_FP64_COPIES` of
+      N·p fp64, :data:`LOWRANK_P_COPIES` of p fp64 and the fp32 result, each once it reaches
+      :data:`MMAP_THRESHOLD`), the three N×N Gram products (6N²p FLOPs) and the N×N ``eigh``.
     """
     p = o * i
     select = p * math.log2(p) / rates.sort
     if fisher == "diagonal":
-        return select
+        return select + _p_copies_seconds(p, DIAGONAL_P_COPIES, rates)
     if fisher == "kfac":
-        return (o**3 + i**3) / rates.eigh + select + (2 * o**3 + 4 * o * o * i + 6 * o * i * i) / rates.fp64
+        products = (2 * o**3 + 4 * o * o * i + 6 * o * i * i) / rates.fp64
+        return (o**3 + i**3) / rates.eigh + select + products + _p_copies_seconds(p, KFAC_P_COPIES, rates)
     if fisher == "lowrank":
-        return n * p / rates.rows + lowrank_gram_flops(n, p) / rates.fp64 + n**3 / rates.eigh
+        faults = LOWRANK_FP64_COPIES * rates.fresh_seconds(n * p * 8) + LOWRANK_P_COPIES * rates.fresh_seconds(p * 8)
+        faults += rates.fresh_seconds(p * 4)
+        return n * p / rates.rows + faults + lowrank_gram_flops(n, p) / rates.fp64 + n**3 / rates.eigh
     return p**3 / rates.eigh  # dense: one p×p eigenproblem
+
+
+def _p_copies_seconds(p: int, copies: tuple[int, int], rates: Rates) -> float:
+    """Page faults of ``copies`` = (fp64, fp32) fresh host buffers of p elements (each only at MMAP_THRESHOLD)."""
+    return copies[0] * rates.fresh_seconds(p * 8) + copies[1] * rates.fresh_seconds(p * 4)
+
+
+def merge_module_seconds(o: int, i: int, n: int, r: int, rates: Rates) -> float:
+    """Seconds of one module's linear merge on the host (``task_arithmetic``; the other methods add their own passes,
+    not counted): per adapter ΔW = s·B@A (a rank-r product, 2rp FLOPs, written into a fresh buffer, then scaled into
+    another), then ``weighted_sum`` (a zeroed fp32 sum, one ``add_`` per adapter) times λ (fresh)."""
+    p = o * i
+    fresh = rates.fresh_seconds(4 * p)
+    delta = n * (2 * r * p / rates.matmul + 2 * fresh + rates.moved_seconds(16 * p, 4 * p))
+    return delta + 2 * fresh + rates.moved_seconds((4 + 12 * n + 8) * p, 4 * p)
+
+
+def ties_module_seconds(o: int, i: int, n: int, rates: Rates) -> float:
+    """Seconds of TIES' own work on one module beyond the ΔW it starts from (``Ties.merge_module``): n·p at the
+    measured ``ties`` rate, plus the page faults of its fresh buffers once a ΔW reaches :data:`MMAP_THRESHOLD`
+    (:data:`TIES_FRESH_BYTES`)."""
+    p = o * i
+    per_adapter, per_module = TIES_FRESH_BYTES
+    faults = (n * per_adapter + per_module) * p / rates.fault if 4 * p >= MMAP_THRESHOLD else 0.0
+    return n * p / rates.ties + faults
+
+
+def apply_module_seconds(o: int, i: int, dtype_bytes: int, rates: Rates) -> float:
+    """Seconds of adding a module's ΔW to its weight (``applied_deltas``): the original saved (a fresh copy), the
+    weight in fp32 plus ΔW (two fresh fp32 buffers), back to the weight's dtype (fresh) and copied in."""
+    p = o * i
+    fresh = 2 * rates.fresh_seconds(p * dtype_bytes) + 2 * rates.fresh_seconds(4 * p)
+    return fresh + rates.moved_seconds((2 * dtype_bytes + 8 + 12 + 4 + dtype_bytes + 2 * dtype_bytes) * p, 4 * p)
 
 
 def gpu_rates(name: str) -> Rates:
@@ -284,7 +448,7 @@ def gpu_rates(name: str) -> Rates:
     g = GPUS[name]
     # the eigen-solvers and the λ selection run on the host CPU (scipy), whatever the device: host rates assumed
     return Rates(**{k: g[k] * GPU_EFFICIENCY[k] for k in ("matmul", "bandwidth")}, fp64=HOST_FP64, sort=HOST_SORT,
-                 eigh=HOST_EIGH, rows=HOST_ROWS, measured=False)  # fmt: skip
+                 eigh=HOST_EIGH, rows=HOST_ROWS, fault=HOST_FAULT, device_faults=False, measured=False)  # fmt: skip
 
 
 # -- the estimate ------------------------------------------------------------------------------------------------
@@ -330,19 +494,64 @@ def forward_flops(shape: Shape, batch: int, length: int, response: int | None = 
 def fisher_batch_seconds(shape: Shape, s: Settings, rates: Rates) -> float:
     """Seconds of one Fisher batch: forward + backward, then each target's statistic update.
 
-    ``FISHER_OVER_FORWARD`` × the forward FLOPs at the matmul rate; then per target module (out×in, B examples of
-    T tokens): ``diagonal`` / ``lowrank`` — the per-example gradients' einsum (2·B·T·p FLOPs) and
-    ``PER_EXAMPLE_PASSES`` fp32 passes over them; ``kfac`` — ``aᵀa`` and ``δᵀδ`` (2·B·T·(in² + out²) FLOPs) and
-    their fp64 accumulation (12 bytes per element).
+    2 × the forward FLOPs at the matmul rate of B·T rows and ``FISHER_ACT_PASSES`` over the activations (see
+    :func:`fisher_activation_seconds`); then per target module (out×in,
+    B examples of T tokens): ``diagonal`` / ``lowrank`` — the per-example gradients' einsum (2·B·T·p FLOPs), the
+    page faults of their fresh B×p fp32 buffer (``diagonal``: and of its p-sized sum and that sum's fp64 copy) and
+    ``PER_EXAMPLE_BYTES`` per element moved; ``kfac`` — ``aᵀa`` and ``δᵀδ`` (2·B·T·(in² + out²) FLOPs), their fp32
+    results and fp64 copies (fresh), and the fp64 accumulation. Plus Python's fixed share per batch and layer.
     """
     tok = s.fisher_batch * s.fisher_length
     mods = targets_of(shape, s.targets)
-    t = FISHER_OVER_FORWARD * forward_flops(shape, s.fisher_batch, s.fisher_length) / rates.matmul
+    mm = rates.matmul_at(tok)
+    t = 2 * forward_flops(shape, s.fisher_batch, s.fisher_length) / mm + fisher_activation_seconds(shape, s, rates)
+    t += FISHER_BATCH_OVERHEAD_S + FISHER_LAYER_OVERHEAD_S * shape.layers
     if s.fisher == "kfac":
         f = sum(o * o + i * i for o, i in mods)
-        return t + 2 * tok * f / rates.matmul + 12 * f / rates.bandwidth
+        fresh = sum(rates.fresh_seconds(d * d * b, device=True) for o, i in mods for d in (o, i) for b in (4, 8))
+        moved = sum(rates.moved_seconds((4 + 8 + 8 + 16) * d * d, d * d * 8) for o, i in mods for d in (o, i))
+        return t + 2 * tok * f / mm + fresh + moved
     p = sum(o * i for o, i in mods)
-    return t + 2 * tok * p / rates.matmul + PER_EXAMPLE_PASSES * s.fisher_batch * p * 4 / rates.bandwidth
+    fresh = sum(rates.fresh_seconds(s.fisher_batch * o * i * 4, device=True) for o, i in mods)
+    if s.fisher == "diagonal":  # the sum over examples (fp32) and its fp64 copy added into the statistic
+        fresh += sum(rates.fresh_seconds(o * i * b, device=True) for o, i in mods for b in (4, 8))
+    moved = sum(rates.moved_seconds(PER_EXAMPLE_BYTES * s.fisher_batch * o * i, s.fisher_batch * o * i * 4)
+                for o, i in mods)  # fmt: skip
+    return t + 2 * tok * p / mm + fresh + moved
+
+
+def fisher_activation_seconds(shape: Shape, s: Settings, rates: Rates, passes: float | None = None) -> float:
+    """Seconds of a Fisher batch's work besides its matmuls: ``passes`` (default ``FISHER_ACT_PASSES``) reads and
+    writes of every token's activations of every layer, in the run's dtype, at the copy bandwidth."""
+    passes = FISHER_ACT_PASSES if passes is None else passes
+    per_token = shape.layers * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate) * BYTES[s.dtype]
+    tok = s.fisher_batch * s.fisher_length
+    return rates.moved_seconds(passes * tok * per_token, tok * shape.intermediate * BYTES[s.dtype])
+
+
+def fisher_statistics_seconds(shape: Shape, s: Settings, rates: Rates) -> float:
+    """Seconds of a Fisher pass's work on its statistics, once per pass (whatever the number of batches).
+
+    ``diagonal`` / ``kfac``: the fp64 sums are zeroed (fresh), scaled in place, copied to fp32 (fresh) and checked
+    (``aminmax``): 40 bytes moved per element. ``lowrank``: the N×p fp32 rows are zeroed (fresh) and checked: 8 bytes
+    per element. On a GPU the sums are device memory (no faults), and the result is copied to the host once.
+    """
+    mods = targets_of(shape, s.targets)
+    if s.fisher == "lowrank":
+        sizes = [s.n_samples * o * i for o, i in mods]
+        rows = sum(rates.fresh_seconds(n * 4, device=True) + rates.moved_seconds(8 * n, 4 * n) for n in sizes)
+        return FISHER_PASS_OVERHEAD_S + rows
+    sizes = [d * d for o, i in mods for d in (i, o)] if s.fisher == "kfac" else [o * i for o, i in mods]
+    fresh = sum(rates.fresh_seconds(n * 8, device=True) + rates.fresh_seconds(n * 4, device=True) for n in sizes)
+    to_host = 0.0 if rates.device_faults else sum(rates.fresh_seconds(n * 4) for n in sizes)
+    return FISHER_PASS_OVERHEAD_S + fresh + to_host + sum(rates.moved_seconds(40 * n, 8 * n) for n in sizes)
+
+
+def fisher_pass_seconds(shape: Shape, s: Settings, rates: Rates, n_examples: int | None = None) -> float:
+    """Seconds of one Fisher pass over ``n_examples`` (default ``s.n_samples``): its batches and its statistics."""
+    n = s.n_samples if n_examples is None else n_examples
+    batches = math.ceil(n / s.fisher_batch)
+    return batches * fisher_batch_seconds(shape, s, rates) + fisher_statistics_seconds(shape, s, rates)
 
 
 def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
@@ -370,7 +579,8 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
     T = s.prompt_tokens + s.new_tokens
     cache = 2 * L * kv * T * s.eval_batch * b
     logits = s.eval_batch * s.prompt_tokens * V * 4
-    gen_s = s.new_tokens * max(W / rates.bandwidth, flops_tok * s.eval_batch / rates.matmul)
+    step_s = GEN_TOKEN_OVERHEAD_S + GEN_LAYER_OVERHEAD_S * L
+    gen_s = s.new_tokens * (max(W / rates.bandwidth, flops_tok * s.eval_batch / rates.matmul) + step_s)
     prefill_s = flops_tok * s.eval_batch * s.prompt_tokens / rates.matmul
     steps.append(Step("eval (one batch)", W + cache + logits, 0, gen_s + prefill_s,
                       f"KV cache {cache / GIB:.2f} GiB at batch {s.eval_batch} × {T} tokens; "
@@ -378,21 +588,26 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
 
     deltas = p * 4
     saved = p * b
-    steps.append(Step("merge (ΔW applied)", W + saved, deltas + s.n_adapters * big * 4,
-                      (s.n_adapters * 2 * s.lora_rank * p + 4 * p) / rates.matmul,
+    merge_s = sum(merge_module_seconds(o, i, s.n_adapters, s.lora_rank, rates) + apply_module_seconds(o, i, b, rates)
+                  for o, i in mods)  # fmt: skip
+    if s.ties:
+        merge_s += sum(ties_module_seconds(o, i, s.n_adapters, rates) for o, i in mods)
+    steps.append(Step("merge (ΔW applied)", W + saved, deltas + s.n_adapters * big * 4, merge_s,
                       f"ΔW map {deltas / GIB:.2f} GiB (fp32, host); saved originals {saved / GIB:.2f} GiB"))  # fmt: skip
 
     if s.sst:
         ftok = s.fisher_batch * s.fisher_length
         act = ftok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + ftok * V * 4 * 3
         captured = ftok * sum(o + i for o, i in mods) * b
-        per_ex = 0 if s.fisher == "kfac" else 2 * s.fisher_batch * big * 4
-        # finish() checks every statistic with isfinite: an fp32 |x| copy and bool masks of its largest tensor
-        largest = {"lowrank": s.n_samples * big, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
-        host = fisher_host_bytes(shape, s) + deltas + largest * FINITE_CHECK_BYTES
+        # per-example gradients of the largest module (and diagonal's sum of them over the batch)
+        per_ex = 0 if s.fisher == "kfac" else (s.fisher_batch + (s.fisher == "diagonal")) * big * 4
+        # finish() turns each fp64 sum into an fp32 copy while the sum is alive (lowrank's rows are fp32 already)
+        largest = {"lowrank": 0, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
+        host = fisher_host_bytes(shape, s) + deltas + largest * 4
         n_ex = 2 * s.n_samples
         sample_s = s.n_samples * s.new_tokens * max(W / rates.bandwidth, flops_tok / rates.matmul) / s.fisher_batch
-        fs = 2 * math.ceil(s.n_samples / s.fisher_batch) * fisher_batch_seconds(shape, s, rates) + sample_s
+        sample_s += math.ceil(s.n_samples / s.fisher_batch) * s.new_tokens * step_s
+        fs = 2 * fisher_pass_seconds(shape, s, rates) + sample_s
         steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
                           f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples"))  # fmt: skip
 
@@ -544,7 +759,8 @@ def plan_run(
     memory = memory or available_memory()
     on_gpu = memory.gpus > 0 and settings.device_map != "cpu" if on_gpu is None else on_gpu
     if rates is None:
-        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype)
+        # the short-GEMM curve on a weight as wide as the model's (capped: ≈ 1 s on one CPU core at 4096)
+        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype, width=min(shape.hidden, 4096))
     steps = estimate(shape, settings, rates)
     plan = Plan(model, settings, steps, memory, rates, on_gpu)
     plan.problem = check_fit(shape, settings, memory, rates, on_gpu)
@@ -585,7 +801,7 @@ def merge_settings(cfg: Any) -> tuple[str, Settings]:
     from sst_merge.config import validate
 
     s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
-                 **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
+                 ties=cfg.method == "ties", **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
     if s.sst:
         from sst_merge.merge.sst import SSTParams
 
@@ -610,5 +826,6 @@ def experiment_settings(cfg: Any) -> tuple[str, Settings]:
                  new_tokens=cfg.eval.max_new_tokens, n_adapters=1 + max(1, len(cfg.utility_tasks)),
                  train_batch=train.batch_size, train_length=train.max_length,
                  train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks),
+                 ties="ties" in cfg.sweep.methods,
                  **adapter)  # fmt: skip
     return cfg.model, s
