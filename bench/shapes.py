@@ -22,6 +22,9 @@ Each is compared with :mod:`sst_merge.plan`'s estimate for the same shapes and s
 the start of the same run, and extrapolated to full depth (× layers). GPU figures in the JSON are projections from
 nominal rates (``plan.GPUS``), marked ``projected``.
 
+``full`` — the laws at full depth on the embedded default loaded for real (SmolLM2-135M: Fisher passes over q and
+v of all 30 layers, one evaluation batch of greedy generation).
+
 ``faults`` — the page-fault step behind ``plan.MMAP_THRESHOLD``: an elementwise op into a fresh result vs a
 preallocated one, 8–128 MiB.
 
@@ -37,6 +40,7 @@ Usage::
     python bench/shapes.py calibrate
     python bench/shapes.py measure -o bench/results/shapes.json     # ≈ 10 min of one idle core
     python bench/shapes.py faults -o bench/results/faults.json
+    python bench/shapes.py full -o bench/results/shapes_full_smollm2.json   # ≈ 2 min
     python bench/shapes.py table
 """
 
@@ -68,6 +72,7 @@ from sst_merge.plan import (  # noqa: E402
     Shape,
     estimate,
     gpu_rates,
+    measure_decode_curve,
     measure_matmul_curve,
     measure_rates,
 )
@@ -228,7 +233,9 @@ def measure_arch(
     # -- generation per token -----------------------------------------------------------------------------------
     ids = torch.randint(4, VOCAB, (1, 32), generator=g)
     s = Settings(eval_batch=1, prompt_tokens=32, new_tokens=gen_tokens, sst=False)
-    st = {x.step.split(" ")[0]: x for x in estimate(shape, s, rates)}["eval"]
+    decode = measure_decode_curve("cpu", "float32", min(shape.hidden, 4096), min(shape.intermediate, 16384),
+                                  clock=time.process_time)  # as plan measures it for this model  # fmt: skip
+    st = {x.step.split(" ")[0]: x for x in estimate(shape, s, replace(rates, decode_curve=decode))}["eval"]
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
@@ -361,6 +368,47 @@ def cmd_calibrate(args) -> dict:
     print(f"FISHER_ACT_PASSES = {fitted:.1f} (now {FISHER_ACT_PASSES})", file=sys.stderr)
     return {"arch": CALIBRATION_ARCH, "batch": [batch, length], "rates": dict(rates.__dict__), "row": rows[0],
             "FISHER_ACT_PASSES": round(fitted, 1)}  # fmt: skip
+
+
+def cmd_full(args) -> dict:
+    """The laws at full depth on the embedded default, loaded for real: SmolLM2-135M (30 layers, its 49 152-token
+    head), Fisher passes over q and v of every layer and one evaluation batch of greedy generation, against the plan
+    with rates measured in the same process."""
+    from sst_merge.fisher.data import Example
+    from sst_merge.fisher.estimate import estimate_fisher
+    from sst_merge.models.loading import load_model
+    from sst_merge.plan import fisher_pass_seconds, model_shape
+
+    model, _ = load_model(args.model)
+    model.eval()
+    shape = model_shape(args.model)
+    rates = measure_rates("cpu", "float32", clock=time.process_time, width=min(shape.hidden, 4096),
+                          inner=min(shape.intermediate, 16384))  # fmt: skip
+    names = [f"model.layers.{i}.self_attn.{t}" for i in range(shape.layers) for t in TARGETS]
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for approx, n, b, length in [("diagonal", 16, 8, 128), ("kfac", 16, 8, 128), ("lowrank", 16, 8, 128),
+                                 ("diagonal", 8, 2, 64)]:  # fmt: skip
+        exs = [Example(*(tuple(torch.randint(4, shape.vocab, (length // 2,), generator=g).tolist()) for _ in "pr"))
+               for _ in range(n)]  # fmt: skip
+        estimate_fisher(model, names, exs[:b], approx, 0, batch_size=b, show_progress=False)  # warm-up
+        sec, peak, _ = timed(lambda exs=exs, approx=approx, b=b: estimate_fisher(
+            model, names, exs, approx, 0, batch_size=b, show_progress=False))  # fmt: skip
+        s = Settings(fisher=approx, n_samples=n, fisher_batch=b, fisher_length=length, targets=TARGETS)
+        rows.append(_row(f"fisher {approx} (q,v of {shape.layers} layers; N = {n}, batch {b}×{length})", sec, peak,
+                         fisher_pass_seconds(shape, s, rates), 0))  # fmt: skip
+    batch, prompt, new = 8, 64, 32
+    ids = torch.randint(4, shape.vocab, (batch, prompt), generator=g)
+    s = Settings(eval_batch=batch, prompt_tokens=prompt, new_tokens=new, sst=False)
+    st = {x.step.split(" ")[0]: x for x in estimate(shape, s, rates)}["eval"]
+    with torch.no_grad():
+        gen = lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,  # noqa: E731
+                                     min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
+        gen()
+        sec, peak, _ = timed(gen)
+    rows.append(_row(f"eval batch ({batch} × {prompt} prompt tokens, {new} new, greedy)", sec, peak, st.seconds, 0))
+    return {"model": args.model, "clock": "process_time", "threads": torch.get_num_threads(),
+            "rates": dict(rates.__dict__), "rows": rows}  # fmt: skip
 
 
 def cmd_faults(args) -> dict:
@@ -498,19 +546,24 @@ def main() -> None:
     r.add_argument("--work", help="working directory (default: a new temporary one)")
     r.add_argument("--threads", type=int)
     r.add_argument("-o", "--output")
+    fu = sub.add_parser("full")
+    fu.add_argument("--model", default="smollm2-135m")
+    fu.add_argument("--threads", type=int, default=1)
+    fu.add_argument("-o", "--output")
     f = sub.add_parser("faults")
     f.add_argument("--threads", type=int, default=1)
     f.add_argument("-o", "--output")
     t = sub.add_parser("table")
     t.add_argument("input", nargs="?", default="bench/results/shapes.json")
-    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "calibrate", "rehearse", "table", "faults")
+    args = ap.parse_args(sys.argv[1:] if len(sys.argv) > 1 and sys.argv[1] in ("measure", "calibrate", "rehearse", "table", "faults", "full")
                          else ["measure", *sys.argv[1:]])  # fmt: skip
     if args.cmd == "table":
         cmd_table(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    emit({"measure": cmd_measure, "calibrate": cmd_calibrate, "rehearse": cmd_rehearse, "faults": cmd_faults}[args.cmd](args),
+    emit({"measure": cmd_measure, "calibrate": cmd_calibrate, "rehearse": cmd_rehearse, "faults": cmd_faults,
+          "full": cmd_full}[args.cmd](args),
          args.output)  # fmt: skip
 
 

@@ -342,3 +342,13 @@ def test_merge_config_with_ties_plans_its_trim(tmp_path):
     _, ties = settings_from_config({"base_model": "llama-3.1-8b", "method": "ties", "adapters": adapters})
     _, ta = settings_from_config({"base_model": "llama-3.1-8b", "method": "task_arithmetic", "adapters": adapters})
     assert ties.ties and not ta.ties and ties.n_adapters == 2
+
+
+def test_decode_step_at_the_decoding_curve_and_without_one():
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, decode_curve=((1, 1e10), (8, 4e10)))
+    assert r.decode_seconds(1e8, 8, 4) == pytest.approx(2 * 1e8 * 8 / 4e10)
+    assert r.decode_seconds(1e8, 2, 4) == pytest.approx(2 * 1e8 * 2 / 2e10)  # a third of the way in log(rows)
+    assert r.decode_seconds(1e8, 64, 4) == pytest.approx(2 * 1e8 * 64 / 4e10)  # clamped at the curve's end
+    flat = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10)  # projected rates: one read of the weights, or the FLOPs
+    assert flat.decode_seconds(1e8, 1, 2) == pytest.approx(1e8 * 2 / 1e10)
+    assert flat.decode_seconds(1e8, 256, 2) == pytest.approx(2 * 1e8 * 256 / 1e11)

@@ -221,20 +221,21 @@ class Rates:
     ties: float = 5e7  # elements × adapters per second of TIES' module kernel (trim each ΔW, elect, disjoint mean)
     device_faults: bool = True  # the Fisher pass's temporaries fault too (CPU); a GPU's caching allocator reuses them
     matmul_curve: tuple = ()  # (rows, FLOP/s) of (rows × width) @ (width × width) in the run's dtype
+    decode_curve: tuple = ()  # (rows, FLOP/s) of GEMMs with 1–32 rows over weights streamed from memory (decoding)
 
     def matmul_at(self, rows: int) -> float:
         """The matmul rate of a GEMM with ``rows`` rows (a Fisher batch's B·T tokens): interpolated in log(rows) on
         :attr:`matmul_curve`, clamped at its ends; :attr:`matmul` without a curve (projected rates)."""
-        pts = sorted((float(m), float(r)) for m, r in self.matmul_curve)
-        if not pts:
-            return self.matmul
-        if rows <= pts[0][0]:
-            return pts[0][1]
-        for (m0, r0), (m1, r1) in zip(pts, pts[1:], strict=False):
-            if rows <= m1:
-                w = math.log(rows / m0) / math.log(m1 / m0)
-                return r0 + w * (r1 - r0)
-        return pts[-1][1]
+        return _on_curve(self.matmul_curve, rows, self.matmul)
+
+    def decode_seconds(self, params: float, batch: int, dtype_bytes: int) -> float:
+        """Seconds of one decoding step of ``batch`` sequences through ``params`` weights: 2·params·batch FLOPs at
+        :attr:`decode_curve`'s rate for ``batch`` rows (a GEMM with few rows over weights that do not stay in the
+        cache: one thread here streamed them at 14–16 GB/s with 1 row but 5–8 GB/s with 8); without a curve
+        (projected rates) the longer of one read of the weights and the FLOPs at :attr:`matmul`."""
+        if not self.decode_curve:
+            return max(params * dtype_bytes / self.bandwidth, 2 * params * batch / self.matmul)
+        return 2 * params * batch / _on_curve(self.decode_curve, batch, self.matmul)
 
     def moved_seconds(self, nbytes: float, buffer: float) -> float:
         """Seconds of moving ``nbytes`` (reads + writes) through buffers of ``buffer`` bytes: below
@@ -258,6 +259,20 @@ CALIBRATION = {"eigh_d": 768, "module": (1024, 2048), "lowrank_n": 4, "lowrank_m
 CURVE_ROWS = (64, 128, 256, 512)
 
 
+def _on_curve(curve: tuple, rows: int, default: float) -> float:
+    """A rate on a (rows, rate) curve, interpolated in log(rows) and clamped at its ends; ``default`` without one."""
+    pts = sorted((float(m), float(r)) for m, r in curve)
+    if not pts:
+        return default
+    if rows <= pts[0][0]:
+        return pts[0][1]
+    for (m0, r0), (m1, r1) in zip(pts, pts[1:], strict=False):
+        if rows <= m1:
+            w = math.log(rows / m0) / math.log(m1 / m0)
+            return r0 + w * (r1 - r0)
+    return pts[-1][1]
+
+
 def _median_seconds(fn, clock, repeat: int = 3) -> float:
     fn()  # warm-up (allocations, library initialisation)
     ts = []
@@ -269,12 +284,18 @@ def _median_seconds(fn, clock, repeat: int = 3) -> float:
 
 
 def measure_rates(
-    device: str = "cpu", dtype: str = "float32", size: int = 1024, clock=time.perf_counter, width: int | None = None
+    device: str = "cpu",
+    dtype: str = "float32",
+    size: int = 1024,
+    clock=time.perf_counter,
+    width: int | None = None,
+    inner: int | None = None,
 ) -> Rates:
     """Measure the rates of :class:`Rates` on this machine (≈ 2 s on an idle core).
 
     A ``size``² × ``size`` matmul in ``dtype`` on ``device``, the matmul curve (:func:`measure_matmul_curve`) on a
-    ``width``² weight (default ``size``; ``plan`` passes the model's hidden size), an fp64 matmul, the copy bandwidth
+    ``width``² weight (default ``size``; ``plan`` passes the model's hidden size), the decoding curve
+    (:func:`measure_decode_curve`; ``inner``: the model's intermediate size, default 4 × width), an fp64 matmul, the copy bandwidth
     over 64 MiB and over 16 MiB buffers, the page-fault rate of a fresh 64 MiB host buffer, then the GEVP kernels
     and TIES' module kernel (:func:`measure_gevp_rates`) on the host. ``clock``: ``time.perf_counter`` (wall; what a run sees) or
     ``time.process_time`` (CPU time of this process: a benchmark on a shared machine, one thread).
@@ -301,9 +322,11 @@ def measure_rates(
     fp64 = rate(torch.float64, size // 2, "cpu")
     matmul = rate(DTYPES[dtype], size, device)
     curve = measure_matmul_curve(device, dtype, width or size, clock)
+    decode = measure_decode_curve(device, dtype, width or size, inner or 4 * (width or size), clock)
     on_gpu = device != "cpu"
     return Rates(matmul=matmul, fp64=fp64, bandwidth=bw, heap_bandwidth=heap_bw, fault=measure_fault_rate(clock),
-                 device_faults=not on_gpu, matmul_curve=curve, **measure_gevp_rates(fp64, clock))  # fmt: skip
+                 device_faults=not on_gpu, matmul_curve=curve, decode_curve=decode,
+                 **measure_gevp_rates(fp64, clock))  # fmt: skip
 
 
 def measure_matmul_curve(device: str, dtype: str, width: int, clock=time.perf_counter) -> tuple:
@@ -318,6 +341,33 @@ def measure_matmul_curve(device: str, dtype: str, width: int, clock=time.perf_co
     for m in (*CURVE_ROWS, 1024):
         x = torch.randn(m, width, device=device).to(DTYPES[dtype])
         out.append((m, 2 * m * width * width / _median_seconds(lambda x=x: (x @ w).sum().item(), clock)))
+    return tuple(out)
+
+
+#: row counts of the decoding GEMMs timed for :attr:`Rates.decode_curve` (an evaluation or sampling batch)
+DECODE_ROWS = (1, 2, 4, 8, 16, 32)
+
+
+def measure_decode_curve(device: str, dtype: str, width: int, inner: int, clock=time.perf_counter) -> tuple:
+    """FLOP/s of ``linear`` of (rows × width) through inner × width weights (an MLP projection's shape, most of a
+    decoder's weights) for rows in :data:`DECODE_ROWS`, over a stack of distinct weights of 288 MiB in fp32 (more
+    than this machine's 260 MiB last-level cache), so every weight comes from memory as in a decoding step."""
+    import torch
+
+    from sst_merge.models.loading import DTYPES
+
+    n = max(1, 288 * 2**20 // (4 * width * inner))
+    stack = torch.full((n, inner, width), 0.01, device=device, dtype=DTYPES[dtype])
+    out = []
+    for m in DECODE_ROWS:
+        x = torch.randn(m, width, device=device).to(DTYPES[dtype])
+
+        def step(x=x) -> None:
+            for w in stack:
+                y = torch.nn.functional.linear(x, w)
+            float(y[0, 0])
+
+        out.append((m, 2 * m * width * inner * n / _median_seconds(step, clock)))
     return tuple(out)
 
 
@@ -580,8 +630,8 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
     cache = 2 * L * kv * T * s.eval_batch * b
     logits = s.eval_batch * s.prompt_tokens * V * 4
     step_s = GEN_TOKEN_OVERHEAD_S + GEN_LAYER_OVERHEAD_S * L
-    gen_s = s.new_tokens * (max(W / rates.bandwidth, flops_tok * s.eval_batch / rates.matmul) + step_s)
-    prefill_s = flops_tok * s.eval_batch * s.prompt_tokens / rates.matmul
+    gen_s = s.new_tokens * (rates.decode_seconds(flops_tok / 2, s.eval_batch, b) + step_s)
+    prefill_s = flops_tok * s.eval_batch * s.prompt_tokens / rates.matmul_at(s.eval_batch * s.prompt_tokens)
     steps.append(Step("eval (one batch)", W + cache + logits, 0, gen_s + prefill_s,
                       f"KV cache {cache / GIB:.2f} GiB at batch {s.eval_batch} × {T} tokens; "
                       f"{(gen_s / max(s.new_tokens, 1)) * 1e3:.0f} ms per new token"))  # fmt: skip
@@ -605,8 +655,8 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         largest = {"lowrank": 0, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
         host = fisher_host_bytes(shape, s) + deltas + largest * 4
         n_ex = 2 * s.n_samples
-        sample_s = s.n_samples * s.new_tokens * max(W / rates.bandwidth, flops_tok / rates.matmul) / s.fisher_batch
-        sample_s += math.ceil(s.n_samples / s.fisher_batch) * s.new_tokens * step_s
+        sample_s = math.ceil(s.n_samples / s.fisher_batch) * s.new_tokens * (
+            rates.decode_seconds(flops_tok / 2, s.fisher_batch, b) + step_s)  # fmt: skip
         fs = 2 * fisher_pass_seconds(shape, s, rates) + sample_s
         steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
                           f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples"))  # fmt: skip
@@ -760,7 +810,8 @@ def plan_run(
     on_gpu = memory.gpus > 0 and settings.device_map != "cpu" if on_gpu is None else on_gpu
     if rates is None:
         # the short-GEMM curve on a weight as wide as the model's (capped: ≈ 1 s on one CPU core at 4096)
-        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype, width=min(shape.hidden, 4096))
+        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype, width=min(shape.hidden, 4096),
+                              inner=min(shape.intermediate, 16384))  # fmt: skip
     steps = estimate(shape, settings, rates)
     plan = Plan(model, settings, steps, memory, rates, on_gpu)
     plan.problem = check_fit(shape, settings, memory, rates, on_gpu)
