@@ -9,7 +9,7 @@ import torch
 
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.fisher.data import Example, collate, encode_example, encode_prompt, load_items, subsample, truncate
-from sst_merge.fisher.estimate import _Accumulator, all_finite, applied_deltas, estimate_fisher, target_modules
+from sst_merge.fisher.estimate import _Accumulator, applied_deltas, estimate_fisher, target_modules
 from sst_merge.fisher.grads import (
     Capture,
     FisherError,
@@ -21,6 +21,7 @@ from sst_merge.fisher.grads import (
     response_nll,
 )
 from sst_merge.fisher.sampling import prompt_seed, sample_responses
+from sst_merge.tensors import all_finite
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
 
@@ -204,6 +205,10 @@ def test_all_finite_matches_isfinite(bad):
     assert bool(all_finite(t)) and bool(all_finite(t.double()))
     t[3, 1] = bad
     assert bool(all_finite(t)) == bool(torch.isfinite(t).all()) == (abs(bad) < float("inf"))
+
+
+def test_all_finite_of_an_empty_tensor_is_true_as_isfinite():
+    assert bool(all_finite(torch.empty(0))) and bool(torch.isfinite(torch.empty(0)).all())
 
 
 def test_target_modules_refuses_non_linear(tiny_llama):

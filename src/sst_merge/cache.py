@@ -210,13 +210,15 @@ def check_fisher(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]
     import torch
     from safetensors.torch import load_file
 
+    from sst_merge.tensors import all_finite
+
     meta = check_safetensors(path)
     stats: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in load_file(str(path)).items():
         module, sep, stat = name.rpartition("::")
         if not sep or not module or not stat:
             raise Damaged(f"tensor {name!r} is not named MODULE::STAT")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not bool(all_finite(t)):
             raise Damaged(f"tensor {name} holds NaN or Inf")
         stats.setdefault(module, {})[stat] = t
     if not stats:

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from sst_merge.errors import AdapterError
 from sst_merge.io import sha256_file
+from sst_merge.tensors import all_finite
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -123,7 +124,7 @@ class LoraAdapter:
             if kind.startswith("lora_embedding"):
                 emb.add(module)
             (a if kind.endswith("A") else b)[module] = t
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise AdapterError(f"adapter {path}: tensor {key} contains NaN or Inf; the adapter is corrupt")
         if set(a) != set(b):
             missing = sorted(set(a) ^ set(b))

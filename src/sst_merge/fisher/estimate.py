@@ -31,6 +31,7 @@ from sst_merge.distributed import shard_indices
 from sst_merge.fisher.data import Example, collate
 from sst_merge.fisher.grads import Capture, FisherError, capture_batch, frozen, per_example_grads
 from sst_merge.fisher.solve import get_approximation
+from sst_merge.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +114,6 @@ class _Accumulator:
                     raise FisherError(f"module {name}: Fisher statistic {key} contains NaN or Inf")
                 s[key] = t.cpu()  # the one copy to host memory
         return self.stats
-
-
-def all_finite(t: torch.Tensor) -> torch.Tensor:
-    """``torch.isfinite(t).all()`` without its temporaries (an ``abs`` copy and two masks of ``t``'s size).
-
-    The minimum and maximum are finite exactly when every element is: NaN propagates into both, +Inf is the
-    maximum, -Inf the minimum. One read of ``t``; a 0-dim bool tensor on ``t``'s device (no host sync).
-    """
-    lo, hi = torch.aminmax(t)
-    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 def _home(weight: torch.Tensor) -> torch.device:

@@ -24,6 +24,7 @@ from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.io import atomic_output_dir, check_output_dir
 from sst_merge.merge import get_method
 from sst_merge.merge.base import MergeContext, MergeMethod, MethodParams
+from sst_merge.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,7 @@ def iter_plan(plan: MergePlan) -> Iterator[tuple[str, torch.Tensor]]:
     ctx = plan.context
     log.info("merging %d adapters with %s over %d modules", len(ctx.adapters), plan.method.name, len(ctx.modules))
     for m, d in plan.method.iter_merge(plan.params, ctx):
-        if not torch.isfinite(d).all():
+        if not all_finite(d):
             raise ConfigError(f"method {plan.method.name} produced NaN/Inf in module {m}; check its parameters")
         yield m, d
 

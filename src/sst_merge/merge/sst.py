@@ -55,6 +55,7 @@ from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.pipeline import FisherSetup, fisher_statistics
 from sst_merge.fisher.solve import APPROXIMATIONS, ZeroUtilityFisherError, get_approximation, project_module
 from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams
+from sst_merge.tensors import all_finite
 
 log = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ class SSTMerge(MergeMethod):
                 )
             except ZeroUtilityFisherError as e:
                 raise FisherError(f"module {m}: {e}; check utility_data, or use a larger n_samples") from e
-            if not torch.isfinite(res.projected).all():
+            if not all_finite(res.projected):
                 raise FisherError(f"module {m}: the projected safety update is not finite; raise eps")
             if params.subspace == "safety" and _keeps_whole_range(params, res.n_kept, res.n_positive, res.n_directions):
                 whole_range.append(m)
