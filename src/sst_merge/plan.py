@@ -65,7 +65,7 @@ PER_EXAMPLE_BYTES = 16
 #: glibc's largest ``mmap`` threshold (64-bit): a host buffer at least this large is mapped fresh for every
 #: allocation and freed back to the kernel, so writing it first faults in every page (:attr:`Rates.fault`). Smaller
 #: temporaries are reused from the heap. Measured step on this project's machine: a fresh 31 MiB result is written at
-#: 14 GB/s, a 33 MiB one at 4.3 GB/s (``bench/shapes.py faults``).
+#: 23 GB/s, a 33 MiB one at 4.2 GB/s with every page faulted (``bench/shapes.py faults``).
 MMAP_THRESHOLD = 32 * 2**20
 #: fresh fp64 copies of the N × p rows in lowrank's solve (``fisher/lowrank.py``): the damping's mean diagonal (the
 #: copy and its square), ``lowrank_gevp``'s and ``lowrank_project``'s copies of G_s and G_u.
@@ -80,9 +80,9 @@ DIAGONAL_P_COPIES, KFAC_P_COPIES = (7, 2), (11, 1)
 #: entries, and the λ-scaled result). Counted with ``getrusage`` on 4096² ΔW: 34 and 20; the whole TIES call faulted
 #: 41–72 bytes per element with 2–4 adapters, depending on what the allocator already held.
 TIES_FRESH_BYTES = (34, 20)
-#: fresh p-sized fp64 buffers of ``lowrank_project`` (ΔW's fp64 copy, G_sᵀc, G_uᵀz, the difference, its scaling);
-#: the fp32 result is one more, of 4 bytes per element.
-LOWRANK_P_COPIES = 5
+#: fresh p-sized (fp64, fp32) buffers of ``lowrank_project``: ΔW's fp64 copy, G_sᵀc, G_uᵀz, the difference, its
+#: scaling; the fp32 result.
+LOWRANK_P_COPIES = (5, 1)
 
 #: Nominal rates of the GPUs in the scaling table (dense bf16 tensor-core FLOP/s, fp64 FLOP/s, HBM bytes/s), with
 #: the share a run is assumed to reach (``efficiency``) — projections, not measurements. ``host_gib``: the host
@@ -443,8 +443,8 @@ def gevp_seconds(fisher: str, o: int, i: int, n: int, rates: Rates) -> float:
       faults of its fresh p-sized buffers (:data:`KFAC_P_COPIES`);
     * ``lowrank``: N·p elements of each statistic's rows through a fixed number of fp64 passes (copies, products
       with ΔW and back) at the ``rows`` rate, the page faults of its fresh buffers (:data:`LOWRANK_FP64_COPIES` of
-      N·p fp64, :data:`LOWRANK_P_COPIES` of p fp64 and the fp32 result, each once it reaches
-      :data:`MMAP_THRESHOLD`), the three N×N Gram products (6N²p FLOPs) and the N×N ``eigh``.
+      N·p fp64 and :data:`LOWRANK_P_COPIES` of p, each once it reaches :data:`MMAP_THRESHOLD`), the three N×N Gram
+      products (6N²p FLOPs) and the N×N ``eigh``.
     """
     p = o * i
     select = p * math.log2(p) / rates.sort
@@ -454,8 +454,7 @@ def gevp_seconds(fisher: str, o: int, i: int, n: int, rates: Rates) -> float:
         products = (2 * o**3 + 4 * o * o * i + 6 * o * i * i) / rates.fp64
         return (o**3 + i**3) / rates.eigh + select + products + _p_copies_seconds(p, KFAC_P_COPIES, rates)
     if fisher == "lowrank":
-        faults = LOWRANK_FP64_COPIES * rates.fresh_seconds(n * p * 8) + LOWRANK_P_COPIES * rates.fresh_seconds(p * 8)
-        faults += rates.fresh_seconds(p * 4)
+        faults = LOWRANK_FP64_COPIES * rates.fresh_seconds(n * p * 8) + _p_copies_seconds(p, LOWRANK_P_COPIES, rates)
         return n * p / rates.rows + faults + lowrank_gram_flops(n, p) / rates.fp64 + n**3 / rates.eigh
     return p**3 / rates.eigh  # dense: one p×p eigenproblem
 
@@ -479,10 +478,9 @@ def ties_module_seconds(o: int, i: int, n: int, rates: Rates) -> float:
     """Seconds of TIES' own work on one module beyond the ΔW it starts from (``Ties.merge_module``): n·p at the
     measured ``ties`` rate, plus the page faults of its fresh buffers once a ΔW reaches :data:`MMAP_THRESHOLD`
     (:data:`TIES_FRESH_BYTES`)."""
-    p = o * i
     per_adapter, per_module = TIES_FRESH_BYTES
-    faults = (n * per_adapter + per_module) * p / rates.fault if 4 * p >= MMAP_THRESHOLD else 0.0
-    return n * p / rates.ties + faults
+    p = o * i  # the fault count scales with a ΔW's fp32 buffer: its faults, per byte of ΔW, times those bytes
+    return n * p / rates.ties + (n * per_adapter + per_module) / 4 * rates.fresh_seconds(4 * p)
 
 
 def apply_module_seconds(o: int, i: int, dtype_bytes: int, rates: Rates) -> float:
@@ -545,8 +543,8 @@ def fisher_batch_seconds(shape: Shape, s: Settings, rates: Rates) -> float:
     """Seconds of one Fisher batch: forward + backward, then each target's statistic update.
 
     2 × the forward FLOPs at the matmul rate of B·T rows and ``FISHER_ACT_PASSES`` over the activations (see
-    :func:`fisher_activation_seconds`); then per target module (out×in,
-    B examples of T tokens): ``diagonal`` / ``lowrank`` — the per-example gradients' einsum (2·B·T·p FLOPs), the
+    :func:`fisher_activation_seconds`); then per target module (out×in, B examples of T tokens): ``diagonal`` /
+    ``lowrank`` — the per-example gradients' einsum (2·B·T·p FLOPs), the
     page faults of their fresh B×p fp32 buffer (``diagonal``: and of its p-sized sum and that sum's fp64 copy) and
     ``PER_EXAMPLE_BYTES`` per element moved; ``kfac`` — ``aᵀa`` and ``δᵀδ`` (2·B·T·(in² + out²) FLOPs), their fp32
     results and fp64 copies (fresh), and the fp64 accumulation. Plus Python's fixed share per batch and layer.
@@ -809,7 +807,7 @@ def plan_run(
     memory = memory or available_memory()
     on_gpu = memory.gpus > 0 and settings.device_map != "cpu" if on_gpu is None else on_gpu
     if rates is None:
-        # the short-GEMM curve on a weight as wide as the model's (capped: ≈ 1 s on one CPU core at 4096)
+        # the GEMM and decoding curves on weights of the model's shapes (capped: ≈ 1–2 s each on one CPU core)
         rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype, width=min(shape.hidden, 4096),
                               inner=min(shape.intermediate, 16384))  # fmt: skip
     steps = estimate(shape, settings, rates)
