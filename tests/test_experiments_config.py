@@ -1,7 +1,7 @@
 import pytest
 
 from sst_merge.errors import ConfigError
-from sst_merge.experiments.config import ExperimentConfig, resolve_config
+from sst_merge.experiments.config import SST_DEFAULTS, ExperimentConfig, resolve_config
 
 
 def test_minimal_preset_then_overrides():
@@ -10,7 +10,7 @@ def test_minimal_preset_then_overrides():
     assert cfg.eval.refusal_limit == 7  # override beats preset (40)
     assert cfg.eval.over_refusal_limit == 40  # preset value kept
     assert cfg.sst["fisher"] == "kfac"
-    assert cfg.sst["k"] == 3 and "fraction" not in cfg.sst and "threshold" not in cfg.sst
+    assert cfg.sst["k"] == 3 and "share" not in cfg.sst and "fraction" not in cfg.sst and "threshold" not in cfg.sst
     assert cfg.sst["n_samples"] == 16  # the minimal preset's value, merged over the defaults
 
 
@@ -22,8 +22,8 @@ def test_full_preset_differs_from_minimal():
     assert len(full.sweep.alphas) > len(minimal.sweep.alphas)
 
 
-def test_default_selection_is_fraction():
-    assert ExperimentConfig().sst["fraction"] == 0.1
+def test_default_selection_is_a_share_of_the_ranked_directions():
+    assert ExperimentConfig().sst["share"] == SST_DEFAULTS["share"] and "fraction" not in ExperimentConfig().sst
 
 
 def test_two_selections_refused():

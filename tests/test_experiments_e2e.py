@@ -264,7 +264,7 @@ def test_exp3_sweeps_named_sst_variants_as_their_own_series(setup, tmp_path):
     assert models == {"sst(alpha=1)", "sst[eps-big](alpha=1)", "sst(alpha=1,k=2)"}
     assert doc["models"]["sst[eps-big](alpha=1)"]["spec"]["params"]["eps"] == 0.1
     params = doc["models"]["sst(alpha=1,k=2)"]["spec"]["params"]
-    assert params["k"] == 2 and "fraction" not in params  # a variant's selection replaces the default one
+    assert params["k"] == 2 and "share" not in params  # a variant's selection replaces the default one
     assert len(exp3["at_matched_safety"]) == 3  # one row per SST point, whatever its variant
 
 

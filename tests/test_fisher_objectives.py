@@ -168,7 +168,7 @@ def sst_run(s, tmp_path, loader=None, **kw):
     base = {"alpha": 1.0, "k": 3, "n_samples": 6, "eps": 1e-2, "batch_size": 4, "utility_fisher": "empirical"}
     base.update(safety_data=s["files"]["safety"], utility_data=s["files"]["utility"], benign_data=s["files"]["benign"])
     base.update(kw)
-    if {"fraction", "threshold"} & set(kw):
+    if {"fraction", "threshold", "share"} & set(kw):
         base.pop("k")
     p = validate(SSTParams, base)
     method = get_method("sst")

@@ -39,7 +39,7 @@ def test_exp3_specs_per_method(runner):
     sst = merged_spec(runner, "sst", UTILITY, "s", 0.5, k=4)
     assert sst.label == "sst(alpha=0.5,k=4)" and [a.weight for a in sst.adapters] == [1.0, 1.0]
     p = dict(sst.params)
-    assert p["alpha"] == 0.5 and p["k"] == 4 and "fraction" not in p and p["safety_data"] == "s.jsonl"
+    assert p["alpha"] == 0.5 and p["k"] == 4 and "share" not in p and p["safety_data"] == "s.jsonl"
     named = merged_spec(runner, "sst", UTILITY, "s", 2.0, name="comp", k=2)
     assert named.label == "sst[comp](alpha=2)" and dict(named.params)["k"] == 2
 

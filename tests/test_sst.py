@@ -64,7 +64,11 @@ class Loader:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sst")
+    return make_setup(tmp_path_factory.mktemp("sst"))
+
+
+def make_setup(d):
+    """A tiny Llama's utility and safety adapters (q/v) and the Fisher data files, under ``d``."""
     model = tiny_model("llama")
     util = LoraAdapter.load(random_lora(model, str(d / "utility"), target_modules=TARGETS, seed=1))
     safe = LoraAdapter.load(random_lora(model, str(d / "safety"), target_modules=TARGETS, seed=2))
@@ -104,7 +108,7 @@ def params(setup, **kw) -> SSTParams:
         "utility_fisher": "empirical",
     }
     base.update(kw)
-    if {"fraction", "threshold"} & set(kw):
+    if {"fraction", "threshold", "share"} & set(kw):
         base.pop("k")
     return validate(SSTParams, base)
 

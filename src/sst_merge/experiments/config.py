@@ -59,8 +59,8 @@ class ExperimentEvalSettings(EvalSettings):
 
 
 #: Defaults of the ``sst`` method inside experiments (design §5); Fisher data default to the embedded splits.
-SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "fraction": 0.1, "n_samples": 32}
-_SELECTIONS = ("k", "fraction", "threshold")
+SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "share": 0.25, "n_samples": 32}
+_SELECTIONS = ("k", "fraction", "threshold", "share")
 
 
 class SweepSettings(_Strict):
@@ -126,7 +126,7 @@ class ExperimentConfig(_Strict):
         from sst_merge.merge.sst import SSTParams
 
         merged = {**SST_DEFAULTS, **v}
-        if any(key in v for key in ("k", "fraction", "threshold")):  # the user's selection replaces the default
+        if any(key in v for key in _SELECTIONS):  # the user's selection replaces the default
             merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
         SSTParams.model_validate(merged)  # raises ValueError naming the bad key; wrapped by validate()
         return merged

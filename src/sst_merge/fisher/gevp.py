@@ -13,6 +13,10 @@ solved with :func:`scipy.linalg.eigh` on the pair ``(a, b)`` (a Cholesky reducti
 
 * ``k``: keep the top ``k`` directions of the module;
 * ``fraction``: keep the top ``ceil(fraction · p)`` of the module's ``p`` directions;
+* ``share``: keep the top ``ceil(share · r)`` of the ``r`` directions the problem *ranks* (``λ > 0``: the rank of
+  ``F_s``). With ``lowrank``, ``r ≤ N_s`` (the safety examples), far below ``p``, so a ``fraction`` of ``p`` keeps the
+  whole ranked range and selects nothing; a ``share`` below 1 keeps a non-empty subset of it, a strict one wherever
+  ``r > 1 / (1 − share)``. ``share = 1`` keeps the whole range — the oblique projection onto the span ``F_s`` sees;
 * ``threshold``: keep the directions with ``λ > threshold`` (strictly).
 
 Directions with ``λ = 0`` (the null space of ``F_s``, where the safety Fisher sees nothing) form a degenerate
@@ -42,22 +46,26 @@ class Selection:
         k: number of top directions per module (``None`` when unused).
         fraction: share of the module's directions, in (0, 1].
         threshold: keep ``λ > threshold`` (≥ 0).
+        share: share of the directions with ``λ > 0`` (the ranked ones), in (0, 1].
     """
 
     k: int | None = None
     fraction: float | None = None
     threshold: float | None = None
+    share: float | None = None
 
     def __post_init__(self) -> None:
-        given = [v for v in (self.k, self.fraction, self.threshold) if v is not None]
+        given = [v for v in (self.k, self.fraction, self.threshold, self.share) if v is not None]
         if len(given) != 1:
-            raise ValueError("exactly one of k, fraction, threshold must be set")
+            raise ValueError("exactly one of k, fraction, threshold, share must be set")
         if self.k is not None and self.k < 0:
             raise ValueError("k must be >= 0")
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError("fraction must be in (0, 1]")
         if self.threshold is not None and self.threshold < 0:
             raise ValueError("threshold must be >= 0")
+        if self.share is not None and not 0.0 < self.share <= 1.0:
+            raise ValueError("share must be in (0, 1]")
 
     def count(self, lam_desc: torch.Tensor, p: int) -> int:
         """Return how many directions to keep; ``p`` means every direction (the identity projector).
@@ -70,6 +78,8 @@ class Selection:
         n_pos = count_positive(lam_desc)
         if self.threshold is not None:
             return int((lam_desc > self.threshold).sum()) if n_pos else 0
+        if self.share is not None:  # the identity only where every one of the p directions is ranked
+            return p if n_pos >= p and self.share == 1.0 else math.ceil(self.share * n_pos)
         want = self.k if self.k is not None else math.ceil(self.fraction * p)  # type: ignore[operator]
         if want >= p:
             return p
@@ -81,6 +91,8 @@ class Selection:
             return {"k": self.k}
         if self.fraction is not None:
             return {"fraction": self.fraction}
+        if self.share is not None:
+            return {"share": self.share}
         return {"threshold": self.threshold}
 
 

@@ -125,3 +125,33 @@ class Kfac(Approximation):
         sol = kfac_gevp(stats_s["A"], stats_u["A"], stats_s["G"], stats_u["G"], dA, dG)
         out, lam_desc, n = kfac_project(tau, sol, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, (dA, dG))
+
+
+def input_project(
+    tau: torch.Tensor, A_s: torch.Tensor, A_c: torch.Tensor, eps: float, selection: Selection
+) -> ModuleResult:
+    """Keep ``τ``'s action on the input directions that harmful prompts produce and the contrast inputs do not.
+
+    The input side of a module (``y = W a``): solve ``A_s x = μ (A_c + ε I) x`` with ``A_s`` the Gram of the module's
+    inputs on harmful prompts and ``A_c`` that of the contrast inputs (benign prompts and task items), ``ε = eps ·
+    mean diag A_c``. ``μ`` is harmful input energy per unit of contrast input energy along ``x``. With ``X``
+    ``Ã_c``-orthonormal, an input ``a = X c`` has coordinates ``c = Xᵀ Ã_c a``, and the projector that keeps the
+    selected coordinates is ``M = X_k X_kᵀ Ã_c`` (oblique, ``M² = M``, ``M x_j = 0`` for every unselected ``x_j``); the
+    result is ``τ M``: unchanged on the selected input directions, zero on the others (the null-space idea of
+    AlphaEdit, Fang et al. 2025, with a generalized eigenproblem in place of a hard null space).
+
+    Returns:
+        A :class:`ModuleResult` whose directions are the ``in`` input directions.
+    """
+    damping = eps * check_mean(float(A_c.diagonal().double().mean()), "mean diagonal of the contrast inputs' Gram")
+    Ad = A_c.double() + damping * torch.eye(A_c.shape[0], dtype=torch.float64)
+    mu, X = dense_gevp(A_s, Ad)
+    mu = mu.clamp_min(0)  # a Gram is PSD: negative values are round-off
+    d = mu.numel()
+    n = selection.count(mu, d)
+    if n >= d:
+        out = tau.clone()
+    else:
+        Xk = X[:, :n]
+        out = (tau.double() @ Xk @ (Xk.T @ Ad)).to(tau.dtype)
+    return ModuleResult(out, mu, d, count_positive(mu), min(n, d), damping)

@@ -51,6 +51,7 @@ from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import load_items, subsample
 from sst_merge.fisher.gevp import Selection
 from sst_merge.fisher.grads import FisherError
+from sst_merge.fisher.kfac import input_project
 from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.pipeline import FisherSetup, fisher_statistics
 from sst_merge.fisher.solve import APPROXIMATIONS, ZeroUtilityFisherError, get_approximation, project_module
@@ -73,19 +74,37 @@ FISHER_DEFINITIONS = {
     "projector": "P_k = V_k V_kᵀ B over the top generalized eigenvectors of F_s v = λ B v (oblique, idempotent); "
     "subspace utility_complement: I − V_k V_kᵀ (F_s + εI) over the top eigenvectors of (F_u + βF_b) v = μ (F_s + εI) v",
 }
+#: space: input — module-input Grams (kfac's A factor: Σ a aᵀ / tokens over prompt and response tokens)
+INPUT_DEFINITIONS = {
+    "A_harmful": "Gram of each module's inputs at base + utility ΔW over harmful prompts and a refusal's first token",
+    "A_contrast": "½ (A of the benign prompts with the pre-merge model's greedy answers + A of the utility items)",
+    "projector": "τ X_k X_kᵀ (A_contrast + εI) over the top eigenvectors of A_harmful x = μ (A_contrast + εI) x "
+    "(ε = eps · mean diag A_contrast): τ kept on harmful-specific input directions, zero on the others",
+}
+
+#: The selection rules (exactly one is set).
+SELECTIONS = ("k", "fraction", "threshold", "share")
 
 #: The packaged benign training prompts (written for the project, disjoint from every evaluation prompt).
 BENIGN_TRAIN_DATA = str(Path(__file__).resolve().parent.parent / "resources" / "benign_train_prompts.jsonl")
 
 
 class SSTParams(MethodParams):
-    """Parameters of ``sst`` (YAML ``params:``). Exactly one of ``k``, ``fraction``, ``threshold``."""
+    """Parameters of ``sst`` (YAML ``params:``). Exactly one of ``k``, ``fraction``, ``threshold``, ``share``."""
 
     alpha: float = Field(1.0, description="scale of the projected safety update")
     fisher: str = Field("lowrank", description="Fisher approximation: dense | diagonal | kfac | lowrank")
     k: int | Literal["all"] | None = Field(None, description="top-k directions per module ('all' = identity)")
     fraction: float | None = Field(None, gt=0, le=1, description="top share of each module's directions")
     threshold: float | None = Field(None, ge=0, description="keep directions with λ > threshold")
+    share: float | None = Field(
+        None, gt=0, le=1, description="top share of the directions the GEVP ranks (λ > 0; with lowrank ≤ n_samples)"
+    )
+    space: Literal["gradient", "input"] = Field(
+        "gradient",
+        description="gradient: the GEVP of per-example-gradient Fishers (F_s vs F_u); input: the GEVP of module-input "
+        "Grams (harmful prompts vs benign prompts and task items, kfac's A factors), applied on τ's input side",
+    )
     eps: float = Field(1e-3, gt=0, description="damping relative to the mean diagonal of F_u")
     n_samples: int = Field(64, ge=1, description="examples per Fisher (F_s and F_u each)")
     safety_data: str | None = Field(None, description="JSONL (prompt, response=refusal) or a named source")
@@ -151,10 +170,10 @@ class SSTParams(MethodParams):
 
     @model_validator(mode="after")
     def _one_selection(self) -> SSTParams:
-        given = [n for n in ("k", "fraction", "threshold") if getattr(self, n) is not None]
+        given = [n for n in SELECTIONS if getattr(self, n) is not None]
         if len(given) != 1:
             raise ValueError(
-                "set exactly one of k, fraction, threshold" + (f" (got {', '.join(given)})" if given else "")
+                "set exactly one of k, fraction, threshold, share" + (f" (got {', '.join(given)})" if given else "")
             )
         if not math.isfinite(self.alpha):
             raise ValueError("alpha must be finite")
@@ -165,6 +184,14 @@ class SSTParams(MethodParams):
         if self.subspace == "utility_complement" and self.k == "all":
             raise ValueError("subspace utility_complement counts removed directions: k: all would remove all of "
                              "τ_safety; give a number, a fraction or a threshold")  # fmt: skip
+        if self.space == "input":
+            other = {"fisher": (self.fisher, "kfac"), "project": (self.project, "safety"),
+                     "subspace": (self.subspace, "safety"), "beta": (self.beta, 0.0),
+                     "benign_share": (self.benign_share, 0.0)}  # fmt: skip
+            bad = [f"{k}={v}" for k, (v, want) in other.items() if v != want]
+            if bad:
+                raise ValueError("space: input projects with kfac's input Grams: it needs fisher=kfac, project=safety, "
+                                 f"subspace=safety, beta=0, benign_share=0 (got {', '.join(bad)})")  # fmt: skip
         return self
 
     @property
@@ -186,7 +213,7 @@ class SSTParams(MethodParams):
     def selection(self, p: int | None = None) -> Selection:
         if self.k == "all":
             return Selection(k=p if p is not None else 2**62)
-        return Selection(k=self.k, fraction=self.fraction, threshold=self.threshold)  # type: ignore[arg-type]
+        return Selection(k=self.k, fraction=self.fraction, threshold=self.threshold, share=self.share)  # type: ignore[arg-type]
 
 
 def _roles(ctx: MergeContext) -> tuple[int, list[int]]:
@@ -267,7 +294,10 @@ class SSTMerge(MergeMethod):
             "beta": params.beta,
             "subspace": params.subspace,
             "project": params.project,
-            "fisher_definitions": {
+            "space": params.space,
+            "fisher_definitions": dict(INPUT_DEFINITIONS)
+            if params.space == "input"
+            else {
                 k: v
                 for k, v in FISHER_DEFINITIONS.items()
                 if k != f"F_u_{_other(params.utility_fisher)}" and (k != "F_b" or params.beta > 0)
@@ -281,7 +311,10 @@ class SSTMerge(MergeMethod):
         all_identity = params.keeps_everything or (
             params.subspace == "safety"
             and isinstance(params.k, int)
-            and all(params.k >= t.numel() for t in (tau_s if params.project == "safety" else utility_dw).values())
+            and all(
+                params.k >= (t.shape[1] if params.space == "input" else t.numel())
+                for t in (tau_s if params.project == "safety" else utility_dw).values()
+            )
         )
         if params.project == "utility" and not all_identity:
             # the safety adapter whole, the utility update projected: Fishers at base + τ_safety
@@ -374,16 +407,22 @@ class SSTMerge(MergeMethod):
             tau = tau_s[m]
             penalties = [(params.beta, stats["benign_refusal"][m])] if params.beta > 0 else None
             try:
-                res = project_module(
-                    params.fisher,
-                    stats[num][m],
-                    stats[den][m],
-                    tau,
-                    params.eps,
-                    params.selection(tau.numel()),
-                    penalties,
-                    params.subspace,
-                )
+                if params.space == "input":
+                    contrast = (stats["utility"][m]["A"].double() + stats["benign_inputs"][m]["A"].double()) / 2
+                    res = input_project(
+                        tau, stats["safety"][m]["A"], contrast, params.eps, params.selection(tau.shape[1])
+                    )
+                else:
+                    res = project_module(
+                        params.fisher,
+                        stats[num][m],
+                        stats[den][m],
+                        tau,
+                        params.eps,
+                        params.selection(tau.numel()),
+                        penalties,
+                        params.subspace,
+                    )
             except ZeroUtilityFisherError as e:
                 raise FisherError(f"module {m}: {e}; check utility_data, or use a larger n_samples") from e
             if not all_finite(res.projected):
@@ -460,7 +499,7 @@ class SSTMerge(MergeMethod):
 
 def _keeps_whole_range(params: SSTParams, n_kept: int, n_positive: int, p: int) -> bool:
     """Whether a k / fraction selection kept every direction with λ > 0 short of the identity (selects nothing)."""
-    if params.threshold is not None or params.keeps_everything or n_kept >= p:
+    if params.threshold is not None or params.share is not None or params.keeps_everything or n_kept >= p:
         return False
     want = params.k if isinstance(params.k, int) else math.ceil((params.fraction or 0) * p)
     return n_positive > 0 and want >= n_positive
@@ -477,6 +516,8 @@ def _objectives(params: SSTParams) -> list[Objective]:
         benign = subsample(benign, max(n_benign, params.n_samples if params.beta > 0 else 0), params.seed + 2,
                            "benign_data")  # fmt: skip
     harmful = subsample(s_items, params.n_samples - n_benign, params.seed, "safety_data")
+    if params.space == "input":
+        return _input_objectives(params, harmful, u_items)
     safety_parts = [Part(tuple(harmful), "given", label="harmful→refusal")]
     if n_benign > 0:
         safety_parts.append(Part(tuple(benign[:n_benign]), params.benign_responses, label="benign→answer"))
@@ -506,6 +547,19 @@ def _objectives(params: SSTParams) -> list[Objective]:
     return objectives
 
 
+def _input_objectives(params: SSTParams, harmful: list[dict], u_items: list[dict]) -> list[Objective]:
+    """``space: input``: the module-input Grams of harmful prompts (with a refusal's first token: where the refusal is
+    decided), of benign prompts with the pre-merge model's greedy answers, and of the utility items (as ``F_u``)."""
+    benign = load_items(params.benign_data or BENIGN_TRAIN_DATA, need_response=False, what="benign_data")
+    benign = subsample(benign, params.n_samples, params.seed + 2, "benign_data")
+    u_source = "given" if params.utility_fisher == "empirical" else "sampled"
+    return [
+        Objective("safety", (Part(tuple(harmful), "given", 1, label="harmful→refusal[:1]"),), INPUT_DEFINITIONS["A_harmful"]),
+        Objective("utility", (Part(tuple(u_items), u_source, label="utility"),), FISHER_DEFINITIONS[f"F_u_{params.utility_fisher}"]),
+        Objective("benign_inputs", (Part(tuple(benign), "greedy", label="benign→answer"),), INPUT_DEFINITIONS["A_contrast"]),
+    ]  # fmt: skip
+
+
 def _with_refusals(items: list[dict], seed: int) -> list[dict]:
     """Pair each benign prompt with one of the project's refusal templates (chosen by the prompt and the seed)."""
     from sst_merge.tasks.safety import refusal_for
@@ -528,3 +582,35 @@ def _load_data(params: SSTParams) -> tuple[list[dict], list[dict]]:
 
 def _other(kind: str) -> str:
     return "empirical" if kind == "true" else "true"
+
+
+class SafetySpanParams(SSTParams):
+    """Parameters of ``safety_span``: ``sst``'s, with the whole ranked range kept (``share: 1``, no other selection)."""
+
+    share: float | None = Field(1.0, description="fixed at 1: every direction F_s ranks is kept")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_range(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            given = [k for k in ("k", "fraction", "threshold") if data.get(k) is not None]
+            if given or data.get("share", 1.0) != 1.0:
+                raise ValueError(
+                    f"safety_span keeps the whole range of F_s, so it takes no {(given or ['share'])[0]}; use method "
+                    "sst for a k / fraction / threshold / share selection"
+                )
+        return data
+
+
+@MERGE_METHODS.register("safety_span")
+class SafetySpan(SSTMerge):
+    """The oblique projection of the safety update onto the span of the safety gradients (``sst`` with ``share: 1``).
+
+    With ``lowrank``, ``F_s`` has rank ≤ N_s, and ``P τ`` is the smallest-``B``-norm update with ``τ_safety``'s
+    first-order effect on each of the N_s safety Fisher examples (design §5): no eigen-direction is ranked against
+    another. Until the ``share`` rule, every default ``sst`` run with lowrank was this method.
+    """
+
+    name = "safety_span"
+    Params = SafetySpanParams
+    description = "Σ wᵢτᵢ(utility) + α·P(τ_safety), P the oblique projector onto the safety gradients' span"
