@@ -57,3 +57,17 @@ def test_demo_quiet_prints_no_stage_lines(demo_args, capfd, monkeypatch):
     assert main(["-q", *demo_args]) == 0
     err = capfd.readouterr().err
     assert "demo:" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_flags_before_or_after_the_sub_command(where):
+    """``-q`` / ``-v`` parse the same on either side of the sub-command (``sst-merge demo -q`` once exited 2)."""
+    from sst_merge.cli import build_parser
+
+    argv = ["-q", "-v", "list"] if where == "before" else ["list", "-q", "-v"]
+    args = build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose, args.command) == (True, 1, "list")
+    plain = build_parser().parse_args(["list"])
+    assert (plain.quiet, plain.verbose) == (False, 0)  # an absent flag on the sub-command keeps the default
+    mixed = build_parser().parse_args(["-q", "list"])
+    assert mixed.quiet is True  # the sub-command's absent -q does not reset the top-level one

@@ -22,14 +22,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sst-merge", description="Merge LoRA adapters for safety; measure the Safety Tax."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
+    _add_global_flags(parser, default=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"sst_merge.commands.{name}")
         p = module.add_parser(sub)
+        _add_global_flags(p, default=False)
         p.set_defaults(_run=module.run)
     return parser
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: bool) -> None:
+    """``-v`` / ``-q`` on the top parser (with their defaults) and again on each sub-command, where an absent flag
+    sets nothing (``SUPPRESS``), so ``sst-merge -q demo`` and ``sst-merge demo -q`` mean the same."""
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0 if default else argparse.SUPPRESS,
+        help="more logging (-vv for debug)",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=False if default else argparse.SUPPRESS,
+        help="only warnings and errors; no progress bars",
+    )
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
