@@ -19,6 +19,7 @@ from sst_merge.merge import MergeContext, get_method
 from sst_merge.merge.fisher_merge import fisher_weighted_mean
 from sst_merge.merge.own_data import recorded_source, stratified_subsample
 from sst_merge.merge.regmean import SingularGramError, reduce_non_diagonal, regmean_solve
+from sst_merge.tasks.safety import REFUSALS
 from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
 
 TARGETS = ["q_proj", "v_proj"]
@@ -330,3 +331,27 @@ def test_a_singular_gram_names_the_module_and_the_fix(setup, tmp_path, monkeypat
     monkeypatch.setattr(regmean, "regmean_solve", singular)
     with pytest.raises(ConfigError, match=r"regmean: module model\.layers\.0\.self_attn\.q_proj: .*n_samples"):
         run("regmean", setup, context(setup, tmp_path))
+
+
+@pytest.mark.parametrize("method", ["fisher_merge", "regmean"])
+def test_the_shipped_adapters_default_to_their_own_training_data(method):
+    """Through the merge API with ``data`` left out: each shipped adapter's train_info.json names its source, and the
+    safety adapter's draw keeps safety_train's share of refusals (249 of 560) and benign prompts — no model loaded."""
+    from pathlib import Path
+
+    from sst_merge.merge.api import prepare
+    from sst_merge.merge.own_data import check_inputs
+
+    shipped = Path(__file__).resolve().parents[1] / "src" / "sst_merge" / "resources" / "adapters"
+    config = {
+        "base_model": "smollm2-135m",
+        "method": method,
+        "adapters": [{"path": str(shipped / "passage_qa")}, {"path": str(shipped / "safety"), "role": "safety"}],
+        "params": {"n_samples": 64},
+        "output": {"format": "peft", "rank": 8},
+    }
+    plan = prepare(config, load_model=lambda: pytest.fail("prepare must not load the model"), show_progress=False)
+    data = check_inputs(plan.params, plan.context, method)
+    assert [d.source for d in data] == ["utility:passage_qa", "safety_train"]
+    assert [(len(d.given), len(d.greedy)) for d in data] == [(64, 0), (28, 36)]  # round(64 · 249/560) = 28
+    assert all(it["response"] in REFUSALS for it in data[1].given)
