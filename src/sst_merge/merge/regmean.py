@@ -8,7 +8,7 @@ With ``y = W a`` (W out×in) and ``Xᵢ`` the inputs of a module on adapter i's 
 
 ``Gᵢ = XᵢᵀXᵢ / n_tokens`` the input Gram — the ``A`` factor of the ``kfac`` Fisher of adapter i's own objective
 (:mod:`sst_merge.merge.own_data`; one pass and one cache with that Fisher, its ``G`` factor is computed too and
-unused). ``r = reduce_non_diagonal`` shrinks the off-diagonal entries, as the paper does (§3.3) to keep the merge
+unused). ``r = reduce_non_diagonal`` shrinks the off-diagonal entries, as the paper proposes, to keep the merge
 near the plain average: ``r = 1`` is the exact least-squares solution, ``r = 0`` an element-wise mean of the τᵢ
 columns weighted by ``wᵢ diag(Gᵢ)``; equal Grams give the weighted mean for any r. The default 0.6 is FusionBench's
 for its language and vision models (``config/method/regmean/gpt2_regmean.yaml``, ``clip_regmean.yaml``:
