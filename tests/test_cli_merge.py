@@ -113,7 +113,7 @@ def test_list_prints_methods(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("merge methods:")
-    for name in ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "sst"]:
+    for name in ["task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "sst", "fisher_merge", "regmean"]:
         assert f"  {name} " in out
     # every other registry has its section: evaluation tasks, judges, data sources, utility tasks, experiments
     for name in ["refusal", "mmlu_cloze", "task:NAME", "keyword", "harmbench", "passage_qa", "exp3"]:
@@ -151,7 +151,7 @@ def test_every_example_merges_as_written(setup, example, tmp_path):
     paths = {a["role"]: a["path"] for a in tiny["adapters"]}
     for a in ex["adapters"]:
         a["path"] = paths[a["role"]]
-    if ex["method"] == "sst":
+    if "n_samples" in ex["params"]:  # sst, fisher_merge, regmean
         ex["params"].update(n_samples=4)
     cfg = tmp_path / example.name
     cfg.write_text(yaml.safe_dump(ex))
@@ -173,4 +173,4 @@ def test_every_example_merges_as_written(setup, example, tmp_path):
 
 def test_there_is_an_example_per_builtin_method():
     methods = {yaml.safe_load(p.read_text())["method"] for p in EXAMPLES.glob("merge_*.yaml")}
-    assert {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties"} <= methods
+    assert {"task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "fisher_merge", "regmean"} <= methods

@@ -91,3 +91,30 @@ def test_the_development_split_holds_benign_prompts_out_of_the_fisher_pool(tmp_p
 
     used = {normalize_text(i["prompt"]) for part in get_task("passage_qa").split(0).values() for i in part}
     assert not used & {normalize_text(r["prompt"]) for r in read_local(tmp_path / "dev_task.jsonl")}
+
+
+def test_safety_train_shares_no_prompt_with_any_evaluation_or_development_set():
+    """``safety_train`` (the data ``fisher_merge`` and ``regmean`` estimate the safety adapter's statistics on) is the
+    shipped recipe's training data — its harmful prompts with their refusals, its benign prompts without a response —
+    and no prompt of it is a (near-)duplicate of an evaluation or development prompt or of SST's safety Fisher."""
+    from sst_merge.fisher.data import load_items
+    from sst_merge.tasks.safety import REFUSALS, safety_data
+
+    try:
+        items = load_items("safety_train", need_response=False, what="safety_train")
+        recipe = safety_data("strongreject", 0)
+        fisher = load_items("safety_fisher", need_response=True, what="safety_fisher")
+    except DataError as e:
+        pytest.skip(f"a data package is missing: {e}")
+    harmful = [it["prompt"] for it in items if "response" in it]
+    benign = [it["prompt"] for it in items if "response" not in it]
+    assert (
+        harmful == [it["prompt"] for it in recipe.harmful] and benign == recipe.benign_prompts == BENIGN_TRAIN_PROMPTS
+    )
+    assert {it["response"] for it in items if "response" in it} <= set(REFUSALS)
+    sets = _eval_prompts()
+    dev = Path(BENIGN_TRAIN_DATA).parent / "benign_dev_prompts.jsonl"
+    sets["benign_dev"] = [r["prompt"] for r in read_local(dev)]
+    sets["safety_fisher"] = [it["prompt"] for it in fisher]
+    for name, prompts in sets.items():
+        assert not near_duplicates(harmful + benign, prompts), name

@@ -208,6 +208,11 @@ def rehearse(
                     )
                     for f in ("kfac", "diagonal", "lowrank")
                 ]
+            elif "data" in MERGE_METHODS.get(method).Params.model_fields:  # statistics on each adapter's own data
+                own = [data["fisher_utility"], data["fisher_safety"]]
+                runs.append((method, method, {"data": own, "n_samples": fisher_n, "batch_size": 2, "max_length": 64,
+                                              "max_new_tokens": max_new_tokens,
+                                              "cache_dir": str(work / "fisher_cache")}))  # fmt: skip
             else:
                 runs.append(
                     (method, method, {"density": 0.5} if method in ("ties", "dare_linear", "dare_ties") else {})

@@ -2,6 +2,10 @@
 
 * ``safety_fisher`` — StrongREJECT prompts held out for Fisher statistics (seed 0, the experiments' default), each
   with a refusal: disjoint from the safety adapter's training prompts and from every HarmBench prompt.
+* ``safety_train`` — the shipped safety adapter's training data (recipe ``strongreject``, seed 0): its harmful
+  prompts with their refusals, then its benign training prompts without a response (the adapter was trained on the
+  base model's greedy answers to them; a user of this source generates its own). Disjoint from ``safety_fisher`` and
+  from every evaluation prompt.
 * ``utility:NAME`` — the training items of the generated utility task ``NAME`` (seed 0), never its evaluation items.
 
 Registered with :func:`sst_merge.data.sources.source` when :mod:`sst_merge.tasks` is imported.
@@ -23,6 +27,15 @@ def _safety_fisher(split: str | None) -> list[dict[str, Any]]:
     from sst_merge.tasks.safety import safety_splits
 
     return safety_splits(seed=SEED)["fisher"]
+
+
+@source("safety_train", "the safety adapter's training data: harmful prompt → refusal, then benign prompts (seed 0)")
+def _safety_train(split: str | None) -> list[dict[str, Any]]:
+    from sst_merge.tasks.safety import safety_data
+
+    data = safety_data("strongreject", SEED)
+    benign = [{"id": f"benign-train-{i:03d}", "prompt": p, "kind": "benign"} for i, p in enumerate(data.benign_prompts)]
+    return [dict(it) for it in data.harmful] + benign
 
 
 def _utility_train(task: Any) -> Any:
