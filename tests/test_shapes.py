@@ -80,7 +80,9 @@ def _check_rehearsal(res: dict) -> None:
     from sst_merge.merge.base import MERGE_METHODS
 
     merged = {k.split(":", 1)[1] for k in res if k.startswith("merge:")}
-    assert merged == ({m for m in MERGE_METHODS if m != "sst"} | {"sst-kfac", "sst-diagonal", "sst-lowrank"})
+    assert merged == (
+        {m for m in MERGE_METHODS if m not in ("sst", "safety_span")} | {"sst-kfac", "sst-diagonal", "sst-lowrank"}
+    )
     assert {"full:task_arithmetic", "full:sst-kfac", "train:utility", "train:safety"} <= set(res)
     assert res["eval"]["n"] == {"refusal": 2, "over_refusal": 2, "mmlu": 2, "mmlu_cloze": 2, "task:passage_qa": 2}
     resumed = res["exp1:resumed"]

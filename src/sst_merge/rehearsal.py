@@ -199,7 +199,12 @@ def rehearse(
     if "merge" in steps:
         runs: list[tuple[str, str, dict[str, Any]]] = []
         for method in methods or sorted(MERGE_METHODS):
-            if method == "sst":
+            if method == "safety_span" and not methods:  # sst-lowrank's code path and cost, with share 1: not twice
+                continue
+            if method == "safety_span":
+                runs.append(("safety_span", "safety_span", {**{k: v for k, v in sst_base.items() if k != "fraction"},
+                                                             "fisher": "lowrank", "n_samples": lowrank_n}))  # fmt: skip
+            elif method == "sst":
                 runs += [
                     (
                         "sst",
