@@ -126,10 +126,8 @@ class LearnedMerge(MergeMethod):
             coeffs, diag["fit"] = c0, "skipped (steps = 0)"
         else:
             coeffs = self._fitted(params, ctx, groups, names, c0, diag)
-        diag["coefficients"] = {
-            a.path.name if hasattr(a.path, "name") else str(a.path): coeffs[i].tolist()
-            for i, a in enumerate(ctx.adapters)
-        }
+        diag["adapters"] = [str(a.path) for a in ctx.adapters]
+        diag["coefficients"] = coeffs.tolist()  # (adapters × groups), in the order of "adapters" and "groups"
         diag["coefficients_mean"] = coeffs.mean(1).tolist()
         ctx.diagnostics["learned"] = diag
         return {
@@ -175,7 +173,16 @@ class LearnedMerge(MergeMethod):
 
     # ---- fit (cached) -------------------------------------------------------------------------------------------
 
-    def _fitted(self, params, ctx, groups, names, c0, diag) -> torch.Tensor:
+    def _fitted(
+        self,
+        params: LearnedParams,
+        ctx: MergeContext,
+        groups: dict[str, int],
+        names: list[str],
+        c0: torch.Tensor,
+        diag: dict[str, Any],
+    ) -> torch.Tensor:
+        """Return the fitted coefficients (adapters × groups): from the cache, or fitted and cached."""
         data = self._data(params, ctx)
         directory = fcache.cache_dir(params.cache_dir, ctx.workdir)
         model_fp = {"name": ctx.base_model, "model": model_fingerprint(str(ctx.base_model))}
