@@ -116,6 +116,7 @@ class LearnedMerge(MergeMethod):
         return {**params, "harmful_weight": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]  # fmt: skip
 
     def configured_safety_weight(self, params):  # type: ignore[override]
+        """The configured ``harmful_weight`` (1 where the parameters do not set it)."""
         return float(params.get("harmful_weight", self.Params.model_fields["harmful_weight"].default))
 
     def merge(self, params: LearnedParams, ctx: MergeContext) -> dict[str, torch.Tensor]:  # type: ignore[override]
