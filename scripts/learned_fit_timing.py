@@ -3,7 +3,7 @@
 Base ``smollm2-135m``, the shipped ``passage_qa`` (utility) and ``safety`` adapters, the method's defaults unless
 ``key=value`` arguments override them; the cache goes to ``OUT`` (a second run with the same settings is a hit):
 
-    python scripts/learned_fit_timing.py OUT [steps=40 lr=0.05 ...]
+    python scripts/learned_fit_timing.py OUT [steps=24 lr=0.05 ...]
 """
 
 from __future__ import annotations

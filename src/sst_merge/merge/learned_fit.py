@@ -186,7 +186,7 @@ def fit(
 
     Args:
         terms: ``(name, weight, examples)`` per term; each step takes ``batch_size`` examples of every term with a
-            weight above 0, in one forward.
+            weight above 0 (one forward and backward per term; their gradients add up).
         coeffs0: (adapters × groups) starting coefficients.
 
     Each step: the minibatch objective, its gradient w.r.t. ``c``, one Adam step, then ``c`` projected onto
@@ -202,20 +202,18 @@ def fit(
     t0 = time.perf_counter()
     with frozen(model), coefficient_hooks(model, factors, coeffs, s.lam):
         for step in tqdm(range(s.steps), desc="learned coefficients", disable=not s.show_progress, leave=False):
-            batch: list[Example] = []
-            which: list[int] = []
-            for i, _, _, exs in active:
-                idx = cyclers[i].take(s.batch_size)
-                batch += [exs[j] for j in idx]
-                which += [i] * len(idx)
             opt.zero_grad()
-            loss, means = objective(model, batch, which, weights, pad_id)
-            if not torch.isfinite(loss):
-                raise SSTMergeError(f"learned: the objective is not finite at step {step}; lower params.lr")
-            loss.backward()
+            loss, means = 0.0, {}
+            for i, name, _, exs in active:  # one forward per term: a short harmful prompt is not padded to a task's
+                batch = [exs[j] for j in cyclers[i].take(s.batch_size)]
+                part, term_means = objective(model, batch, [i] * len(batch), weights, pad_id)
+                if not torch.isfinite(part):
+                    raise SSTMergeError(f"learned: the {name} term is not finite at step {step}; lower params.lr")
+                part.backward()  # gradients add up over the terms: the gradient of the sum
+                loss, means[name] = loss + float(part.detach()), term_means[i]
             opt.step()
             with torch.no_grad():
                 coeffs.clamp_(*s.clamp)
-            curve.append({"step": step, "loss": float(loss.detach()), **{n: means[i] for i, n, _, _ in active}})
+            curve.append({"step": step, "loss": loss, **means})
             log.debug("learned step %d: loss %.4f", step, curve[-1]["loss"])
     return FitResult(coeffs.detach().clone(), curve, round(time.perf_counter() - t0, 3))
