@@ -2,7 +2,8 @@
 
 Every cache the project keeps goes through :func:`read_checked` with the check of its kind (below): evaluations
 (``eval-KEY.json``, with the SHA-256 of their per-item records), Fisher statistics (``fisher-*.safetensors``),
-Fisher data files, adapters, the safety adapter's benign answers and the converted embedded model. A check parses
+Fisher data files, adapters, the safety adapter's benign answers, learned merge coefficients (``learned-*.json``) and
+the converted embedded model. A check parses
 the entry and tests its keys and shapes (and a content hash where one was stored); an entry that fails is logged
 in one line naming the file, renamed to ``NAME.damaged-TIMESTAMP`` beside itself (never deleted) and reported as
 missing, so the caller recomputes it and the run goes on.
@@ -285,6 +286,18 @@ def check_fisher_data(path: Path) -> list[dict[str, Any]]:
     return check_jsonl(path, ("prompt",))
 
 
+def check_learned(path: Path) -> dict[str, Any]:
+    """Learned merge coefficients (``learned-KEY.json``) or their reference answers (``learned-answers-KEY.json``):
+    the stored key matches the name, and the payload is a list."""
+    data = _json(path)
+    field = "answers" if path.name.startswith("learned-answers-") else "coefficients"
+    if not isinstance(data, dict) or not isinstance(data.get(field), list):
+        raise Damaged(f"no {field} list")
+    if not str(data.get("key", "")).startswith(path.stem.rsplit("-", 1)[-1]):
+        raise Damaged(f"holds key {str(data.get('key'))[:32]}, not {path.stem.rsplit('-', 1)[-1]}")
+    return data
+
+
 # ---- kinds, scan, verify, prune ------------------------------------------------------------------------------------
 
 
@@ -313,6 +326,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("fisher", lambda p: p.name.startswith("fisher-") and p.suffix == ".safetensors", check_fisher),
     Kind("fisher-data", lambda p: p.parent.name == "fisher-data" and p.suffix == ".jsonl", check_fisher_data),
     Kind("benign-answers", lambda p: p.parent.name == "benign-answers" and p.suffix == ".json", check_benign_answers),
+    Kind("learned", lambda p: p.name.startswith("learned-") and p.suffix == ".json", check_learned),
 )
 
 

@@ -213,6 +213,11 @@ def rehearse(
                     )
                     for f in ("kfac", "diagonal", "lowrank")
                 ]
+            elif method == "learned":  # one fit step on the synthetic data: the path is rehearsed, not a whole fit
+                runs.append((method, method, {"steps": 1, "batch_size": 2, "max_length": 64, "loss_tokens": 4,
+                                              "harmful_data": data["harmful"], "benign_data": data["benign"],
+                                              "task_data": data["fisher_utility"],
+                                              "cache_dir": sst_base["cache_dir"]}))  # fmt: skip
             elif "data" in MERGE_METHODS.get(method).Params.model_fields:  # statistics on each adapter's own data
                 own = [data["fisher_utility"], data["fisher_safety"]]
                 runs.append((method, method, {"data": own, "n_samples": fisher_n, "batch_size": 2, "max_length": 64,

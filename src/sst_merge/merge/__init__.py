@@ -6,6 +6,7 @@ A new method is one new module here plus its import line below.
 import sst_merge.merge.dare_linear  # noqa: F401  (each import registers its method)
 import sst_merge.merge.dare_ties  # noqa: F401
 import sst_merge.merge.fisher_merge  # noqa: F401
+import sst_merge.merge.learned  # noqa: F401
 import sst_merge.merge.linear  # noqa: F401
 import sst_merge.merge.regmean  # noqa: F401
 import sst_merge.merge.sst  # noqa: F401

@@ -7,6 +7,8 @@
   base model's greedy answers to them; a user of this source generates its own). Disjoint from ``safety_fisher`` and
   from every evaluation prompt.
 * ``utility:NAME`` — the training items of the generated utility task ``NAME`` (seed 0), never its evaluation items.
+* ``utility_dev:NAME`` — the development items of task ``NAME`` (seed 0, :data:`DEV_ITEMS`, the items an experiment's
+  ``eval.split: dev`` measures): disjoint from its training and evaluation items.
 
 Registered with :func:`sst_merge.data.sources.source` when :mod:`sst_merge.tasks` is imported.
 """
@@ -20,6 +22,8 @@ from sst_merge.tasks.generated import GENERATED_TASKS
 
 #: The seed of the named splits (the seed every experiment and the shipped adapters use by default).
 SEED = 0
+#: Development items per task (the experiments' ``TASK_DEV_ITEMS``).
+DEV_ITEMS = 100
 
 
 @source("safety_fisher", "harmful prompt → refusal items held out for SST's safety Fisher (64, seed 0)")
@@ -45,5 +49,15 @@ def _utility_train(task: Any) -> Any:
     return load
 
 
+def _utility_dev(task: Any) -> Any:
+    def load(split: str | None) -> list[dict[str, Any]]:
+        return task.dev(seed=SEED, n=DEV_ITEMS)
+
+    return load
+
+
 for _task in GENERATED_TASKS:
     source(f"utility:{_task.name}", f"training items of the utility task {_task.name} (seed 0)")(_utility_train(_task))
+    source(f"utility_dev:{_task.name}", f"development items of the utility task {_task.name} (seed 0, {DEV_ITEMS})")(
+        _utility_dev(_task)
+    )
