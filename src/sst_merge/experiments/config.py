@@ -83,6 +83,9 @@ class AdapterSettings(_Strict):
 
     safety: str | None = None
     utility: dict[str, str | None] = {}
+    #: the multi-task adapter of the ``multitask`` ceiling (safety + the utility tasks' data in one LoRA); empty:
+    #: trained on first use (``sst-merge train --task safety+TASK``, cached)
+    multitask: str | None = None
     train_steps: int | None = None
     #: use the adapters that ship with the project when they equal what training would give (``sst-merge demo
     #: --retrain`` sets false: train, or reuse the cache, as ``sst-merge train`` does)
@@ -113,6 +116,12 @@ class ExperimentConfig(_Strict):
         description="parameters of the sst merge method (validated by its Params); alpha is swept in exp3",
     )
     sweep: SweepSettings = SweepSettings()
+    ceilings: list[Literal["multitask", "routing"]] = Field(
+        default_factory=list,
+        description="upper-bound rows of exp1 and exp3 (design §8): multitask — one LoRA trained on the safety and "
+        "utility data together (trained on first use); routing — each prompt answered by the adapter that owns it, "
+        "composed from the safety and utility models' evaluations (no generation)",
+    )
     bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
     cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
 
@@ -181,6 +190,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"mmlu_limit": 500, "max_new_tokens": 64},
         "sst": {"n_samples": 64},
         "sweep": {"alphas": [0.25, 0.5, 0.75, 1.0, 1.5], "sst_k": [], "sst_fisher": ["diagonal", "lowrank"]},
+        "ceilings": ["multitask", "routing"],
         "bootstrap": 1000,
     },
 }

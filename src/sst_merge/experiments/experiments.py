@@ -23,6 +23,7 @@ from typing import Any
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
 from sst_merge.experiments.config import sst_variant_params, variant_name
+from sst_merge.experiments.references import MULTITASK, add_ceilings, gap_closed
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.merge import get_method
@@ -155,17 +156,41 @@ def exp1(runner: Runner) -> dict[str, Any]:
         merged_spec(runner, "sst", utility, safety, cfg.sst["alpha"]),
     ]
     metrics = {s.label: runner.evaluate(s) for s in specs}
+    ceilings = add_ceilings(runner, safety)
     add_behaviour(runner)
     ref = reference_spec(runner).label
     merged = specs[-1].label
     cmp = comparison(runner, metrics[ref], metrics[merged], tasks)
     log_comparison(merged, ref, metrics[ref]["refusal"], utility_metric(runner, metrics[ref], tasks), cmp)
     return {
-        "models": [s.label for s in specs],
+        "models": [s.label for s in specs] + ceilings,
         "reference": ref,
         "utility_tasks": tasks,
-        "comparisons": [{"model": merged, "reference": ref, **cmp}],
+        "comparisons": [{"model": merged, "reference": ref, **cmp}] + ceiling_comparisons(runner, ceilings, tasks),
+        "ceilings": [point_of(runner, c, tasks) for c in ceilings],
     }
+
+
+def ceiling_comparisons(runner: Runner, ceilings: list[str], tasks: list[str]) -> list[dict[str, Any]]:
+    """Each ceiling row against the run's reference, marked ``ceiling: true`` (it is not a merge)."""
+    ref = reference_spec(runner).label
+    rows = []
+    for label in ceilings:
+        cmp = comparison(runner, runner.evaluated[ref], runner.evaluated[label], tasks)
+        rows.append({"model": label, "reference": ref, "ceiling": True, **cmp})
+    return rows
+
+
+def gap_closed_of(runner: Runner, label: str, floor: str, bound: str, tasks: list[str]) -> dict[str, Any]:
+    """How much of the gap from task arithmetic at α = 1 (``floor``) to the multi-task ``bound`` the model ``label``
+    closes, in balanced score and in task accuracy (:func:`~sst_merge.experiments.references.gap_closed`)."""
+
+    def values(name: str) -> dict[str, float]:
+        m = runner.evaluated[name]
+        return {"balanced_score": m["balanced_score"].value, "utility": utility_metric(runner, m, tasks).value}
+
+    new, lo, hi = values(label), values(floor), values(bound)
+    return {k: {**gap_closed(new[k], lo[k], hi[k]), "floor_model": floor, "bound_model": bound} for k in new}
 
 
 @EXPERIMENTS.register("exp2")
@@ -256,6 +281,11 @@ def exp3(runner: Runner) -> dict[str, Any]:
             spec = merged_spec(runner, method, utility, safety, alpha, **kw)
             runner.evaluate(spec)
             labels.setdefault(series, []).append((alpha, spec.label))
+    ceilings = add_ceilings(runner, safety)
+    floor = None
+    if MULTITASK in ceilings:  # gap closed is measured from task arithmetic at α = 1 (evaluated if not swept)
+        floor = merged_spec(runner, "task_arithmetic", utility, safety, 1.0)
+        runner.evaluate(floor)
     add_behaviour(runner)
     ref = runner.evaluated[ref_spec.label]
     points: dict[str, list[dict[str, Any]]] = {}
@@ -263,8 +293,12 @@ def exp3(runner: Runner) -> dict[str, Any]:
     for series, models in labels.items():
         for alpha, label in models:
             cmp = comparison(runner, ref, runner.evaluated[label], tasks)
+            if floor is not None:
+                cmp["gap_closed"] = gap_closed_of(runner, label, floor.label, MULTITASK, tasks)
             comparisons.append({"model": label, "reference": ref_spec.label, **cmp})
             points.setdefault(series, []).append({"alpha": alpha, **point_of(runner, label, tasks)})
+            if floor is not None:
+                points[series][-1]["gap_closed"] = {k: v["value"] for k, v in cmp["gap_closed"].items()}
             p = points[series][-1]
             log.info(
                 "exp3 %s: refusal %.3f, over-refusal %.3f, utility %.3f, balanced score %.3f; Safety Tax %s, "
@@ -299,8 +333,11 @@ def exp3(runner: Runner) -> dict[str, Any]:
                     "value"
                 ]
             matched.append(row)
+    comparisons += ceiling_comparisons(runner, ceilings, tasks)
     return {
         "reference": ref_spec.label,
+        "ceilings": [point_of(runner, c, tasks) for c in ceilings],
+        **({"gap_closed_floor": floor.label} if floor is not None else {}),
         "points": points,
         "pareto_fronts": fronts,
         "over_refusal_fronts": or_fronts,

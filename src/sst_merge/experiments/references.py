@@ -1,0 +1,82 @@
+"""The ceiling rows every merge is compared against (design §8), switched on by ``ceilings`` in the config.
+
+* ``multitask`` — one LoRA trained on the safety adapter's and the utility adapters' data together
+  (``sst-merge train --task safety+TASK``, design §3), evaluated like any model: the upper bound merging papers
+  report.
+* ``routing`` — the routing oracle: every prompt answered by the adapter that owns it — the safety adapter on the
+  harmful and benign prompts (and the phrasing forms), the utility adapters on everything else: their task items
+  and, when evaluated, MMLU (general knowledge, which neither adapter was trained on; it goes with the model that
+  answers non-safety prompts). Nothing is generated: its metrics and records are the two models' (a routed
+  :class:`~sst_merge.experiments.specs.ModelSpec`), so it pairs with every model by item id, and its balanced score,
+  drift and degenerate rates follow from them. A static merge answers every prompt with one model, so at the
+  utility adapters' task accuracy it can at best separate harmful from benign as well as the safety adapter does.
+
+:func:`gap_closed` reads a merge against the multi-task bound: the share of the way from task arithmetic at α = 1
+to the bound that the merge covers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sst_merge.experiments.behaviour import utility_spec
+from sst_merge.experiments.evaluation import evaluation_plan
+from sst_merge.experiments.runner import AdapterRef, ModelSpec, Runner
+
+#: measurements the safety adapter owns in the routing oracle; every other one goes to the utility adapters
+SAFETY_OWNED = frozenset({"refusal", "over_refusal", "phrasing"})
+MULTITASK = "multitask"
+ROUTING = "routing"
+
+
+def multitask_spec(runner: Runner) -> ModelSpec:
+    """The multi-task adapter (safety + the run's utility tasks in one LoRA), at weight 1."""
+    from sst_merge.experiments import adapters as adapter_paths
+
+    path = adapter_paths.multitask_adapter(runner.cfg, runner.cfg.utility_tasks)
+    return ModelSpec(MULTITASK, (AdapterRef(path, 1.0, "multitask"),))
+
+
+def routing_spec(runner: Runner, safety: ModelSpec, utility: ModelSpec) -> ModelSpec:
+    """The routing oracle over the evaluated ``safety`` and ``utility`` models (see the module docstring)."""
+    routes = tuple(
+        (task, safety.label if task in SAFETY_OWNED else utility.label)
+        for task, _, _ in evaluation_plan(runner.cfg, runner.tasks)
+    )
+    return ModelSpec(ROUTING, safety.adapters + utility.adapters, routes=routes)
+
+
+def add_ceilings(runner: Runner, safety_path: str) -> list[str]:
+    """Evaluate (multitask) or compose (routing) the configured ceiling rows; return their labels in config order.
+
+    Routing needs the safety adapter and the utility adapters evaluated alone: evaluated here unless already done.
+    """
+    labels = []
+    for kind in runner.cfg.ceilings:
+        if kind == MULTITASK:
+            spec = multitask_spec(runner)
+            runner.evaluate(spec)
+        else:
+            safety = ModelSpec("safety", (AdapterRef(safety_path, 1.0, "safety"),))
+            utility = utility_spec(runner)
+            runner.evaluate(safety)
+            runner.evaluate(utility)
+            spec = routing_spec(runner, safety, utility)
+            runner.route(spec)
+        labels.append(spec.label)
+    return labels
+
+
+def gap_closed(merged: float, floor: float, ceiling: float) -> dict[str, Any]:
+    """``(merged − floor) / (ceiling − floor)``: the share of the gap from ``floor`` (task arithmetic at α = 1) to
+    ``ceiling`` (the multi-task bound) that a merge closes; 1 reaches the bound, 0 is no better than the floor,
+    negative is worse, above 1 passes the bound. ``None`` with a status when the bound is not above the floor."""
+    gap = ceiling - floor
+    if gap <= 0:
+        return {
+            "value": None,
+            "status": "bound not above task arithmetic at alpha=1",
+            "floor": floor,
+            "ceiling": ceiling,
+        }
+    return {"value": (merged - floor) / gap, "status": "ok", "floor": floor, "ceiling": ceiling}
