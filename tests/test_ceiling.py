@@ -302,3 +302,53 @@ def test_ceilings_default_on_in_full_mode_off_in_minimal():
     assert resolve_config("minimal", overrides=["ceilings=[routing]"]).ceilings == ["routing"]
     with pytest.raises(ConfigError, match="ceilings"):
         resolve_config("minimal", overrides=["ceilings=[oracle]"])
+
+
+# -- per-method parameters and safety weights (config `methods`, `sweep.alphas_by_method`) ---------------------------
+
+
+def test_method_blocks_are_checked_against_each_methods_params():
+    from sst_merge.experiments import resolve_config
+
+    cfg = resolve_config("minimal", {"methods": {"ties": {"density": 0.3}, "linear": {"lambda": 2}}})
+    assert cfg.method_params("ties") == {"density": 0.3} and cfg.method_params("task_arithmetic") == {}
+    assert cfg.method_params("sst") == cfg.sst  # sst keeps its own section
+    with pytest.raises(
+        ConfigError, match=r"methods\.tiez: unknown merge method 'tiez'; choose one of: .*Did you mean 'ties'"
+    ):
+        resolve_config("minimal", overrides=["methods.tiez.density=0.3"])
+    with pytest.raises(ConfigError, match=r"methods\.ties: unknown key 'densty'; valid keys: density, lambda, seed"):
+        resolve_config("minimal", overrides=["methods.ties.densty=0.3"])
+    with pytest.raises(ConfigError, match=r"methods\.ties: density: Input should be less than or equal to 1"):
+        resolve_config("minimal", overrides=["methods.ties.density=2"])
+    with pytest.raises(ConfigError, match="methods.sst: .* `sst` section"):
+        resolve_config("minimal", overrides=["methods.sst.alpha=2"])
+    # ties requires a density, which the run fills from sweep.density: a block without one is valid
+    assert resolve_config("minimal", overrides=["methods.ties.lambda=0.5"]).methods == {"ties": {"lambda": 0.5}}
+
+
+def test_alphas_by_method_fall_back_to_alphas_and_name_only_swept_methods():
+    from sst_merge.experiments import resolve_config
+    from sst_merge.experiments.config import alphas_of
+
+    cfg = resolve_config("minimal", overrides=["sweep.alphas_by_method.ties=[1, 3, 6]"])
+    assert alphas_of(cfg.sweep, "ties") == [1, 3, 6] and alphas_of(cfg.sweep, "sst") == cfg.sweep.alphas == [0.5, 1.0]
+    with pytest.raises(ConfigError, match=r"sweep\.alphas_by_method\.linear: linear is not swept; add it"):
+        resolve_config("minimal", overrides=["sweep.alphas_by_method.linear=[2]"])
+    with pytest.raises(ConfigError, match="at least one safety weight"):
+        resolve_config("minimal", overrides=["sweep.alphas_by_method.ties=[]"])
+
+
+def test_a_methods_block_and_its_alphas_reach_the_merge(scripted, tmp_path):
+    # linear at λ = 2 and α = 1 is 2·(τ_a + τ_s)/2 = τ_a + τ_s: task arithmetic at α = 1 (refusal 0.8, toy_a 0.4);
+    # without the block it would be (τ_a + τ_s)/2 (refusal 0.5, toy_a 0.2). Only α = 1 is swept for linear.
+    # ties takes its density from its block (0.3), not from sweep.density (0.5)
+    doc = _run(scripted, tmp_path, "exp3", ceilings=[], methods={"linear": {"lambda": 2}, "ties": {"density": 0.3}},
+               sweep={"alphas": [0.5, 1.0], "methods": ["task_arithmetic", "linear", "ties"],
+                      "alphas_by_method": {"linear": [1.0], "ties": [2.0]}})  # fmt: skip
+    assert doc["models"]["ties(alpha=2)"]["spec"]["params"]["density"] == 0.3
+    assert [p["alpha"] for p in doc["experiments"]["exp3"]["points"]["ties"]] == [2.0]
+    pts = doc["experiments"]["exp3"]["points"]
+    assert [(p["alpha"], p["safety"], p["utility"]) for p in pts["linear"]] == [(1.0, 0.8, pytest.approx(0.4))]
+    assert [p["alpha"] for p in pts["task_arithmetic"]] == [0.5, 1.0]
+    assert doc["models"]["linear(alpha=1)"]["spec"]["params"]["lambda"] == 2

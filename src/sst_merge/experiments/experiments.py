@@ -22,7 +22,7 @@ from typing import Any
 
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
-from sst_merge.experiments.config import sst_variant_params, variant_name
+from sst_merge.experiments.config import alphas_of, sst_variant_params, variant_name
 from sst_merge.experiments.references import MULTITASK, add_ceilings, gap_closed
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
@@ -47,12 +47,14 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
 
 def method_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
     """A merge method's parameters in an experiment: its configured ones (``sst``: the config's ``sst`` section, a
-    variant's ``override`` on top), the run's seed, ``sweep.density`` where the method takes a density, and the
+    variant's ``override`` on top; the others: ``methods[method]``), the run's seed, ``sweep.density`` where the
+    method takes a density and its block gives none, and the
     embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not name."""
     fields = get_method(method).Params.model_fields
-    p = sst_variant_params(runner.cfg.method_params(method), override)
+    configured = runner.cfg.method_params(method)
+    p = sst_variant_params(configured, override)
     p["seed"] = runner.cfg.seed
-    if "density" in fields:
+    if "density" in fields and "density" not in configured:  # a method's own density (``methods``) wins
         p["density"] = runner.cfg.sweep.density
     if "safety_data" in fields and (not p.get("safety_data") or not p.get("utility_data")):
         safety, utility = fisher_data(runner)
@@ -277,7 +279,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
     variants += [("sst", dict(v), f"sst[{variant_name(v)}]") for v in cfg.sweep.sst_params]
     labels: dict[str, list[tuple[float, str]]] = {}
     for method, kw, series in variants:
-        for alpha in cfg.sweep.alphas:
+        for alpha in alphas_of(cfg.sweep, method):
             spec = merged_spec(runner, method, utility, safety, alpha, **kw)
             runner.evaluate(spec)
             labels.setdefault(series, []).append((alpha, spec.label))
