@@ -114,6 +114,8 @@ def test_multi_task_adapter_trains_with_summed_rank_and_records_both_splits(tiny
 # (the multi-task adapter) — and answers by this script (⌊x⌋ after adding 1e-6):
 #   harmful [hJ] refused iff J < 2 + ⌊6s⌋ + ⌊8m⌋;  benign [oJ] refused iff J < ⌊4s⌋ + ⌊m⌋;
 #   toy_a [aJ] correct iff J < ⌊8a − 4s + 7m⌋            (J = 0..9, ten items each)
+#   phrasing, form F = FORMS[J % 5] (ten harmful [pJ], ten benign [qJ]): harmful refused iff J % 5 < ⌊3s⌋ + ⌊2m⌋,
+#   benign refused iff J % 5 < ⌊s⌋
 REFUSE = "I cannot help with that."
 
 
@@ -122,8 +124,12 @@ def _fl(x: float) -> int:
 
 
 def _script(text: str, c: dict[str, float]) -> str:
-    kind, j = re.search(r"\[([hoa])(\d+)\]", text).groups()
+    kind, j = re.search(r"\[([hoapq])(\d+)\]", text).groups()
     j, a, s, m = int(j), c["a"], c["s"], c["m"]
+    if kind == "p":
+        return REFUSE if j % 5 < _fl(3 * s) + _fl(2 * m) else "Sure, here it is."
+    if kind == "q":
+        return REFUSE if j % 5 < _fl(s) else "Sure, here it is."
     if kind == "h":
         return REFUSE if j < 2 + _fl(6 * s) + _fl(8 * m) else "Sure, here it is."
     if kind == "o":
@@ -352,3 +358,48 @@ def test_a_methods_block_and_its_alphas_reach_the_merge(scripted, tmp_path):
     assert [(p["alpha"], p["safety"], p["utility"]) for p in pts["linear"]] == [(1.0, 0.8, pytest.approx(0.4))]
     assert [p["alpha"] for p in pts["task_arithmetic"]] == [0.5, 1.0]
     assert doc["models"]["linear(alpha=1)"]["spec"]["params"]["lambda"] == 2
+
+
+def test_phrasing_forms_are_evaluated_routed_and_reported(scripted, tmp_path):
+    from sst_merge.eval.phrasing import FORMS
+
+    data = scripted[0]
+    rows = [{"id": f"{k}{j}", "prompt": f"[{k}{j}] request", "kind": kind, "form": FORMS[j % 5]}
+            for k, kind in (("p", "harmful"), ("q", "benign")) for j in range(10)]  # fmt: skip
+    phrasing = _jsonl(tmp_path / "phrasing.jsonl", rows)
+    ev = {**data["eval"], "phrasing": True, "task_data": {**data["eval"]["task_data"], "phrasing": phrasing}}
+    doc = _run(scripted, tmp_path, "exp1", eval=ev)
+    # safety (s=1): harmful forms 0-2 (question, imperative, polite) refused → 1, 1, 1, 0, 0, overall 0.6; benign
+    # form 0 (question) refused → over-refusal 1, 0, 0, 0, 0. utility (s=0): nothing refused. multitask (m=1): forms
+    # 0-1 refused → 1, 1, 0, 0, 0, overall 0.4. routing: the safety adapter's.
+    expect = {"safety": ((1, 1, 1, 0, 0), (1, 0, 0, 0, 0), 0.6), "utility": ((0,) * 5, (0,) * 5, 0.0),
+              "multitask": ((1, 1, 0, 0, 0), (0,) * 5, 0.4), "routing": ((1, 1, 1, 0, 0), (1, 0, 0, 0, 0), 0.6)}  # fmt: skip
+    for label, (refusal, over, overall) in expect.items():
+        m = doc["models"][label]["metrics"]["phrasing"]
+        assert tuple(m["other"][f"refusal_rate_{f}"] for f in FORMS) == refusal, label
+        assert tuple(m["other"][f"over_refusal_rate_{f}"] for f in FORMS) == over, label
+        assert m["value"] == pytest.approx(overall) and m["n"] == 10, label
+    assert doc["models"]["routing"]["spec"]["routes"]["phrasing"] == "safety"
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Refusal by phrasing form" in report
+    assert "| safety | 1.000 | 1.000 | 1.000 | 0.000 | 0.000 | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in report
+
+
+def test_phrasing_off_leaves_every_cache_key_as_it_was(scripted, tmp_path, monkeypatch):
+    from sst_merge.experiments import resolve_config
+    from sst_merge.experiments import runner as runner_mod
+
+    data, load, _ = scripted
+    hashed = []
+    real = runner_mod.stable_hash
+    monkeypatch.setattr(runner_mod, "stable_hash", lambda payload: hashed.append(payload) or real(payload))
+    off = runner_mod.Runner(resolve_config("minimal", data), tmp_path, load=load)
+    on = runner_mod.Runner(resolve_config("minimal", {**data, "eval": {**data["eval"], "phrasing": True}}), tmp_path,
+                           load=load)  # fmt: skip
+    spec = runner_mod.ModelSpec("base")
+    assert off.spec_key(spec) != on.spec_key(spec)
+    # off: the evaluation settings hashed are the ones that existed before the field (so cached evaluations stay
+    # valid); on: the field joins them
+    assert "phrasing" not in hashed[0]["eval"] and "split" not in hashed[0]["eval"]
+    assert hashed[1]["eval"]["phrasing"] is True
+    assert set(hashed[0]["eval"]) == set(hashed[1]["eval"]) - {"phrasing"}

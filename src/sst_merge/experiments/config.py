@@ -35,6 +35,12 @@ class ExperimentEvalSettings(EvalSettings):
     task_data: dict[str, str] = Field(
         default_factory=dict, description="task name → local file of eval items (default: the task's generated split)"
     )
+    phrasing: bool = Field(
+        False,
+        description="also evaluate every model on the phrasing prompts (the same requests as a question, an "
+        "imperative, a polite request, a role-play and a fragment; eval/phrasing.py): refusal and over-refusal per "
+        "form; the dev split's prompts under split=dev; task_data.phrasing names a local file instead",
+    )
     split: Literal["test", "dev"] = Field(
         "test",
         description="test: the evaluation sets; dev: the development sets for choosing hyper-parameters — HarmBench "

@@ -40,7 +40,7 @@ def multitask_spec(runner: Runner) -> ModelSpec:
 def routing_spec(runner: Runner, safety: ModelSpec, utility: ModelSpec) -> ModelSpec:
     """The routing oracle over the evaluated ``safety`` and ``utility`` models (see the module docstring)."""
     routes = tuple(
-        (task, safety.label if task in SAFETY_OWNED else utility.label)
+        (task, safety.label if task.split(":")[0] in SAFETY_OWNED else utility.label)
         for task, _, _ in evaluation_plan(runner.cfg, runner.tasks)
     )
     return ModelSpec(ROUTING, safety.adapters + utility.adapters, routes=routes)

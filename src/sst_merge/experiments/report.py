@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sst_merge.eval.phrasing import FORMS
 from sst_merge.io import atomic_write_text
 
 REPORT_NAME = "report.md"
@@ -84,6 +85,30 @@ def models_table(doc: dict[str, Any]) -> str:
             "utility adapters: task items and MMLU), composed from those two models' evaluations."
         )
     lines.append(note)
+    return "\n".join(lines)
+
+
+def phrasing_table(doc: dict[str, Any]) -> str:
+    """Per model, refusal of the harmful phrasing prompts and over-refusal of the benign ones, per form (config
+    ``eval.phrasing``); empty when no model was evaluated on them."""
+    name = next((n for m in doc["models"].values() for n in m["metrics"] if n.split(":")[0] == "phrasing"), None)
+    if name is None:
+        return ""
+    head = " | ".join(f"refusal: {f} ↑" for f in FORMS) + " | " + " | ".join(f"over-refusal: {f} ↓" for f in FORMS)
+    lines = [f"| model | {head} |", "|---|" + "---|" * (2 * len(FORMS))]
+    for label, m in doc["models"].items():
+        other = (m["metrics"].get(name) or {}).get("other")
+        if other is None:
+            continue
+        cells = [_f(other.get(f"refusal_rate_{f}")) for f in FORMS]
+        cells += [_f(other.get(f"over_refusal_rate_{f}")) for f in FORMS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"`{name}`: the same requests as a question, an imperative, a polite request, a role-play and a fragment "
+        "(eval/phrasing.py); refusal on the harmful ones and over-refusal on the benign ones, per form. The overall "
+        "refusal rate and its interval are the `phrasing` column above.",
+    ]
     return "\n".join(lines)
 
 
@@ -248,6 +273,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         models_table(doc),
         "",
     ]
+    phrasing = phrasing_table(doc)
+    if phrasing:
+        out += ["## Refusal by phrasing form", "", phrasing, ""]
     diag = diagnostics_table(doc)
     if diag:
         out += ["## SST-Merge diagnostics", "", diag, ""]

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 #: 3: ``benign`` is the set in XSTest's ten types (the first set is ``benign_v1``); partial refusals count as refusals.
 EVAL_CACHE_VERSION = 3
 
+#: Evaluation settings added after evaluations were first cached, with their defaults (left out of the key there).
+LATE_EVAL_SETTINGS = {"split": "test", "phrasing": False}
+
 #: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
 LOCATION_PARAMS = frozenset({"cache", "cache_dir"})
 
@@ -142,9 +145,10 @@ class Runner:
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
-        # the split enters the key only when it is not the default, so keys made before it existed stay valid;
-        # data files enter by content, not path
-        settings = self.cfg.eval.model_dump(exclude={"split"} if self.cfg.eval.split == "test" else None)
+        # settings added later enter the key only when not at their defaults, so keys made before they existed
+        # stay valid; data files enter by content, not path
+        late = {name for name, default in LATE_EVAL_SETTINGS.items() if getattr(self.cfg.eval, name) == default}
+        settings = self.cfg.eval.model_dump(exclude=late)
         eval_settings = cache.content_keyed(settings)
         if judge is not None:
             eval_settings["judge"] = judge
