@@ -329,6 +329,12 @@ def test_method_blocks_are_checked_against_each_methods_params():
         resolve_config("minimal", overrides=["methods.ties.density=2"])
     with pytest.raises(ConfigError, match="methods.sst: .* `sst` section"):
         resolve_config("minimal", overrides=["methods.sst.alpha=2"])
+    # the data-aware methods' own blocks: {regmean: {reduce_non_diagonal: 0.9}}, and its range checked (r ≤ 1)
+    assert resolve_config("minimal", overrides=["methods.regmean.reduce_non_diagonal=0.9"]).method_params(
+        "regmean"
+    ) == {"reduce_non_diagonal": 0.9}
+    with pytest.raises(ConfigError, match=r"methods\.regmean: reduce_non_diagonal: Input should be less than or eq"):
+        resolve_config("minimal", overrides=["methods.regmean.reduce_non_diagonal=1.5"])
     # ties requires a density, which the run fills from sweep.density: a block without one is valid
     assert resolve_config("minimal", overrides=["methods.ties.lambda=0.5"]).methods == {"ties": {"lambda": 0.5}}
 
