@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from sst_merge.errors import ConfigError
+from sst_merge.errors import ConfigError, DataError
 from sst_merge.tasks.base import GeneratedTask
 from sst_merge.train import adapter as adapter_mod
 from sst_merge.train import train_adapter
@@ -263,9 +263,9 @@ def test_exp3_gap_closed_by_hand(scripted, tmp_path):
     for label, (bal, util) in expect.items():
         g = cmps[label]["gap_closed"]
         assert (g["balanced_score"]["value"], g["utility"]["value"]) == pytest.approx((bal, util), abs=1e-9), label
-        assert g["balanced_score"]["floor"] == pytest.approx(0.7) and g["balanced_score"]["ceiling"] == pytest.approx(
-            0.95
-        )
+        assert (g["balanced_score"]["floor"], g["balanced_score"]["bound"]) == pytest.approx((0.7, 0.95)), label
+        lo, hi = g["utility"]["ci95"]
+        assert lo <= util + 1e-9 and util - 1e-9 <= hi, label
     pts = {p["model"]: p for series in exp3["points"].values() for p in series}
     assert pts["linear(alpha=1)"]["gap_closed"]["utility"] == pytest.approx(-2 / 3)
     assert exp3["gap_closed_floor"] == "task_arithmetic(alpha=1)"
@@ -281,13 +281,30 @@ def test_exp3_gap_closed_by_hand(scripted, tmp_path):
     assert rows["multitask"]["gap_closed_utility"] == ""
 
 
-def test_gap_closed_is_null_when_the_bound_is_not_above_task_arithmetic(scripted, tmp_path):
-    from sst_merge.experiments.references import gap_closed
+def test_gap_closed_report_by_hand():
+    from sst_merge.eval.stats import gap_closed_report
 
-    assert gap_closed(0.8, 0.6, 0.7)["value"] == pytest.approx(2.0)
-    assert gap_closed(0.8, 0.7, 0.7) == {
-        "value": None, "status": "bound not above task arithmetic at alpha=1", "floor": 0.7, "ceiling": 0.7
-    }  # fmt: skip
+    # accuracy: floor 2/5, bound 4/5, merged 3/5 → (0.6 − 0.4) / (0.8 − 0.4) = 0.5
+    floor, bound, merged = [[1, 1, 0, 0, 0]], [[1, 1, 1, 1, 0]], [[1, 1, 1, 0, 0]]
+    r = gap_closed_report(merged, floor, bound, lambda u: u, n_boot=500, seed=0)
+    assert (r["value"], r["floor"], r["bound"], r["status"]) == pytest.approx((0.5, 0.4, 0.8, "ok"))
+    # the bound beats the floor on items 2-3 only: a replicate without them has no gap and is left out
+    assert 0 < r["undefined_fraction"] < 1 and r["ci95"][0] <= 0.5 <= r["ci95"][1]
+    assert r["ci95"][0] >= 0 and r["ci95"][1] <= 1  # merged lies between floor and bound on every item
+    # balanced: h = refusal on harmful, b = on benign; floor ½(0.5 + 1 − 0.5) = 0.5, bound ½(1 + 1 − 0) = 1,
+    # merged ½(1 + 1 − 0.5) = 0.75 → 0.5
+    bal = gap_closed_report([[1, 1], [1, 0]], [[1, 0], [1, 0]], [[1, 1], [0, 0]], lambda h, b: (h + 1 - b) / 2,
+                            n_boot=200, seed=0)  # fmt: skip
+    assert bal["value"] == pytest.approx(0.5)
+    # no gap: the bound equals the floor → null with a status, never a division by zero
+    none = gap_closed_report(merged, floor, floor, lambda u: u, n_boot=50, seed=0)
+    assert none["value"] is None and none["ci95"] is None and none["status"] == "bound not above the floor"
+    assert none["undefined_fraction"] == 1.0
+    with pytest.raises(DataError, match="not paired"):
+        gap_closed_report([[1, 0]], [[1, 0, 1]], [[1, 1]], lambda u: u)
+
+
+def test_gap_closed_is_null_when_the_bound_is_not_above_task_arithmetic(scripted, tmp_path):
     # the toy_a adapter as "multi-task" (a=1): balanced ½(0.2 + 1) = 0.6 < 0.7 → null; toy_a 0.8 > 0.4 → defined
     data, _, paths = scripted
     doc = _run(scripted, tmp_path, "exp3", adapters={**data["adapters"], "multitask": paths["toy_a"]},
@@ -295,7 +312,7 @@ def test_gap_closed_is_null_when_the_bound_is_not_above_task_arithmetic(scripted
     g = {c["model"]: c.get("gap_closed") for c in doc["experiments"]["exp3"]["comparisons"]}[
         "task_arithmetic(alpha=0.5)"
     ]
-    assert g["balanced_score"]["value"] is None and g["balanced_score"]["status"].startswith("bound not above")
+    assert g["balanced_score"]["value"] is None and g["balanced_score"]["status"] == "bound not above the floor"
     assert g["utility"]["value"] == pytest.approx((0.6 - 0.4) / (0.8 - 0.4))
     assert "routing" not in doc["models"]
 
@@ -409,3 +426,23 @@ def test_phrasing_off_leaves_every_cache_key_as_it_was(scripted, tmp_path, monke
     assert "phrasing" not in hashed[0]["eval"] and "split" not in hashed[0]["eval"]
     assert hashed[1]["eval"]["phrasing"] is True
     assert set(hashed[0]["eval"]) == set(hashed[1]["eval"]) - {"phrasing"}
+
+
+def test_the_multitask_adapter_is_trained_on_first_use_before_any_evaluation(scripted, tmp_path, monkeypatch):
+    import sst_merge.train as train_pkg
+    from sst_merge.experiments import resolve_config, run_experiment
+
+    data, load, paths = scripted
+    loaded, calls = [], []
+
+    def fake_train(model, task, **kw):
+        calls.append((task, kw, bool(loaded)))
+        return paths["multitask"]
+
+    monkeypatch.setattr(train_pkg, "train_adapter", fake_train)
+    cfg = resolve_config("minimal", {**data, "experiment": "exp1", "ceilings": ["multitask"],
+                                     "adapters": {**data["adapters"], "multitask": None, "train_steps": 3}})  # fmt: skip
+    doc = run_experiment(cfg, tmp_path / "run", load=lambda: loaded.append(1) or load(), show_progress=False)
+    # safety + the run's one utility task, at the step budget of both (3 + 3), before the model was loaded
+    assert calls == [("safety+toy_a", {"seed": 0, "steps": 6}, False)]
+    assert doc["models"]["multitask"]["spec"]["adapters"][0]["path"] == paths["multitask"]

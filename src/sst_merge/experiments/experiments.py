@@ -23,7 +23,7 @@ from typing import Any
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
 from sst_merge.experiments.config import alphas_of, sst_variant_params, variant_name
-from sst_merge.experiments.references import MULTITASK, add_ceilings, gap_closed
+from sst_merge.experiments.references import MULTITASK, add_ceilings, ceiling_specs
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.merge import get_method
@@ -151,6 +151,7 @@ def exp1(runner: Runner) -> dict[str, Any]:
     """Safety Tax of SST-Merge against measured pre-merge baselines."""
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
+    ceiling_models = ceiling_specs(runner, safety)  # the multi-task adapter trains here, before any evaluation
     specs = [
         ModelSpec("base"),
         ModelSpec("utility", tuple(utility)),
@@ -158,7 +159,7 @@ def exp1(runner: Runner) -> dict[str, Any]:
         merged_spec(runner, "sst", utility, safety, cfg.sst["alpha"]),
     ]
     metrics = {s.label: runner.evaluate(s) for s in specs}
-    ceilings = add_ceilings(runner, safety)
+    ceilings = add_ceilings(runner, ceiling_models)
     add_behaviour(runner)
     ref = reference_spec(runner).label
     merged = specs[-1].label
@@ -184,15 +185,26 @@ def ceiling_comparisons(runner: Runner, ceilings: list[str], tasks: list[str]) -
 
 
 def gap_closed_of(runner: Runner, label: str, floor: str, bound: str, tasks: list[str]) -> dict[str, Any]:
-    """How much of the gap from task arithmetic at α = 1 (``floor``) to the multi-task ``bound`` the model ``label``
-    closes, in balanced score and in task accuracy (:func:`~sst_merge.experiments.references.gap_closed`)."""
+    """How much of the gap from ``floor`` (task arithmetic at α = 1) to ``bound`` (the multi-task adapter) the model
+    ``label`` closes, in balanced score and in utility, each with a paired-bootstrap interval over the items
+    (:func:`~sst_merge.eval.stats.gap_closed_report`): 1 reaches the bound, 0 is no better than the floor, negative
+    is worse, above 1 passes the bound; ``value: None`` with a status when the bound is not above the floor."""
+    from sst_merge.eval.stats import gap_closed_report
 
-    def values(name: str) -> dict[str, float]:
+    def groups(name: str, measures: tuple[str, ...]) -> list[list[float]]:
         m = runner.evaluated[name]
-        return {"balanced_score": m["balanced_score"].value, "utility": utility_metric(runner, m, tasks).value}
+        items = [utility_metric(runner, m, tasks).items if x == "utility" else m[x].items for x in measures]
+        return [[it[i] for i in sorted(it)] for it in items]  # every model holds the same item ids
 
-    new, lo, hi = values(label), values(floor), values(bound)
-    return {k: {**gap_closed(new[k], lo[k], hi[k]), "floor_model": floor, "bound_model": bound} for k in new}
+    out = {}
+    for key, measures, score in (
+        ("balanced_score", ("refusal", "over_refusal"), lambda h, b: (h + 1 - b) / 2),
+        ("utility", ("utility",), lambda u: u),
+    ):
+        models = [groups(x, measures) for x in (label, floor, bound)]
+        r = gap_closed_report(*models, score, n_boot=max(runner.cfg.bootstrap, 1), seed=runner.cfg.seed)
+        out[key] = {**r, "floor_model": floor, "bound_model": bound}
+    return out
 
 
 @EXPERIMENTS.register("exp2")
@@ -269,6 +281,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
 
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
+    ceiling_models = ceiling_specs(runner, safety)  # the multi-task adapter trains here, before any evaluation
     ref_spec = reference_spec(runner)
     runner.evaluate(ref_spec)
     runner.evaluate(ModelSpec("base"))
@@ -283,7 +296,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
             spec = merged_spec(runner, method, utility, safety, alpha, **kw)
             runner.evaluate(spec)
             labels.setdefault(series, []).append((alpha, spec.label))
-    ceilings = add_ceilings(runner, safety)
+    ceilings = add_ceilings(runner, ceiling_models)
     floor = None
     if MULTITASK in ceilings:  # gap closed is measured from task arithmetic at α = 1 (evaluated if not swept)
         floor = merged_spec(runner, "task_arithmetic", utility, safety, 1.0)

@@ -11,13 +11,11 @@
   drift and degenerate rates follow from them. A static merge answers every prompt with one model, so at the
   utility adapters' task accuracy it can at best separate harmful from benign as well as the safety adapter does.
 
-:func:`gap_closed` reads a merge against the multi-task bound: the share of the way from task arithmetic at α = 1
-to the bound that the merge covers.
+exp3's *gap closed* (:func:`~sst_merge.experiments.experiments.gap_closed_of`) reads a merge against the
+multi-task bound: the share of the way from task arithmetic at α = 1 to the bound that the merge covers.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from sst_merge.experiments.behaviour import utility_spec
 from sst_merge.experiments.evaluation import evaluation_plan
@@ -46,37 +44,31 @@ def routing_spec(runner: Runner, safety: ModelSpec, utility: ModelSpec) -> Model
     return ModelSpec(ROUTING, safety.adapters + utility.adapters, routes=routes)
 
 
-def add_ceilings(runner: Runner, safety_path: str) -> list[str]:
-    """Evaluate (multitask) or compose (routing) the configured ceiling rows; return their labels in config order.
+def ceiling_specs(runner: Runner, safety_path: str) -> list[ModelSpec]:
+    """The configured ceiling rows' models, in config order; the multi-task adapter is found or trained here, so an
+    experiment does it before its evaluations rather than after them. ``routing`` stands for its two sources (the
+    safety adapter, the utility adapters alone): :func:`add_ceilings` evaluates them and composes the oracle."""
+    specs = []
+    for kind in runner.cfg.ceilings:
+        if kind == MULTITASK:
+            specs.append(multitask_spec(runner))
+        else:
+            specs += [ModelSpec("safety", (AdapterRef(safety_path, 1.0, "safety"),)), utility_spec(runner)]
+    return specs
 
-    Routing needs the safety adapter and the utility adapters evaluated alone: evaluated here unless already done.
-    """
+
+def add_ceilings(runner: Runner, specs: list[ModelSpec]) -> list[str]:
+    """Evaluate :func:`ceiling_specs`' models (each once; the run may have evaluated some already) and compose the
+    routing oracle from its two; return the ceiling rows' labels in config order."""
+    for spec in specs:
+        runner.evaluate(spec)
     labels = []
     for kind in runner.cfg.ceilings:
         if kind == MULTITASK:
-            spec = multitask_spec(runner)
-            runner.evaluate(spec)
+            labels.append(MULTITASK)
         else:
-            safety = ModelSpec("safety", (AdapterRef(safety_path, 1.0, "safety"),))
-            utility = utility_spec(runner)
-            runner.evaluate(safety)
-            runner.evaluate(utility)
-            spec = routing_spec(runner, safety, utility)
+            by_label = {s.label: s for s in specs}
+            spec = routing_spec(runner, by_label["safety"], by_label["utility"])
             runner.route(spec)
-        labels.append(spec.label)
+            labels.append(spec.label)
     return labels
-
-
-def gap_closed(merged: float, floor: float, ceiling: float) -> dict[str, Any]:
-    """``(merged − floor) / (ceiling − floor)``: the share of the gap from ``floor`` (task arithmetic at α = 1) to
-    ``ceiling`` (the multi-task bound) that a merge closes; 1 reaches the bound, 0 is no better than the floor,
-    negative is worse, above 1 passes the bound. ``None`` with a status when the bound is not above the floor."""
-    gap = ceiling - floor
-    if gap <= 0:
-        return {
-            "value": None,
-            "status": "bound not above task arithmetic at alpha=1",
-            "floor": floor,
-            "ceiling": ceiling,
-        }
-    return {"value": (merged - floor) / gap, "status": "ok", "floor": floor, "ceiling": ceiling}

@@ -192,15 +192,15 @@ def points_table(section: dict[str, Any]) -> str:
             f"| {_tax(c.get('safety_tax'))} | {_tax(c.get('over_refusal_tax'))} |"
         )
         if gap:
-            g = p.get("gap_closed") or {}
-            line += f" {_f(g.get('balanced_score'))} / {_f(g.get('utility'))} |"
+            g = c.get("gap_closed") or {}
+            line += f" {_tax(g.get('balanced_score'))} / {_tax(g.get('utility'))} |"
         lines.append(line)
     if gap:
         lines += [
             "",
             f"gap closed = (merge − {section.get('gap_closed_floor', 'task arithmetic at α = 1')}) / (multitask − "
             "the same), in balanced score and in utility: 1 reaches the multi-task bound, 0 is no better than task "
-            "arithmetic at α = 1; — where the bound is not above it.",
+            "arithmetic at α = 1; undefined where the bound is not above it. Intervals: paired bootstrap.",
         ]
     return "\n".join(lines)
 
@@ -330,7 +330,7 @@ def summary_csv(doc: dict[str, Any]) -> str:
     header += ["reference"]
     for c in COMPARISON_COLUMNS:
         header += [c, f"{c}_ci_low", f"{c}_ci_high"]
-    header += [f"gap_closed_{k}" for k in GAP_CLOSED]
+    header += [f"gap_closed_{k}{end}" for k in GAP_CLOSED for end in ("", "_ci_low", "_ci_high")]
     w.writerow(header)
     for label, m in doc["models"].items():
         row: list[Any] = [label, m["spec"].get("method") or ""]
@@ -349,8 +349,9 @@ def summary_csv(doc: dict[str, Any]) -> str:
             x = cmp.get(c) or {}
             ci = x.get("ci95") or [None, None]
             row += ["" if x.get("value") is None else x["value"]] + ["" if v is None else v for v in ci]
-        gap = cmp.get("gap_closed") or {}
-        row += ["" if (gap.get(k) or {}).get("value") is None else gap[k]["value"] for k in GAP_CLOSED]
+        for k in GAP_CLOSED:
+            g = (cmp.get("gap_closed") or {}).get(k) or {}
+            row += ["" if v is None else v for v in [g.get("value"), *(g.get("ci95") or [None, None])]]
         w.writerow(row)
     return buf.getvalue()
 
