@@ -8,8 +8,10 @@
   and, when evaluated, MMLU (general knowledge, which neither adapter was trained on; it goes with the model that
   answers non-safety prompts). Nothing is generated: its metrics and records are the two models' (a routed
   :class:`~sst_merge.experiments.specs.ModelSpec`), so it pairs with every model by item id, and its balanced score,
-  drift and degenerate rates follow from them. A static merge answers every prompt with one model, so at the
-  utility adapters' task accuracy it can at best separate harmful from benign as well as the safety adapter does.
+  drift and degenerate rates follow from them. It is what a merge would reach if merging cost neither adapter
+  anything: the safety adapter's separation of harmful from benign at the utility adapters' task accuracy. A static
+  merge answers every prompt with one model, so it reaches this only if the two updates do not interfere (it is a
+  reference point, not a proven bound: a merge could in principle separate better than the safety adapter alone).
 
 exp3's *gap closed* (:func:`~sst_merge.experiments.experiments.gap_closed_of`) reads a merge against the
 multi-task bound: the share of the way from task arithmetic at α = 1 to the bound that the merge covers.
