@@ -874,7 +874,8 @@ def experiment_settings(cfg: Any) -> tuple[str, Settings]:
                  fisher_batch=sp.batch_size, fisher_length=sp.max_length, eval_batch=cfg.eval.batch_size,
                  new_tokens=cfg.eval.max_new_tokens, n_adapters=1 + max(1, len(cfg.utility_tasks)),
                  train_batch=train.batch_size, train_length=train.max_length,
-                 train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks),
+                 train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)
+                 or ("multitask" in cfg.ceilings and not cfg.adapters.multitask),
                  ties="ties" in cfg.sweep.methods,
                  **adapter)  # fmt: skip
     return cfg.model, s

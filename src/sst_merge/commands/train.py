@@ -10,16 +10,21 @@ from sst_merge.commands.flags import add_set_flag
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
-        help="train a LoRA adapter (safety or a utility task) on a model",
+        help="train a LoRA adapter (safety, a utility task, or several joined by '+') on a model",
         description="Train a LoRA adapter with the loss on response tokens only. Without -o the adapter is written "
         "to (and reused from) the cache, keyed by model, task, settings and seed.",
     )
     p.add_argument("--model", default="smollm2-135m", help="alias, local model directory or hub id")
-    p.add_argument("--task", required=True, help="'safety' or a utility task (see `sst-merge list`)")
+    p.add_argument(
+        "--task",
+        required=True,
+        help="'safety', a utility task (see `sst-merge list`), or several joined by '+' for one multi-task adapter "
+        "on the union of their training data (e.g. safety+passage_qa)",
+    )
     p.add_argument("-o", "--output", default=None, help="adapter directory to write (default: the cache)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default depends on the task)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8; a multi-task adapter: 8 per task)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default depends on the task)")
     p.add_argument("--batch-size", type=int, default=8)

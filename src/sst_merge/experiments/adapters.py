@@ -10,7 +10,7 @@ from sst_merge.experiments.config import ExperimentConfig
 log = logging.getLogger(__name__)
 
 
-def _train(cfg: ExperimentConfig, task: str) -> str:
+def _train(cfg: ExperimentConfig, task: str, parts: int = 1) -> str:
     from sst_merge.train import train_adapter
     from sst_merge.train.shipped import shipped_adapter
 
@@ -22,7 +22,7 @@ def _train(cfg: ExperimentConfig, task: str) -> str:
         log.info("adapter for %r: not using a shipped one: %s", task, why)
     kwargs = {"seed": cfg.seed}
     if cfg.adapters.train_steps is not None:
-        kwargs["steps"] = cfg.adapters.train_steps
+        kwargs["steps"] = cfg.adapters.train_steps * parts  # a multi-task adapter: the step budget of its parts
     log.info("adapter for %r not given: using the cached one, or training it once", task)
     return str(train_adapter(cfg.model, task, **kwargs))
 
@@ -39,3 +39,8 @@ def utility_adapters(cfg: ExperimentConfig, tasks: list[str]) -> dict[str, str]:
         given = cfg.adapters.utility.get(task)
         out[task] = given or _train(cfg, task)
     return out
+
+
+def multitask_adapter(cfg: ExperimentConfig, tasks: list[str]) -> str:
+    """Path of the multi-task adapter: safety and ``tasks`` in one LoRA (given, or trained on first use, design §3)."""
+    return cfg.adapters.multitask or _train(cfg, "+".join(["safety", *tasks]), parts=1 + len(tasks))

@@ -34,11 +34,14 @@ NLL_VERSION = 1
 
 def reference_spec(runner: Runner) -> ModelSpec:
     """The run's reference model: base + the run's utility adapters (default) or the base model."""
+    return ModelSpec("base") if runner.cfg.reference == "base" else utility_spec(runner)
+
+
+def utility_spec(runner: Runner) -> ModelSpec:
+    """Base + the run's utility adapters, each at weight 1 (the pre-merge model)."""
     from sst_merge.experiments import adapters as adapter_paths
     from sst_merge.experiments.runner import AdapterRef
 
-    if runner.cfg.reference == "base":
-        return ModelSpec("base")
     paths = adapter_paths.utility_adapters(runner.cfg, runner.cfg.utility_tasks)
     return ModelSpec("utility", tuple(AdapterRef(paths[t], 1.0, "utility") for t in runner.cfg.utility_tasks))
 
@@ -174,7 +177,9 @@ def add_behaviour(runner: Runner) -> None:
             if task in recs:
                 m[name] = degenerate_metric(recs[task])
         if ref_scores is not None:
-            scores = ref_scores if label == ref.label else answer_scores(runner, label, ref.label, answers)
+            # a routed model's benign answers are the model's it routes benign prompts to: so are their scores
+            scorer = dict(runner.specs[label].routes).get("over_refusal", label)
+            scores = ref_scores if scorer == ref.label else answer_scores(runner, scorer, ref.label, answers)
             drift = drift_metric(scores, ref_scores, cfg.bootstrap, cfg.seed)
             if drift is not None:
                 m["benign_drift"] = drift

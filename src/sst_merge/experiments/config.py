@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
+from sst_merge.errors import ConfigError
 from sst_merge.eval.base import EvalSettings
 
 
@@ -33,6 +34,12 @@ class ExperimentEvalSettings(EvalSettings):
     mmlu_source: str = "mmlu"
     task_data: dict[str, str] = Field(
         default_factory=dict, description="task name → local file of eval items (default: the task's generated split)"
+    )
+    phrasing: bool = Field(
+        False,
+        description="also evaluate every model on the phrasing prompts (the same requests as a question, an "
+        "imperative, a polite request, a role-play and a fragment; eval/phrasing.py): refusal and over-refusal per "
+        "form; the dev split's prompts under split=dev; task_data.phrasing names a local file instead",
     )
     split: Literal["test", "dev"] = Field(
         "test",
@@ -68,6 +75,11 @@ class SweepSettings(_Strict):
 
     methods: list[str] = ["sst", "task_arithmetic", "ties", "dare_linear", "linear"]
     alphas: list[float] = [0.25, 0.5, 1.0]
+    alphas_by_method: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="a method's own safety weights, e.g. {regmean: [1, 3, 6, 12]}; the others sweep `alphas` "
+        "(sst's apply to its variants too)",
+    )
     density: float = Field(0.5, gt=0, le=1, description="density for ties / dare")
     sst_k: list[int] = []
     sst_fisher: list[str] = []
@@ -83,6 +95,9 @@ class AdapterSettings(_Strict):
 
     safety: str | None = None
     utility: dict[str, str | None] = {}
+    #: the multi-task adapter of the ``multitask`` ceiling (safety + the utility tasks' data in one LoRA); empty:
+    #: trained on first use (``sst-merge train --task safety+TASK``, cached)
+    multitask: str | None = None
     train_steps: int | None = None
     #: use the adapters that ship with the project when they equal what training would give (``sst-merge demo
     #: --retrain`` sets false: train, or reuse the cache, as ``sst-merge train`` does)
@@ -112,13 +127,43 @@ class ExperimentConfig(_Strict):
         default_factory=lambda: dict(SST_DEFAULTS),
         description="parameters of the sst merge method (validated by its Params); alpha is swept in exp3",
     )
+    methods: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="parameters of the other merge methods, per method, validated by each one's Params (e.g. "
+        "{regmean: {reduce_non_diagonal: 0.9}}); the run adds its seed, sweep.density where the method takes a "
+        "density and none is given, and the embedded Fisher data where it takes Fisher data and none is named",
+    )
     sweep: SweepSettings = SweepSettings()
+    ceilings: list[Literal["multitask", "routing"]] = Field(
+        default_factory=list,
+        description="upper-bound rows of exp1 and exp3 (design §8): multitask — one LoRA trained on the safety and "
+        "utility data together (trained on first use); routing — each prompt answered by the adapter that owns it, "
+        "composed from the safety and utility models' evaluations (no generation)",
+    )
     bootstrap: int = Field(1000, ge=0, description="paired-bootstrap resamples for intervals")
     cache_dir: str | None = Field(None, description="evaluation cache shared across runs (default: RUN_DIR/cache)")
 
     def method_params(self, method: str) -> dict[str, Any]:
-        """The configured parameters of a merge method: the ``sst`` section for sst; the others have none."""
-        return dict(self.sst) if method == "sst" else {}
+        """The configured parameters of a merge method: the ``sst`` section for sst, ``methods[method]`` for the
+        others (empty when not given)."""
+        return dict(self.sst) if method == "sst" else dict(self.methods.get(method, {}))
+
+    @field_validator("methods")
+    @classmethod
+    def _valid_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from sst_merge.merge import MERGE_METHODS
+
+        for name, params in v.items():
+            if name == "sst":
+                raise ValueError("methods.sst: SST's parameters live in the `sst` section; move them there")
+            try:
+                method = MERGE_METHODS.get(name)
+            except ConfigError as e:  # pydantic reports ValueErrors only
+                raise ValueError(f"methods.{name}: {e}") from e
+            problems = params_problems(method.Params, params)
+            if problems:
+                raise ValueError(f"methods.{name}: " + "; ".join(problems))
+        return v
 
     @field_validator("sst")
     @classmethod
@@ -130,6 +175,18 @@ class ExperimentConfig(_Strict):
             merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
         SSTParams.model_validate(merged)  # raises ValueError naming the bad key; wrapped by validate()
         return merged
+
+    @model_validator(mode="after")
+    def _alphas_of_swept_methods(self) -> ExperimentConfig:
+        for name, alphas in self.sweep.alphas_by_method.items():
+            if name not in self.sweep.methods:
+                raise ValueError(
+                    f"sweep.alphas_by_method.{name}: {name} is not swept; add it to sweep.methods "
+                    f"({', '.join(self.sweep.methods)}) or remove its alphas"
+                )
+            if not alphas:
+                raise ValueError(f"sweep.alphas_by_method.{name}: give at least one safety weight")
+        return self
 
     @model_validator(mode="after")
     def _valid_sst_variants(self) -> ExperimentConfig:
@@ -147,6 +204,29 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"sweep.sst_params[{i}]: two variants are named {name!r}; give each its own name")
             names.add(name)
         return self
+
+
+def alphas_of(sweep: SweepSettings, method: str) -> list[float]:
+    """The safety weights ``method`` is swept over: ``sweep.alphas_by_method[method]``, else ``sweep.alphas``."""
+    return list(sweep.alphas_by_method.get(method, sweep.alphas))
+
+
+def params_problems(params_model: type[BaseModel], params: dict[str, Any]) -> list[str]:
+    """What is wrong with a (partial) parameter block for ``params_model``: unknown keys (with the valid ones) and
+    bad values. Missing required fields are not problems here: the run fills some (density, Fisher data) later."""
+    try:
+        params_model.model_validate(params)
+    except ValidationError as e:
+        valid = sorted(f.alias or n for n, f in params_model.model_fields.items())
+        out = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                out.append(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+            elif err["type"] != "missing":
+                out.append(f"{key}: {err['msg']}")
+        return out
+    return []
 
 
 def sst_variant_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +261,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "eval": {"mmlu_limit": 500, "max_new_tokens": 64},
         "sst": {"n_samples": 64},
         "sweep": {"alphas": [0.25, 0.5, 0.75, 1.0, 1.5], "sst_k": [], "sst_fisher": ["diagonal", "lowrank"]},
+        "ceilings": ["multitask", "routing"],
         "bootstrap": 1000,
     },
 }

@@ -35,6 +35,8 @@ def evaluation_plan(cfg: ExperimentConfig, tasks: list[str]) -> list[tuple[str, 
             ("over_refusal", e.over_refusal_limit, e.benign_source),
         ]
         plan += [(f"task:{t}", e.task_limit, e.task_data.get(t)) for t in tasks]
+    if e.phrasing:  # every item: five forms of each request are compared with each other
+        plan.append(("phrasing:dev" if e.split == "dev" else "phrasing", None, e.task_data.get("phrasing")))
     if e.mmlu_limit != 0:
         plan.append(("mmlu", e.mmlu_limit, e.mmlu_source))
     return plan

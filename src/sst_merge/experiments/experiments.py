@@ -22,7 +22,8 @@ from typing import Any
 
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
-from sst_merge.experiments.config import sst_variant_params, variant_name
+from sst_merge.experiments.config import alphas_of, sst_variant_params, variant_name
+from sst_merge.experiments.references import MULTITASK, add_ceilings, ceiling_specs
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.merge import get_method
@@ -46,12 +47,14 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
 
 def method_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
     """A merge method's parameters in an experiment: its configured ones (``sst``: the config's ``sst`` section, a
-    variant's ``override`` on top), the run's seed, ``sweep.density`` where the method takes a density, and the
+    variant's ``override`` on top; the others: ``methods[method]``), the run's seed, ``sweep.density`` where the
+    method takes a density and its block gives none, and the
     embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not name."""
     fields = get_method(method).Params.model_fields
-    p = sst_variant_params(runner.cfg.method_params(method), override)
+    configured = runner.cfg.method_params(method)
+    p = sst_variant_params(configured, override)
     p["seed"] = runner.cfg.seed
-    if "density" in fields:
+    if "density" in fields and "density" not in configured:  # a method's own density (``methods``) wins
         p["density"] = runner.cfg.sweep.density
     if "safety_data" in fields and (not p.get("safety_data") or not p.get("utility_data")):
         safety, utility = fisher_data(runner)
@@ -148,6 +151,7 @@ def exp1(runner: Runner) -> dict[str, Any]:
     """Safety Tax of SST-Merge against measured pre-merge baselines."""
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
+    ceiling_models = ceiling_specs(runner, safety)  # the multi-task adapter trains here, before any evaluation
     specs = [
         ModelSpec("base"),
         ModelSpec("utility", tuple(utility)),
@@ -155,17 +159,52 @@ def exp1(runner: Runner) -> dict[str, Any]:
         merged_spec(runner, "sst", utility, safety, cfg.sst["alpha"]),
     ]
     metrics = {s.label: runner.evaluate(s) for s in specs}
+    ceilings = add_ceilings(runner, ceiling_models)
     add_behaviour(runner)
     ref = reference_spec(runner).label
     merged = specs[-1].label
     cmp = comparison(runner, metrics[ref], metrics[merged], tasks)
     log_comparison(merged, ref, metrics[ref]["refusal"], utility_metric(runner, metrics[ref], tasks), cmp)
     return {
-        "models": [s.label for s in specs],
+        "models": [s.label for s in specs] + ceilings,
         "reference": ref,
         "utility_tasks": tasks,
-        "comparisons": [{"model": merged, "reference": ref, **cmp}],
+        "comparisons": [{"model": merged, "reference": ref, **cmp}] + ceiling_comparisons(runner, ceilings, tasks),
+        "ceilings": [point_of(runner, c, tasks) for c in ceilings],
     }
+
+
+def ceiling_comparisons(runner: Runner, ceilings: list[str], tasks: list[str]) -> list[dict[str, Any]]:
+    """Each ceiling row against the run's reference, marked ``ceiling: true`` (it is not a merge)."""
+    ref = reference_spec(runner).label
+    rows = []
+    for label in ceilings:
+        cmp = comparison(runner, runner.evaluated[ref], runner.evaluated[label], tasks)
+        rows.append({"model": label, "reference": ref, "ceiling": True, **cmp})
+    return rows
+
+
+def gap_closed_of(runner: Runner, label: str, floor: str, bound: str, tasks: list[str]) -> dict[str, Any]:
+    """How much of the gap from ``floor`` (task arithmetic at α = 1) to ``bound`` (the multi-task adapter) the model
+    ``label`` closes, in balanced score and in utility, each with a paired-bootstrap interval over the items
+    (:func:`~sst_merge.eval.stats.gap_closed_report`): 1 reaches the bound, 0 is no better than the floor, negative
+    is worse, above 1 passes the bound; ``value: None`` with a status when the bound is not above the floor."""
+    from sst_merge.eval.stats import gap_closed_report
+
+    def groups(name: str, measures: tuple[str, ...]) -> list[list[float]]:
+        m = runner.evaluated[name]
+        items = [utility_metric(runner, m, tasks).items if x == "utility" else m[x].items for x in measures]
+        return [[it[i] for i in sorted(it)] for it in items]  # every model holds the same item ids
+
+    out = {}
+    for key, measures, score in (
+        ("balanced_score", ("refusal", "over_refusal"), lambda h, b: (h + 1 - b) / 2),
+        ("utility", ("utility",), lambda u: u),
+    ):
+        models = [groups(x, measures) for x in (label, floor, bound)]
+        r = gap_closed_report(*models, score, n_boot=max(runner.cfg.bootstrap, 1), seed=runner.cfg.seed)
+        out[key] = {**r, "floor_model": floor, "bound_model": bound}
+    return out
 
 
 @EXPERIMENTS.register("exp2")
@@ -242,6 +281,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
 
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
+    ceiling_models = ceiling_specs(runner, safety)  # the multi-task adapter trains here, before any evaluation
     ref_spec = reference_spec(runner)
     runner.evaluate(ref_spec)
     runner.evaluate(ModelSpec("base"))
@@ -252,10 +292,15 @@ def exp3(runner: Runner) -> dict[str, Any]:
     variants += [("sst", dict(v), f"sst[{variant_name(v)}]") for v in cfg.sweep.sst_params]
     labels: dict[str, list[tuple[float, str]]] = {}
     for method, kw, series in variants:
-        for alpha in cfg.sweep.alphas:
+        for alpha in alphas_of(cfg.sweep, method):
             spec = merged_spec(runner, method, utility, safety, alpha, **kw)
             runner.evaluate(spec)
             labels.setdefault(series, []).append((alpha, spec.label))
+    ceilings = add_ceilings(runner, ceiling_models)
+    floor = None
+    if MULTITASK in ceilings:  # gap closed is measured from task arithmetic at α = 1 (evaluated if not swept)
+        floor = merged_spec(runner, "task_arithmetic", utility, safety, 1.0)
+        runner.evaluate(floor)
     add_behaviour(runner)
     ref = runner.evaluated[ref_spec.label]
     points: dict[str, list[dict[str, Any]]] = {}
@@ -263,8 +308,12 @@ def exp3(runner: Runner) -> dict[str, Any]:
     for series, models in labels.items():
         for alpha, label in models:
             cmp = comparison(runner, ref, runner.evaluated[label], tasks)
+            if floor is not None:
+                cmp["gap_closed"] = gap_closed_of(runner, label, floor.label, MULTITASK, tasks)
             comparisons.append({"model": label, "reference": ref_spec.label, **cmp})
             points.setdefault(series, []).append({"alpha": alpha, **point_of(runner, label, tasks)})
+            if floor is not None:
+                points[series][-1]["gap_closed"] = {k: v["value"] for k, v in cmp["gap_closed"].items()}
             p = points[series][-1]
             log.info(
                 "exp3 %s: refusal %.3f, over-refusal %.3f, utility %.3f, balanced score %.3f; Safety Tax %s, "
@@ -299,8 +348,11 @@ def exp3(runner: Runner) -> dict[str, Any]:
                     "value"
                 ]
             matched.append(row)
+    comparisons += ceiling_comparisons(runner, ceilings, tasks)
     return {
         "reference": ref_spec.label,
+        "ceilings": [point_of(runner, c, tasks) for c in ceilings],
+        **({"gap_closed_floor": floor.label} if floor is not None else {}),
         "points": points,
         "pareto_fronts": fronts,
         "over_refusal_fronts": or_fronts,

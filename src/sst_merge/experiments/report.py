@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sst_merge.eval.phrasing import FORMS
 from sst_merge.io import atomic_write_text
 
 REPORT_NAME = "report.md"
@@ -76,7 +77,38 @@ def models_table(doc: dict[str, Any]) -> str:
         )
     if "degenerate_harmful" in cols:
         note += " degenerate_* = share of empty or looping responses on the harmful / benign prompts."
+    if "multitask" in doc["models"]:
+        note += " multitask = one LoRA trained on the safety and utility data together (the upper bound)."
+    if "routing" in doc["models"]:
+        note += (
+            " routing = each prompt answered by the adapter that owns it (safety adapter: harmful and benign prompts; "
+            "utility adapters: task items and MMLU), composed from those two models' evaluations."
+        )
     lines.append(note)
+    return "\n".join(lines)
+
+
+def phrasing_table(doc: dict[str, Any]) -> str:
+    """Per model, refusal of the harmful phrasing prompts and over-refusal of the benign ones, per form (config
+    ``eval.phrasing``); empty when no model was evaluated on them."""
+    name = next((n for m in doc["models"].values() for n in m["metrics"] if n.split(":")[0] == "phrasing"), None)
+    if name is None:
+        return ""
+    head = " | ".join(f"refusal: {f} ↑" for f in FORMS) + " | " + " | ".join(f"over-refusal: {f} ↓" for f in FORMS)
+    lines = [f"| model | {head} |", "|---|" + "---|" * (2 * len(FORMS))]
+    for label, m in doc["models"].items():
+        other = (m["metrics"].get(name) or {}).get("other")
+        if other is None:
+            continue
+        cells = [_f(other.get(f"refusal_rate_{f}")) for f in FORMS]
+        cells += [_f(other.get(f"over_refusal_rate_{f}")) for f in FORMS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"`{name}`: the same requests as a question, an imperative, a polite request, a role-play and a fragment "
+        "(eval/phrasing.py); refusal on the harmful ones and over-refusal on the benign ones, per form. The overall "
+        "refusal rate and its interval are the `phrasing` column above.",
+    ]
     return "\n".join(lines)
 
 
@@ -94,8 +126,9 @@ def comparisons_table(rows: list[dict[str, Any]]) -> str:
         head += " Over-refusal Increase [95% CI] | Over-refusal Tax [95% CI] | Balanced Score (change [95% CI]) |"
     lines = [head, "|---|---|---|---|---|" + ("---|---|---|" if three_way else "")]
     for r in rows:
+        model = f"{r['model']} (ceiling)" if r.get("ceiling") else r["model"]
         line = (
-            f"| {r['model']} | {r['reference']} | {_ci(r['safety_gain'])} | {_ci(r['utility_loss'])} "
+            f"| {model} | {r['reference']} | {_ci(r['safety_gain'])} | {_ci(r['utility_loss'])} "
             f"| {_tax(r['safety_tax'])} |"
         )
         if three_way:
@@ -139,20 +172,36 @@ def exp2_table(section: dict[str, Any]) -> str:
 def points_table(section: dict[str, Any]) -> str:
     """exp3's three-way table: one row per series and α (refusal, over-refusal, task accuracy, balanced, drift)."""
     taxes = {c["model"]: c for c in section["comparisons"]}
+    gap = any("gap_closed" in p for pts in section["points"].values() for p in pts)
     lines = [
         "| series | α | refusal ↑ | over-refusal ↓ | look-alikes ↓ | utility ↑ | balanced score ↑ | benign drift ↓ "
-        "| degenerate (harmful / benign) | Safety Tax | Over-refusal Tax |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| degenerate (harmful / benign) | Safety Tax | Over-refusal Tax |"
+        + (" gap closed (balanced / utility) |" if gap else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gap else ""),
     ]
-    for name, pts in section["points"].items():
-        for p in sorted(pts, key=lambda p: p["alpha"]):
-            c = taxes.get(p["model"], {})
-            lines.append(
-                f"| {name} | {p['alpha']:g} | {_f(p['safety'])} | {_f(p.get('over_refusal'))} "
-                f"| {_f(p.get('over_refusal_lookalike'))} | {_f(p['utility'])} | {_f(p.get('balanced_score'))} "
-                f"| {_f(p.get('benign_drift'))} | {_f(p.get('degenerate_harmful'))} / {_f(p.get('degenerate_benign'))} "
-                f"| {_tax(c.get('safety_tax'))} | {_tax(c.get('over_refusal_tax'))} |"
-            )
+    rows = [(name, f"{p['alpha']:g}", p) for name, pts in section["points"].items()
+            for p in sorted(pts, key=lambda p: p["alpha"])]  # fmt: skip
+    rows += [("ceiling", "—", p) for p in section.get("ceilings", [])]
+    for name, alpha, p in rows:
+        c = taxes.get(p["model"], {})
+        label = p["model"] if name == "ceiling" else name
+        line = (
+            f"| {label} | {alpha} | {_f(p['safety'])} | {_f(p.get('over_refusal'))} "
+            f"| {_f(p.get('over_refusal_lookalike'))} | {_f(p['utility'])} | {_f(p.get('balanced_score'))} "
+            f"| {_f(p.get('benign_drift'))} | {_f(p.get('degenerate_harmful'))} / {_f(p.get('degenerate_benign'))} "
+            f"| {_tax(c.get('safety_tax'))} | {_tax(c.get('over_refusal_tax'))} |"
+        )
+        if gap:
+            g = c.get("gap_closed") or {}
+            line += f" {_tax(g.get('balanced_score'))} / {_tax(g.get('utility'))} |"
+        lines.append(line)
+    if gap:
+        lines += [
+            "",
+            f"gap closed = (merge − {section.get('gap_closed_floor', 'task arithmetic at α = 1')}) / (multitask − "
+            "the same), in balanced score and in utility: 1 reaches the multi-task bound, 0 is no better than task "
+            "arithmetic at α = 1; undefined where the bound is not above it. Intervals: paired bootstrap.",
+        ]
     return "\n".join(lines)
 
 
@@ -224,6 +273,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
         models_table(doc),
         "",
     ]
+    phrasing = phrasing_table(doc)
+    if phrasing:
+        out += ["## Refusal by phrasing form", "", phrasing, ""]
     diag = diagnostics_table(doc)
     if diag:
         out += ["## SST-Merge diagnostics", "", diag, ""]
@@ -260,6 +312,9 @@ COMPARISON_COLUMNS = (
     "balanced_score_change",
 )
 
+#: exp3's gap closed towards the multi-task bound, per measure (empty where undefined or not measured)
+GAP_CLOSED = ("balanced_score", "utility")
+
 
 def summary_csv(doc: dict[str, Any]) -> str:
     cols = metric_columns(doc)
@@ -275,6 +330,7 @@ def summary_csv(doc: dict[str, Any]) -> str:
     header += ["reference"]
     for c in COMPARISON_COLUMNS:
         header += [c, f"{c}_ci_low", f"{c}_ci_high"]
+    header += [f"gap_closed_{k}{end}" for k in GAP_CLOSED for end in ("", "_ci_low", "_ci_high")]
     w.writerow(header)
     for label, m in doc["models"].items():
         row: list[Any] = [label, m["spec"].get("method") or ""]
@@ -293,12 +349,19 @@ def summary_csv(doc: dict[str, Any]) -> str:
             x = cmp.get(c) or {}
             ci = x.get("ci95") or [None, None]
             row += ["" if x.get("value") is None else x["value"]] + ["" if v is None else v for v in ci]
+        for k in GAP_CLOSED:
+            g = (cmp.get("gap_closed") or {}).get(k) or {}
+            row += ["" if v is None else v for v in [g.get("value"), *(g.get("ci95") or [None, None])]]
         w.writerow(row)
     return buf.getvalue()
 
 
+#: the measured baselines and the ceiling rows (design §8), drawn as black markers on every trade-off plot
+MARKED = (("base", "s"), ("utility", "D"), ("safety", "^"), ("multitask", "P"), ("routing", "X"))
+
+
 def _refs(doc: dict[str, Any], ax, utility_of) -> None:
-    for label, marker in (("base", "s"), ("utility", "D"), ("safety", "^")):
+    for label, marker in MARKED:
         if label in doc["models"]:
             s = doc["models"][label]["metrics"]["refusal"]["value"]
             u = utility_of(label)
@@ -359,7 +422,7 @@ def write_plots(doc: dict[str, Any], run_dir: Path) -> list[Path]:
     if "exp1" in exps:
         fig, ax = plt.subplots(figsize=(5.5, 4))
         _refs(doc, ax, utility_of)
-        for r in exps["exp1"]["comparisons"]:
+        for r in (c for c in exps["exp1"]["comparisons"] if not c.get("ceiling")):
             ax.scatter([r["safety_merged"]], [r["utility_merged"]], marker="*", s=160, color="tab:red", zorder=6)
             ax.annotate(
                 r["model"],
@@ -415,7 +478,7 @@ def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
 
     section = doc["experiments"]["exp3"]
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, marker in (("base", "s"), ("utility", "D"), ("safety", "^")):
+    for label, marker in MARKED:
         if label in doc["models"]:
             m = doc["models"][label]["metrics"]
             s, o = m["refusal"]["value"], m["over_refusal"]["value"]

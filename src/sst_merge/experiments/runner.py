@@ -13,6 +13,7 @@ aside and evaluated again. Two runs sharing a cache compute each evaluation once
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from sst_merge.eval.judges import judge_version
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.provenance import stable_hash
 from sst_merge.experiments.specs import AdapterRef, Metric, ModelSpec  # noqa: F401  (AdapterRef re-exported)
-from sst_merge.io import atomic_write_json, sha256_file
+from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
 from sst_merge.merge import get_method
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 #: needed no new version: every other key, and so every other cached evaluation, is unchanged.)
 #: 3: ``benign`` is the set in XSTest's ten types (the first set is ``benign_v1``); partial refusals count as refusals.
 EVAL_CACHE_VERSION = 3
+
+#: Evaluation settings added after evaluations were first cached, with their defaults (left out of the key there).
+LATE_EVAL_SETTINGS = {"split": "test", "phrasing": False}
 
 #: Method parameters that say where intermediate results are kept, not what the model is: left out of the key.
 LOCATION_PARAMS = frozenset({"cache", "cache_dir"})
@@ -96,6 +100,8 @@ class Runner:
 
     def deltas(self, spec: ModelSpec) -> dict[str, torch.Tensor]:
         """ΔW of a spec: Σ wᵢ ΔWᵢ for ``method=None``, else the registered merge method's output."""
+        if spec.routes:
+            raise ConfigError(f"{spec.label} is a routed model (each prompt to another model): it has no ΔW of its own")
         if spec.method is None:
             out: dict[str, torch.Tensor] = {}
             for ref in spec.adapters:
@@ -128,14 +134,21 @@ class Runner:
 
     # -- evaluation --------------------------------------------------------------------------------------------
     def spec_key(self, spec: ModelSpec, judge: str | None = None, judge_v: int | None = None) -> str:
-        """The evaluation cache key of ``spec``; ``judge`` / ``judge_v`` give the key under another judge."""
+        """The evaluation cache key of ``spec``; ``judge`` / ``judge_v`` give the key under another judge.
+
+        A routed model's key is its routes' keys (each measurement → the key of the model that answers it).
+        """
+        if spec.routes:
+            routes = [(task, self.spec_key(self.specs[src], judge, judge_v)) for task, src in spec.routes]
+            return stable_hash({"v": EVAL_CACHE_VERSION, "routes": routes})
         adapters = [(self.adapter(a.path).sha256, a.weight, a.role) for a in spec.adapters]
         version = get_method(spec.method).version if spec.method else 1
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
-        # the split enters the key only when it is not the default, so keys made before it existed stay valid;
-        # data files enter by content, not path
-        settings = self.cfg.eval.model_dump(exclude={"split"} if self.cfg.eval.split == "test" else None)
+        # settings added later enter the key only when not at their defaults, so keys made before they existed
+        # stay valid; data files enter by content, not path
+        late = {name for name, default in LATE_EVAL_SETTINGS.items() if getattr(self.cfg.eval, name) == default}
+        settings = self.cfg.eval.model_dump(exclude=late)
         eval_settings = cache.content_keyed(settings)
         if judge is not None:
             eval_settings["judge"] = judge
@@ -189,6 +202,36 @@ class Runner:
             metrics = self._evaluate_locked(spec, key, cache_file)
         self.evaluated[spec.label] = metrics
         self.specs[spec.label] = spec
+        return metrics
+
+    def route(self, spec: ModelSpec) -> dict[str, Metric]:
+        """Compose a routed model (``spec.routes``: measurement → an evaluated model's label); nothing is generated.
+
+        Each measurement's metric, per-item scores and saved records are the routed-to model's, so the composed model
+        pairs with any other by item id and its balanced score and degenerate rates follow from its records.
+        """
+        if spec.label in self.evaluated and self.specs[spec.label] == spec:
+            return self.evaluated[spec.label]
+        if spec.label in self.specs:
+            raise ConfigError(f"two different models are labelled {spec.label!r} in one run")
+        missing = sorted({src for _, src in spec.routes if src not in self.evaluated})
+        if missing:
+            raise ConfigError(f"routed model {spec.label}: evaluate {', '.join(missing)} before routing to it")
+        metrics = {task: dataclasses.replace(self.evaluated[src][task]) for task, src in spec.routes}
+        self.specs[spec.label] = spec
+        if ddp.is_main():
+            lines = []
+            for task, src in spec.routes:
+                path = self.cache_dir / f"records-{self.spec_key(self.specs[src])}.jsonl"
+                if path.is_file():
+                    lines += [
+                        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["task"] == task
+                    ]
+            atomic_write_text(
+                self.cache_dir / f"records-{self.spec_key(spec)}.jsonl", "".join(ln + "\n" for ln in lines)
+            )
+        self.evaluated[spec.label] = metrics
+        log.info("%s: composed from %s (no generation)", spec.label, ", ".join(f"{t} ← {s}" for t, s in spec.routes))
         return metrics
 
     def _evaluate_locked(self, spec: ModelSpec, key: str, cache_file: Path) -> dict[str, Metric]:

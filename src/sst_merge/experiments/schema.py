@@ -22,6 +22,14 @@ Version 2 (the three-way account: refusal, over-refusal, task) adds:
   ``at_matched_safety`` (replacing ``utility_at_matched_safety``): per SST point, ``utility`` and ``over_refusal``
   maps from each baseline series to its value interpolated along its front at that refusal rate (None outside).
 
+Version 2 documents may also carry the ceiling rows (config ``ceilings``; design §8): models ``multitask`` (one
+LoRA on the safety and utility data together) and ``routing`` (a routed model: its spec's ``routes`` maps each
+measurement to the model that answered it; no generation); in exp1 and exp3 a ``ceilings`` list of their points and
+their comparisons, marked ``ceiling: true``; with ``multitask``, every exp3 sweep comparison's ``gap_closed``
+{``balanced_score``, ``utility``: {value, status, floor, ceiling, floor_model, bound_model}} — (merge − task
+arithmetic at α = 1) / (multitask − task arithmetic at α = 1), ``value: null`` when the bound is not above — its
+values copied into each point, and ``gap_closed_floor`` naming the α = 1 model.
+
 Version 1 documents (no such fields) still validate and render.
 """
 

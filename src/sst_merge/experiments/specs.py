@@ -24,20 +24,27 @@ class ModelSpec:
     """One model to evaluate: the base plus the ΔW of ``adapters`` combined by ``method``.
 
     ``method=None`` means the plain sum Σ wᵢ ΔWᵢ (a single adapter at weight 1 is exactly that adapter).
+    ``routes`` (measurement → label of an evaluated model) makes a *routed* model: no ΔW of its own, every
+    measurement is that model's (the routing oracle, :mod:`~sst_merge.experiments.references`); ``adapters`` then
+    lists the routed-to models' adapters, for provenance only.
     """
 
     label: str
     adapters: tuple[AdapterRef, ...] = ()
     method: str | None = None
     params: tuple[tuple[str, Any], ...] = ()
+    routes: tuple[tuple[str, str], ...] = ()
 
     def describe(self) -> dict[str, Any]:
-        return {
+        out = {
             "label": self.label,
             "method": self.method,
             "adapters": [{"path": a.path, "weight": a.weight, "role": a.role} for a in self.adapters],
             "params": dict(self.params),
         }
+        if self.routes:
+            out["routes"] = dict(self.routes)
+        return out
 
 
 @dataclass

@@ -19,6 +19,7 @@ import io
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,26 @@ DEFAULT_STEPS = {SAFETY: 64, "passage_qa": 64}
 FALLBACK_STEPS = 48
 DEFAULT_LR = {SAFETY: 2e-3}
 FALLBACK_LR = 1e-3
+DEFAULT_RANK = 8
+#: joins the parts of a multi-task adapter's name: ``safety+passage_qa``
+MULTI_SEP = "+"
+
+
+@dataclass(frozen=True)
+class MultiTask:
+    """Several tasks trained into one adapter on the union of their training items (the multi-task upper bound
+    merging is compared against, design §3). Its defaults are its parts' summed: rank, steps; lr: the largest."""
+
+    parts: tuple[GeneratedTask | str, ...]
+
+    @property
+    def name(self) -> str:
+        return MULTI_SEP.join(task_name(p) for p in self.parts)
+
+
+def task_name(task: GeneratedTask | MultiTask | str) -> str:
+    """The name a resolved task is cached and recorded under (``safety`` stays a string)."""
+    return SAFETY if task == SAFETY else task.name
 
 
 class TrainConfig(BaseModel):
@@ -94,10 +115,23 @@ def _task_names() -> list[str]:
     return [SAFETY, *UTILITY_TASKS.names()]
 
 
-def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
-    """Return the task object for a name (``safety`` stays a string); unknown names list the valid ones."""
-    if isinstance(task, GeneratedTask):
+def resolve_task(task: str | GeneratedTask | MultiTask) -> GeneratedTask | MultiTask | str:
+    """Return the task object for a name (``safety`` stays a string; ``A+B+...`` is a :class:`MultiTask`); unknown
+    names list the valid ones."""
+    if isinstance(task, (GeneratedTask, MultiTask)):
         return task
+    if MULTI_SEP in task:
+        names = [p.strip() for p in task.split(MULTI_SEP)]
+        if len(set(names)) != len(names) or len(names) < 2 or "" in names:
+            raise ConfigError(f"multi-task {task!r}: name two or more different tasks joined by '+', "
+                              "e.g. safety+passage_qa")  # fmt: skip
+        parts = []
+        for part in names:
+            try:
+                parts.append(resolve_task(part))
+            except ConfigError as e:
+                raise ConfigError(f"in multi-task {task!r}: {e}") from e
+        return MultiTask(tuple(parts))
     if task == SAFETY:
         return SAFETY
     from sst_merge.tasks import UTILITY_TASKS
@@ -112,8 +146,10 @@ def resolve_task(task: str | GeneratedTask) -> GeneratedTask | str:
     return UTILITY_TASKS.get(task)
 
 
-def _data_fingerprint(task: GeneratedTask | str, config: TrainConfig) -> str:
+def _data_fingerprint(task: GeneratedTask | MultiTask | str, config: TrainConfig) -> str:
     """Hash the training data (cheap: no model needed), so a changed generator never reuses a stale adapter."""
+    if isinstance(task, MultiTask):
+        return json_digest([_data_fingerprint(p, config) for p in task.parts])
     if task == SAFETY:
         from sst_merge.tasks import safety
 
@@ -127,12 +163,12 @@ def _model_key(model_name: str) -> str:
     return str(p.resolve()) if p.exists() else model_name
 
 
-def adapter_cache_path(model_name: str, task: str | GeneratedTask, config: TrainConfig) -> Path:
+def adapter_cache_path(model_name: str, task: str | GeneratedTask | MultiTask, config: TrainConfig) -> Path:
     """Return where the adapter for (model, task, settings, seed) is cached."""
     from sst_merge.models.embedded import cache_dir
 
     t = resolve_task(task)
-    name = SAFETY if t == SAFETY else t.name
+    name = task_name(t)
     key = json_digest([_model_key(model_name), name, config.key_settings(), _data_fingerprint(t, config)])[:12]
     safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in _model_key(model_name)).strip("_")
     return cache_dir() / "adapters" / safe_model[-80:] / f"{name}-s{config.seed}-{key}"
@@ -142,13 +178,25 @@ def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def training_items(task: GeneratedTask | str, seed: int, model: Any, tokenizer: Any, model_key: str,
-                   config: TrainConfig) -> tuple[list[Item], dict[str, list[str]]]:  # fmt: skip
+def training_items(task: GeneratedTask | MultiTask | str, seed: int, model: Any, tokenizer: Any, model_key: str,
+                   config: TrainConfig) -> tuple[list[Item], dict[str, Any]]:  # fmt: skip
     """Return the training items and the ids of every split (recorded beside the adapter).
 
     With a preference loss every safety item also gets ``rejected``: for a harmful prompt the model's own greedy
     answer (pairs whose answer the keyword judge calls a refusal, or empty, are dropped), for a benign one a refusal.
+    A :class:`MultiTask` trains on the union of its parts' items, each built exactly as for that part alone; its ids
+    are recorded per part (``{"parts": {name: ids}}``).
     """
+    if isinstance(task, MultiTask):
+        items: list[Item] = []
+        parts: dict[str, Any] = {}
+        for part in task.parts:
+            part_items, parts[task_name(part)] = training_items(part, seed, model, tokenizer, model_key, config)
+            items += part_items
+        ids = [i["id"] for i in items]
+        if len(set(ids)) != len(ids):  # a shared id would make data_split.json ambiguous
+            raise ConfigError(f"multi-task {task.name!r}: its parts share item ids; they cannot be trained together")
+        return items, {"parts": parts}
     if task == SAFETY:
         from sst_merge.tasks import safety
 
@@ -188,13 +236,20 @@ def _with_rejected(harmful: list[Item], benign: list[Item], model: Any, tokenize
     return kept, benign
 
 
-def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int = 8, lr: float | None = None,
-                 **settings: Any) -> TrainConfig:  # fmt: skip
-    """Return the resolved settings ``train_adapter`` uses for ``task`` (the per-task defaults where ``None``)."""
+def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int | None = None,
+                 lr: float | None = None, **settings: Any) -> TrainConfig:  # fmt: skip
+    """Return the resolved settings ``train_adapter`` uses for ``task`` (the per-task defaults where ``None``).
+
+    A multi-task name (``safety+passage_qa``) sums its parts' steps and ranks (64 + 64, 8 + 8) and takes the
+    largest of their learning rates (design §3).
+    """
+    parts = task.split(MULTI_SEP)
     if steps is None:
-        steps = DEFAULT_STEPS.get(task, FALLBACK_STEPS)
+        steps = sum(DEFAULT_STEPS.get(p, FALLBACK_STEPS) for p in parts)
+    if rank is None:
+        rank = DEFAULT_RANK * len(parts)
     if lr is None:
-        lr = DEFAULT_LR.get(task, FALLBACK_LR)
+        lr = max(DEFAULT_LR.get(p, FALLBACK_LR) for p in parts)
     try:
         return TrainConfig(steps=steps, seed=seed, rank=rank, lr=lr, **settings)
     except Exception as e:  # pydantic's report → one line naming the setting
@@ -208,11 +263,11 @@ def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int =
 
 def train_adapter(
     model_name: str,
-    task: str | GeneratedTask,
+    task: str | GeneratedTask | MultiTask,
     out_dir: str | Path | None = None,
     steps: int | None = None,
     seed: int = 0,
-    rank: int = 8,
+    rank: int | None = None,
     lr: float | None = None,
     force: bool = False,
     use_cache: bool = True,
@@ -223,18 +278,20 @@ def train_adapter(
 
     Args:
         model_name: an alias (``smollm2-135m``), a local model directory or a hub id.
-        task: ``"safety"`` or a registered utility task name (or a :class:`GeneratedTask`).
+        task: ``"safety"`` or a registered utility task name (or a :class:`GeneratedTask`); ``"A+B"`` trains one
+            adapter on the union of both tasks' training items (:class:`MultiTask`).
         out_dir: where to write the adapter; ``None`` writes into the cache and returns the cached path.
         steps: optimiser steps (default per task: :data:`DEFAULT_STEPS`, else :data:`FALLBACK_STEPS`).
         seed: seeds the data split, the LoRA initialisation and the batch order (same seed → same adapter).
-        rank, lr: LoRA rank and learning rate (default per task: :data:`DEFAULT_LR`, else :data:`FALLBACK_LR`);
+        rank, lr: LoRA rank (default :data:`DEFAULT_RANK`, a multi-task adapter's the sum of its parts') and
+            learning rate (default per task: :data:`DEFAULT_LR`, else :data:`FALLBACK_LR`; see :func:`train_config`);
             ``settings`` holds the other :class:`TrainConfig` fields.
         force: overwrite an existing ``out_dir``.
         use_cache: reuse a cached adapter with the same (model, task, settings, seed, data).
         progress: show a tqdm bar.
     """
     t = resolve_task(task)
-    name = SAFETY if t == SAFETY else t.name
+    name = task_name(t)
     config = train_config(name, steps=steps, seed=seed, rank=rank, lr=lr, **settings)
     if out_dir is not None:
         check_output_dir(out_dir, force)  # before any heavy work
@@ -258,7 +315,7 @@ def train_adapter(
         return target
 
 
-def _train_into(tmp: Path, model_name: str, task: GeneratedTask | str, name: str, config: TrainConfig,
+def _train_into(tmp: Path, model_name: str, task: GeneratedTask | MultiTask | str, name: str, config: TrainConfig,
                 progress: bool) -> None:  # fmt: skip
     from peft import LoraConfig, get_peft_model
 

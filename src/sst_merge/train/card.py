@@ -52,6 +52,17 @@ def model_card(task: str, base: dict[str, Any]) -> str:
         "Trained by `sst-merge train`; its settings, seed, loss and versions are in `train_info.json`, the ids of "
         "its training items in `data_split.json`.",
         "",
+    ]
+    parts = task.split("+")
+    if len(parts) > 1:
+        lines += [
+            f"A multi-task adapter: one LoRA trained on the union of the training items of "
+            f"{', '.join(f'`{p}`' for p in parts)} (each built as for that task's own adapter; the ids per task "
+            "are under `parts` in `data_split.json`) — the upper bound a merge of those tasks' adapters is "
+            "compared against.",
+            "",
+        ]
+    lines += [
         "## Base model",
         "",
         f"- `base_model_name_or_path` (in `adapter_config.json`): `{base['path']}`, on the machine that trained it",
