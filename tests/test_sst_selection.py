@@ -130,24 +130,32 @@ def test_input_project_hand_case():
     assert res.damping == pytest.approx(1e-3)
 
 
-def test_input_project_keeps_selected_input_directions_and_kills_the_rest():
+def test_input_project_keeps_the_harmful_components_and_kills_the_contrast_ones():
+    """Over contrast inputs (A_c) every functional x_iᵀa has unit variance, over harmful ones μᵢ; an input is
+    Σ (Ã_c x_i) s_i. The projected update acts on Ã_c x_j exactly like τ for a selected j and not at all otherwise;
+    its output energy on contrast inputs is τ's on the selected components only. (The first form, τ X_k X_kᵀ Ã_c,
+    fails both.)"""
     g = torch.Generator().manual_seed(1)
-    X1, X2 = torch.randn(50, 6, generator=g), torch.randn(80, 6, generator=g)
+    X1 = torch.randn(50, 6, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.tensor([3.0, 1, 1, 1, 0.5, 1]).double()
+    )
+    X2 = torch.randn(80, 6, generator=g, dtype=torch.float64)
     A_s, A_c = X1.T @ X1 / 50, X2.T @ X2 / 80
-    tau = torch.randn(5, 6, generator=g)
+    tau = torch.randn(5, 6, generator=g, dtype=torch.float64)
     eps = 1e-3
     res = input_project(tau, A_s, A_c, eps, Selection(k=2))
-    Ad = A_c.double() + eps * float(A_c.diagonal().double().mean()) * torch.eye(6, dtype=torch.float64)
-    # reference: the generalized eigenvectors from scipy-free linear algebra (Cholesky reduction)
-    L = torch.linalg.cholesky(Ad)
-    Li = torch.linalg.inv(L)
-    mu, W = torch.linalg.eigh(Li @ A_s.double() @ Li.T)
-    X = Li.T @ W.flip(1)  # Ad-orthonormal, decreasing μ
-    out = res.projected.double()
-    torch.testing.assert_close(out @ X[:, :2], tau.double() @ X[:, :2], rtol=1e-4, atol=1e-5)  # kept
-    torch.testing.assert_close(out @ X[:, 2:], torch.zeros(5, 4, dtype=torch.float64), atol=1e-5, rtol=0)  # zeroed
-    again = input_project(res.projected, A_s, A_c, eps, Selection(k=2)).projected  # M² = M
-    torch.testing.assert_close(again, res.projected, rtol=1e-4, atol=1e-5)
+    Ad = A_c + eps * float(A_c.diagonal().mean()) * torch.eye(6, dtype=torch.float64)
+    Li = torch.linalg.inv(torch.linalg.cholesky(Ad))  # reference: the Cholesky reduction, decreasing μ
+    mu, W = torch.linalg.eigh(Li @ A_s @ Li.T)
+    X = (Li.T @ W).flip(1)
+    torch.testing.assert_close(X.T @ Ad @ X, torch.eye(6, dtype=torch.float64))
+    patterns = Ad @ X  # column j: the input pattern of component j
+    out = res.projected
+    torch.testing.assert_close(out @ patterns[:, :2], tau @ patterns[:, :2])  # kept
+    torch.testing.assert_close(out @ patterns[:, 2:], torch.zeros(5, 4, dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(res.lam_desc, mu.flip(0).clamp_min(0))
+    again = input_project(out, A_s, A_c, eps, Selection(k=2)).projected  # P² = P
+    torch.testing.assert_close(again, out)
 
 
 def test_space_input_needs_kfac_and_the_safety_projector(setup):

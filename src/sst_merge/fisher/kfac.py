@@ -130,18 +130,20 @@ class Kfac(Approximation):
 def input_project(
     tau: torch.Tensor, A_s: torch.Tensor, A_c: torch.Tensor, eps: float, selection: Selection
 ) -> ModuleResult:
-    """Keep ``τ``'s action on the input directions that harmful prompts produce and the contrast inputs do not.
+    """Keep ``τ``'s action on the input components that harmful prompts excite and the contrast inputs do not.
 
     The input side of a module (``y = W a``): solve ``A_s x = μ (A_c + ε I) x`` with ``A_s`` the Gram of the module's
     inputs on harmful prompts and ``A_c`` that of the contrast inputs (benign prompts and task items), ``ε = eps ·
-    mean diag A_c``. ``μ`` is harmful input energy per unit of contrast input energy along ``x``. With ``X``
-    ``Ã_c``-orthonormal, an input ``a = X c`` has coordinates ``c = Xᵀ Ã_c a``, and the projector that keeps the
-    selected coordinates is ``M = X_k X_kᵀ Ã_c`` (oblique, ``M² = M``, ``M x_j = 0`` for every unselected ``x_j``); the
-    result is ``τ M``: unchanged on the selected input directions, zero on the others (the null-space idea of
-    AlphaEdit, Fang et al. 2025, with a generalized eigenproblem in place of a hard null space).
+    mean diag A_c``. Each eigenvector is a *functional*: ``s_i = x_iᵀ a`` has variance ``μ_i`` over harmful inputs
+    and (up to ε) 1 over contrast inputs (``Xᵀ Ã_c X = I``). An input decomposes as ``a = Σ_i (Ã_c x_i) s_i`` (since
+    ``X⁻ᵀ = Ã_c X``), and ``P = Ã_c X_k X_kᵀ`` keeps the selected components: ``P Ã_c x_j = Ã_c x_j`` for a selected
+    ``j`` and 0 otherwise (oblique, ``P² = P``). The result is ``τ P``: the safety update unchanged on the components
+    where harmful inputs carry more energy than the contrast inputs, zero on the others (the null-space idea of
+    AlphaEdit, Fang et al. 2025, with a generalized eigenproblem in place of a hard null space). It is kfac's
+    projector with the output side left whole.
 
     Returns:
-        A :class:`ModuleResult` whose directions are the ``in`` input directions.
+        A :class:`ModuleResult` whose directions are the ``in`` input components.
     """
     damping = eps * check_mean(float(A_c.diagonal().double().mean()), "mean diagonal of the contrast inputs' Gram")
     Ad = A_c.double() + damping * torch.eye(A_c.shape[0], dtype=torch.float64)
@@ -153,5 +155,5 @@ def input_project(
         out = tau.clone()
     else:
         Xk = X[:, :n]
-        out = (tau.double() @ Xk @ (Xk.T @ Ad)).to(tau.dtype)
+        out = (tau.double() @ (Ad @ Xk) @ Xk.T).to(tau.dtype)  # τ Ã_c X_k X_kᵀ
     return ModuleResult(out, mu, d, count_positive(mu), min(n, d), damping)

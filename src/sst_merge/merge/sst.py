@@ -78,7 +78,7 @@ FISHER_DEFINITIONS = {
 INPUT_DEFINITIONS = {
     "A_harmful": "Gram of each module's inputs at base + utility ΔW over harmful prompts and a refusal's first token",
     "A_contrast": "½ (A of the benign prompts with the pre-merge model's greedy answers + A of the utility items)",
-    "projector": "τ X_k X_kᵀ (A_contrast + εI) over the top eigenvectors of A_harmful x = μ (A_contrast + εI) x "
+    "projector": "τ (A_contrast + εI) X_k X_kᵀ over the top eigenvectors of A_harmful x = μ (A_contrast + εI) x "
     "(ε = eps · mean diag A_contrast): τ kept on harmful-specific input directions, zero on the others",
 }
 
@@ -246,7 +246,9 @@ class SSTMerge(MergeMethod):
 
     name = "sst"
     Params = SSTParams
-    version = 3  # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks); 3: F_s ends at EOS
+    # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks); 3: F_s ends at EOS; 4: the
+    # input side projects with Ã_c X_k X_kᵀ (its first form, X_k X_kᵀ Ã_c, broke the model: never reuse those results)
+    version = 4
     description = "Σ wᵢτᵢ(utility) + α·P_k(τ_safety), P_k from the GEVP F_s v = λ(F_u+εI)v"
 
     def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]
