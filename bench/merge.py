@@ -13,6 +13,18 @@ the RSS just before the merge call (the peak is reset through ``/proc/self/clear
   adapters, ΔW, the method, truncated SVD per module, saving) — everything.
 * PEFT: only the ``add_weighted_adapter`` call, with the base model and the three adapters already loaded.
 
+The data-aware methods have rows of their own, timed the same way (``--methods fisher_merge regmean learned``):
+
+* ``fisher_merge`` / ``regmean``: each adapter's statistics (diagonal Fisher / kfac input Gram) are built once on the
+  random SmolLM2-shaped model saved with the project's tiny tokenizer, on ``--samples`` items of a local JSONL with
+  responses, by an untimed merge in a process of its own (``statistics_seconds``); the timed merge, in a fresh
+  process, then reads them from the cache (the model is never loaded: the row records the cache state) and runs the
+  kernel + rank-16 SVD + save.
+* ``learned`` with ``steps: 0``: the coefficients at their start (task arithmetic), no fit, no model.
+* No direct comparison: FusionBench's ``fisher_merging`` / ``regmean`` and AdaMerging's code take *full* fine-tuned
+  models and compute their statistics (or fit) inside the same call; a user would otherwise merge full models there.
+  The dense-ΔW floor and the ties / dare_linear rows are the reference on the same adapters.
+
 The mergekit cross-check builds full-weight "fine-tuned" models (base + ΔWᵢ, fp32) on the tiny in-process Llama,
 runs ``mergekit-yaml`` from its own virtual environment (``--mergekit-venv``, default /work/venvs/mergekit), and
 compares every weight of its output with ``sst-merge``'s ``full`` output from the LoRA adapters.
@@ -21,6 +33,7 @@ Usage::
 
     python bench/merge.py                       # everything, prints a table and ratios
     python bench/merge.py --skip-mergekit       # only the speed/memory comparison
+    python bench/merge.py --skip-mergekit --methods fisher_merge regmean learned --samples 16
 """
 
 from __future__ import annotations
@@ -54,6 +67,12 @@ SMOLLM2_135M = dict(
 )
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WEIGHTS = [1.0, 0.5, 0.5]
+#: methods timed without a comparison tool (see the docstring): what a user would otherwise run needs full models
+DATA_AWARE = {
+    "fisher_merge": "FusionBench fisher_merging (full models; Fisher computed in the call)",
+    "regmean": "FusionBench regmean (full models; Grams computed in the call)",
+    "learned": "AdaMerging / FusionBench adamerging (full models; fitted in the call)",
+}
 
 
 # ----------------------------------------------------------------------------------------------- memory helpers
@@ -147,6 +166,66 @@ def worker_ours(adapters: list[str], method: str, density: float, rank: int, out
     result["max_rel_frobenius_error"] = meta["output"]["max_rel_frobenius_error"]
     result["mean_rel_frobenius_error"] = meta["output"]["mean_rel_frobenius_error"]
     return result
+
+
+def worker_data_aware(
+    adapters: list[str], method: str, model_dir: str, data: str, n: int, rank: int, out: str, build: bool = False
+) -> dict:
+    """Time ``method``'s merge with every adapter's statistics already cached; ``build``: only build them (untimed,
+    in a process of its own, so the timed process never holds the model)."""
+    import torch
+
+    from sst_merge.merge.api import merge
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if method == "learned":
+        params: dict = {"steps": 0}
+    else:
+        params = {"data": [data] * len(adapters), "n_samples": n, "batch_size": 8, "max_length": 64,
+                  "cache_dir": str(Path(out).parent / "statistics")}  # fmt: skip
+    config = {
+        "base_model": model_dir,
+        "method": method,
+        "adapters": [{"path": p, "weight": w} for p, w in zip(adapters, WEIGHTS, strict=True)],
+        "params": params,
+        "output": {"format": "peft", "rank": rank},
+    }
+    if build:
+        t0 = time.perf_counter()
+        if method != "learned":
+            merge(config, out, force=True, show_progress=False)  # builds (or finds) the statistics
+        return {"statistics_seconds": time.perf_counter() - t0}
+    result = _measure(lambda: merge(config, out, force=True, show_progress=False))
+    meta = json.loads((Path(out) / "merge_metadata.json").read_text())
+    result["statistics_seconds"] = 0.0  # the build call's own time replaces it (learned: nothing to build)
+    result["max_rel_frobenius_error"] = meta["output"]["max_rel_frobenius_error"]
+    result["mean_rel_frobenius_error"] = meta["output"]["mean_rel_frobenius_error"]
+    diag = meta.get("diagnostics", {}).get(method, {})
+    result["cache"] = [a.get("cache") for a in diag.get("adapters", [])] if method != "learned" else diag.get("fit")
+    return result
+
+
+def build_model(workdir: Path, seed: int) -> Path:
+    """Save the random SmolLM2-135M-shaped Llama with the project's tiny tokenizer (its ids fit the vocabulary)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sst_merge.testing import tiny_tokenizer
+
+    path = workdir / "model"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def build_data(workdir: Path, n: int) -> Path:
+    """A JSONL of ``n`` prompt/response items (responses given: no greedy answers)."""
+    path = workdir / f"data{n}.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "response": f"The answer is {2 * i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def worker_dense(adapters: list[str]) -> dict:
@@ -336,10 +415,11 @@ def main() -> int:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=["ties", "dare_linear"],
-        choices=["ties", "dare_linear"],
-        help="speed pairs to run",
+        default=["ties", "dare_linear", *DATA_AWARE],
+        choices=["ties", "dare_linear", *DATA_AWARE],
+        help="speed pairs to run, and the data-aware rows (no comparison tool)",
     )
+    parser.add_argument("--samples", type=int, default=16, help="statistics items per adapter (fisher_merge, regmean)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument(
         "--real-adapters",
@@ -353,7 +433,7 @@ def main() -> int:
 
     if args.worker:
         kind, *rest = json.loads(args.worker)
-        fn = {"ours": worker_ours, "peft": worker_peft, "dense": worker_dense}[kind]
+        fn = {"ours": worker_ours, "peft": worker_peft, "dense": worker_dense, "data_aware": worker_data_aware}[kind]
         print(json.dumps(fn(*rest)))
         return 0
 
@@ -414,6 +494,23 @@ def main() -> int:
             f"{os.getloadavg()[0]:.1f}",
             flush=True,
         )
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    aware = [m for m in args.methods if m in DATA_AWARE]
+    if aware:
+        model_dir, data = build_model(workdir, seed=0), build_data(workdir, args.samples)
+        print(f"\ndata-aware merges, statistics on {args.samples} items per adapter cached first (not timed):")
+    for method in aware:
+        out = str(workdir / f"out_{method}")
+        job = ["data_aware", paths, method, str(model_dir), str(data), args.samples, args.rank, out]
+        built = _run_worker([*job, True], args.threads)  # untimed: the statistics, then the model is gone
+        r = {**_run_worker(job, args.threads), **built}
+        row(f"sst-merge {method}" + (" (steps 0)" if method == "learned" else ""), r)
+        r["otherwise"] = DATA_AWARE[method]
+        results[method] = {"ours": r, "comparison": None}
+        print(f"  → {method}: statistics {r['statistics_seconds']:.1f} s untimed, cache {r['cache']}; no direct "
+              f"comparison: {DATA_AWARE[method]}", flush=True)  # fmt: skip
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 

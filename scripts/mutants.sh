@@ -32,10 +32,14 @@ declare -A TESTS=(
   [eval/judges/keyword.py]="tests/test_judge.py"
   [experiments/runner.py]="tests/test_cache_keys.py tests/test_experiment_numbers.py tests/test_experiments_e2e.py"
   [experiments/experiments.py]="tests/test_experiment_numbers.py tests/test_experiments_e2e.py"
+  [merge/regmean.py]="tests/test_data_aware_merges.py"
+  [merge/fisher_merge.py]="tests/test_data_aware_merges.py"
+  [merge/own_data.py]="tests/test_data_aware_merges.py"
+  [merge/learned_fit.py]="tests/test_learned_merge.py"
 )
 ORDER=(merge/sparsify.py eval/stats.py experiments/safety_tax.py fisher/gevp.py fisher/solve.py fisher/diagonal.py
   fisher/lowrank.py fisher/kfac.py eval/mmlu.py eval/mmlu_cloze.py eval/judges/keyword.py experiments/runner.py
-  experiments/experiments.py)
+  experiments/experiments.py merge/regmean.py merge/fisher_merge.py merge/own_data.py merge/learned_fit.py)
 
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=("${ORDER[@]}")

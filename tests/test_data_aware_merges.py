@@ -355,3 +355,75 @@ def test_the_shipped_adapters_default_to_their_own_training_data(method):
     assert [d.source for d in data] == ["utility:passage_qa", "safety_train"]
     assert [(len(d.given), len(d.greedy)) for d in data] == [(64, 0), (28, 36)]  # round(64 · 249/560) = 28
     assert all(it["response"] in REFUSALS for it in data[1].given)
+
+
+# ---- mutant kills (scripts/mutants.sh): the singular-Gram threshold, defaults, ranges, diagnostics ----------------
+
+
+def test_regmean_singular_threshold_is_relative_to_the_largest_diagonal_entry():
+    """tiny = in · eps₆₄ · max diag: diag(1e8, 1e-9) has pivot² 1e-9 ≤ 2 · 2.2e-16 · 1e8 ≈ 4.4e-8 (singular for its
+    scale); diag(1, 1e-12) has pivot² 1e-12 > 4.4e-16 (solvable); the same Gram × 1e-20 is as solvable."""
+    tau = torch.ones(1, 2)
+    with pytest.raises(SingularGramError):
+        regmean_solve([tau], [torch.diag(torch.tensor([1e8, 1e-9], dtype=torch.float64))], [1.0])
+    for scale in (1.0, 1e-20):
+        gram = scale * torch.diag(torch.tensor([1.0, 1e-12], dtype=torch.float64))
+        torch.testing.assert_close(regmean_solve([tau], [gram], [1.0]), tau)  # one adapter: the adapter itself
+
+
+def test_defaults_and_ranges_of_the_parameters():
+    from sst_merge.merge.fisher_merge import FisherMergeParams
+    from sst_merge.merge.regmean import RegMeanParams
+
+    # FusionBench's defaults: reduce_non_diagonal_ratio 0.6; minimal_fisher_weight 1e-6 with normalised Fishers
+    assert RegMeanParams().reduce_non_diagonal == 0.6
+    f = FisherMergeParams()
+    assert (f.normalize, f.floor) == (True, 1e-6)
+    for r in (0.0, 1.0):
+        assert validate(RegMeanParams, {"reduce_non_diagonal": r}).reduce_non_diagonal == r
+    for r in (-0.01, 1.01):
+        with pytest.raises(ConfigError, match="reduce_non_diagonal"):
+            validate(RegMeanParams, {"reduce_non_diagonal": r})
+    assert validate(FisherMergeParams, {"floor": 0.0}).floor == 0.0
+    with pytest.raises(ConfigError, match="floor"):
+        validate(FisherMergeParams, {"floor": -1e-9})
+
+
+def test_fisher_merge_normalisation_floor_and_diagnostics_by_hand(setup, tmp_path):
+    """With a large floor the normaliser 1/(‖Fᵢ‖ + floor) and the entries Fᵢ + floor both show; the diagnostics
+    record each adapter's norm, its coefficient (normalised to sum 1) and the per-module Fisher share."""
+    ctx = context(setup, tmp_path, weights=(1.0, 2.0))
+    floor = 0.5
+    data = write_jsonl(tmp_path / "u4.jsonl", [{"prompt": p, "response": r} for p, r in UTILITY[:4]])
+    out = run("fisher_merge", setup, ctx, data=[data, setup["refusals"]], floor=floor, lambda_=2.0)
+    fu = own_stats(setup, "utility", UTILITY[:4], "diagonal")
+    fs = own_stats(setup, "safety", HARMFUL[:4], "diagonal")
+    norm = [sum(float(f[m]["diag"].double().square().sum()) for m in f) ** 0.5 for f in (fu, fs)]
+    inv = [1 / (n + floor) for n in norm]
+    c = [x / sum(inv) for x in inv]
+    eff = [1.0 * c[0], 2.0 * c[1]]
+    diag = ctx.diagnostics["fisher_merge"]
+    assert (diag["method"], diag["lambda"], diag["normalize"], diag["floor"]) == ("fisher_merge", 2.0, True, floor)
+    for k, row in enumerate(diag["adapters"]):
+        assert row["fisher_norm"] == pytest.approx(norm[k], rel=1e-5)
+        assert row["coefficient"] == pytest.approx(c[k], rel=1e-5)
+    for m in ctx.modules:
+        fa, fb = fu[m]["diag"].double() + floor, fs[m]["diag"].double() + floor
+        ta, tb = setup["utility"].delta(m).double(), setup["safety"].delta(m).double()
+        expected = 2.0 * (eff[0] * fa * ta + eff[1] * fb * tb) / (eff[0] * fa + eff[1] * fb)
+        torch.testing.assert_close(out[m], expected.float(), rtol=1e-4, atol=1e-7)
+        tr = [eff[0] * float(fa.sum()), eff[1] * float(fb.sum())]
+        assert diag["fisher_share"][m] == pytest.approx([t / sum(tr) for t in tr], rel=1e-5)
+
+
+def test_regmean_diagnostics_record_the_settings_and_each_grams_share(setup, tmp_path):
+    ctx = context(setup, tmp_path, weights=(1.0, 3.0))
+    data = write_jsonl(tmp_path / "u4.jsonl", [{"prompt": p, "response": r} for p, r in UTILITY[:4]])
+    run("regmean", setup, ctx, data=[data, setup["refusals"]], reduce_non_diagonal=0.25, lambda_=0.5)
+    au = own_stats(setup, "utility", UTILITY[:4], "kfac")
+    as_ = own_stats(setup, "safety", HARMFUL[:4], "kfac")
+    diag = ctx.diagnostics["regmean"]
+    assert (diag["method"], diag["lambda"], diag["reduce_non_diagonal"]) == ("regmean", 0.5, 0.25)
+    for m in ctx.modules:
+        tr = [w * float(s[m]["A"].double().diagonal().sum()) for w, s in ((1.0, au), (3.0, as_))]
+        assert diag["gram_share"][m] == pytest.approx([t / sum(tr) for t in tr], rel=1e-5)

@@ -352,3 +352,102 @@ def test_decode_step_at_the_decoding_curve_and_without_one():
     flat = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10)  # projected rates: one read of the weights, or the FLOPs
     assert flat.decode_seconds(1e8, 1, 2) == pytest.approx(1e8 * 2 / 1e10)
     assert flat.decode_seconds(1e8, 256, 2) == pytest.approx(2 * 1e8 * 256 / 1e11)
+
+
+LLAMA_FWD = 2 * (8_030_261_248 - 128256 * 4096)  # forward FLOPs per token of llama-3.1-8b (untied head)
+
+
+def _greedy_token_s(batch: int) -> float:
+    """One greedy token of llama-3.1-8b in fp32 at RATES (no decoding curve): the longer of one read of the weights
+    and the FLOPs, plus python's share per token and per layer (32 layers)."""
+    from sst_merge.plan import GEN_LAYER_OVERHEAD_S, GEN_TOKEN_OVERHEAD_S
+
+    read = max(LLAMA_FWD / 2 * 4 / 1e10, 2 * (LLAMA_FWD / 2) * batch / 1e11)
+    return read + GEN_TOKEN_OVERHEAD_S + 32 * GEN_LAYER_OVERHEAD_S
+
+
+def test_fisher_merge_and_regmean_plan_one_own_data_pass_per_weighted_adapter(tmp_path):
+    """Each adapter with a non-zero weight costs one Fisher pass (fisher_merge: diagonal, regmean: kfac) over its
+    n_samples items, after greedy answers for every item (at most); a weight-0 adapter costs nothing."""
+    from dataclasses import replace
+
+    from sst_merge.plan import fisher_memory, fisher_pass_seconds, settings_from_config
+
+    shape = model_shape("llama-3.1-8b")
+    adapters = [{"path": _adapter(tmp_path / n), "weight": w} for n, w in (("a", 1.0), ("b", 3.0), ("c", 0.0))]
+    params = {"n_samples": 16, "batch_size": 4, "max_length": 128, "max_new_tokens": 32}
+    kfac = 32 * (4096**2 + 4096**2 + 4096**2 + 1024**2)
+    # statistics (result fp32 + accumulator fp64) + the fp32 ΔW map + the fp32 copy of the largest fp64 sum
+    host = {"diagonal": LLAMA_P * (4 + 8) + LLAMA_P * 4 + 4096 * 4096 * 4, "kfac": kfac * (4 + 8) + LLAMA_P * 4 + 4096**2 * 4}  # fmt: skip
+    for method, fisher in (("fisher_merge", "diagonal"), ("regmean", "kfac")):
+        config = {"base_model": "llama-3.1-8b", "method": method, "adapters": adapters, "params": params}
+        _, s = settings_from_config(config)
+        assert not s.sst and s.learned is None
+        [own] = s.own
+        assert (own.method, own.fisher, own.passes, own.n_samples, own.batch) == (method, fisher, 2, 16, 4)
+        one = replace(s, fisher=fisher, n_samples=16, fisher_batch=4, fisher_length=128)
+        answers = 4 * 32 * _greedy_token_s(4)  # 16 items in batches of 4, 32 tokens each
+        steps = {st.step.split(" ")[0]: st for st in estimate(shape, s, RATES)}
+        assert "fisher" not in steps  # no SST pass
+        st = steps[method]
+        assert st.seconds == pytest.approx(2 * (fisher_pass_seconds(shape, one, RATES) + answers))
+        assert st.host_bytes == host[fisher]
+        assert st.device_bytes == 8_030_261_248 * 4 + fisher_memory(shape, one)[0]
+
+
+def test_learned_plans_its_fit_at_the_training_steps_law_after_the_reference_answers(tmp_path):
+    from sst_merge.plan import ACT_HIDDEN, ACT_INTER, LearnedFit, settings_from_config
+
+    shape = model_shape("llama-3.1-8b")
+    adapters = [{"path": _adapter(tmp_path / n)} for n in ("a", "b")]
+    params = {"steps": 10, "batch_size": 2, "max_length": 64}
+    _, s = settings_from_config({"base_model": "llama-3.1-8b", "method": "learned", "adapters": adapters,
+                                 "params": params})  # fmt: skip
+    assert s.learned == LearnedFit(steps=10, batch=2, length=64, terms=3, benign=60, tokens=8)  # benign_dev: 60
+    st = {st.step.split(" ")[0]: st for st in estimate(shape, s, RATES)}["learned"]
+    fit = 10 * 3 * 3 * LLAMA_FWD * (2 * 64) / 1e11  # steps × terms × (forward + backward = 3 forwards) × tokens
+    reference = 15 * 8 * _greedy_token_s(4)  # 60 prompts in batches of 2 × batch_size, loss_tokens 8 each
+    assert st.seconds == pytest.approx(fit + reference)
+    act = 128 * 32 * (ACT_HIDDEN * 4096 + ACT_INTER * 14336) * 4 + 128 * 128256 * 4 * 2  # one term's minibatch
+    factors = 2 * 32 * 8 * ((4096 + 4096) + (1024 + 4096)) * 4  # both adapters' A and B, fp32
+    assert st.device_bytes == 8_030_261_248 * 4 + act + factors
+    # a term of weight 0 is not run; without the benign term there is nothing to answer first
+    params.update(benign_weight=0, task_weight=0)
+    _, s = settings_from_config({"base_model": "llama-3.1-8b", "method": "learned", "adapters": adapters,
+                                 "params": params})  # fmt: skip
+    assert (s.learned.terms, s.learned.benign) == (1, 0)
+    st = {st.step.split(" ")[0]: st for st in estimate(shape, s, RATES)}["learned"]
+    assert st.seconds == pytest.approx(fit / 3)
+
+
+def test_sst_input_space_plans_three_kfac_passes_and_safety_span_plans_as_sst(tmp_path):
+    from sst_merge.plan import fisher_pass_seconds, settings_from_config
+
+    shape = model_shape("llama-3.1-8b")
+    adapters = [{"path": _adapter(tmp_path / n)} for n in ("a", "b")]
+    config = {"base_model": "llama-3.1-8b", "method": "sst", "adapters": adapters,
+              "params": {"space": "input", "fisher": "kfac", "share": 0.1, "n_samples": 16}}  # fmt: skip
+    _, s = settings_from_config(config)
+    assert s.sst and s.objectives == 3 and s.fisher == "kfac"
+    _, g = settings_from_config(config, ["params.space=gradient"])
+    assert g.objectives == 2
+    fisher = {st.step.split(" ")[0] + str(st.step.endswith("× 3)")): st for x in (s, g) for st in estimate(shape, x, RATES)}  # fmt: skip
+    extra = fisher["fisherTrue"].seconds - fisher["fisherFalse"].seconds
+    assert extra == pytest.approx(fisher_pass_seconds(shape, s, RATES))  # the third objective: one more pass
+    assert fisher["fisherTrue"].host_bytes == fisher["fisherFalse"].host_bytes
+    _, span = settings_from_config({**config, "method": "safety_span", "params": {"fisher": "kfac", "n_samples": 16}})
+    assert span.sst and span.objectives == 2 and span.own == [] and span.learned is None
+
+
+def test_an_experiment_plans_every_data_aware_method_it_sweeps(tmp_path):
+    from sst_merge.plan import OwnPass, settings_from_config
+
+    data = {"model": "llama-3.1-8b", "sst": {"fisher": "kfac"},
+            "adapters": {"safety": _adapter(tmp_path / "s"), "utility": {"passage_qa": _adapter(tmp_path / "u")}},
+            "sweep": {"methods": ["sst", "fisher_merge", "regmean", "learned"]},
+            "methods": {"regmean": {"n_samples": 32}, "learned": {"steps": 4}}}  # fmt: skip
+    _, s = settings_from_config(data)
+    assert s.own == [OwnPass("fisher_merge", "diagonal", 2), OwnPass("regmean", "kfac", 2, n_samples=32)]
+    assert s.learned is not None and s.learned.steps == 4
+    names = [st.step for st in estimate(model_shape("llama-3.1-8b"), s, RATES)]
+    assert {"fisher_merge (diagonal, N=64 × 2)", "regmean (kfac, N=32 × 2)", "learned (4 steps × 3)"} <= set(names)

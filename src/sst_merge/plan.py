@@ -14,6 +14,11 @@ estimates for every step what the code of this project allocates:
   held) — they are moved to the host after every batch;
 * ``gevp`` — per module: ``kfac`` two dense fp64 eigenproblems (in×in, out×out), ``lowrank`` N×N plus N·p products,
   ``diagonal`` elementwise; the selection sorts the module's p values (fp64 + int64);
+* ``statistics`` (``fisher_merge``: ``diagonal``, ``regmean``: ``kfac``) — the Fisher pass's memory and time, once
+  per adapter with a non-zero weight, each on its own data at its own model, after greedy answers for its items
+  without a response (planned as if none had one);
+* ``learned`` — the fit: per step one forward + backward (the training step's law) per weighted term on a minibatch,
+  after the reference model's greedy answers (``loss_tokens`` each) to the benign prompts;
 * ``merge`` — the merged ΔW map (fp32, p·4) and the touched weights saved while it is applied;
 * ``full`` — the ``full`` output loads a fresh fp32 copy of the base on the host (P·4) and adds ΔW.
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +171,31 @@ def model_shape(model: str) -> Shape:
 
 
 @dataclass
+class OwnPass:
+    """``fisher_merge`` / ``regmean``: one statistics pass per adapter with a non-zero weight, on its own data."""
+
+    method: str
+    fisher: str  # diagonal (fisher_merge) or kfac (regmean: its A factor; the pass computes both factors)
+    passes: int  # adapters with a non-zero weight
+    n_samples: int = 64
+    batch: int = 8
+    length: int = 256
+    new_tokens: int = 64  # greedy answer length for items without a response
+
+
+@dataclass
+class LearnedFit:
+    """``learned``: Adam steps, each one forward + backward per weighted term on ``batch`` examples."""
+
+    steps: int = 24
+    batch: int = 4
+    length: int = 256
+    terms: int = 3  # harmful, benign, task (those with a non-zero weight)
+    benign: int = 0  # benign prompts the reference model answers greedily first (0: benign weight 0)
+    tokens: int = 8  # loss_tokens: the length of a reference answer
+
+
+@dataclass
 class Settings:
     """What the estimate depends on besides the model (experiment and merge settings)."""
 
@@ -187,6 +217,9 @@ class Settings:
     sst: bool = True
     train: bool = False  # an experiment whose adapters are not given trains them first
     ties: bool = False  # a TIES merge (trim + sign election) is among the merges: the merge step costs its law
+    objectives: int = 2  # SST's Fisher passes: F_s and F_u (space: input — harmful, benign and utility inputs: 3)
+    own: list[OwnPass] = field(default_factory=list)  # fisher_merge / regmean among the merges
+    learned: LearnedFit | None = None  # learned among the merges
 
 
 @dataclass
@@ -524,6 +557,26 @@ def fisher_host_bytes(shape: Shape, s: Settings, fisher: str | None = None, n: i
     return 2 * n * p * 4  # lowrank: N rows of p, fp32, for both statistics
 
 
+def fisher_memory(shape: Shape, s: Settings) -> tuple[float, float]:
+    """Device and host bytes of a Fisher pass (``s.fisher`` over ``s.n_samples``) besides the weights.
+
+    Device: activations of a backward, the module inputs/output-gradients captured for every target module, the
+    per-example gradients of the largest module (and ``diagonal``'s sum of them). Host: both statistics, the fp32 ΔW
+    map and the fp32 copy ``finish()`` makes of the largest fp64 sum while the sum is alive.
+    """
+    b = BYTES[s.dtype]
+    mods = targets_of(shape, s.targets)
+    big = max(o * i for o, i in mods)
+    ftok = s.fisher_batch * s.fisher_length
+    act = ftok * shape.layers * (ACT_HIDDEN * shape.hidden + ACT_INTER * shape.intermediate) * b
+    act += ftok * shape.vocab * 4 * 3
+    captured = ftok * sum(o + i for o, i in mods) * b
+    per_ex = 0 if s.fisher == "kfac" else (s.fisher_batch + (s.fisher == "diagonal")) * big * 4
+    largest = {"lowrank": 0, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
+    deltas = sum(o * i for o, i in mods) * 4
+    return act + captured + per_ex, fisher_host_bytes(shape, s) + deltas + largest * 4
+
+
 def forward_flops(shape: Shape, batch: int, length: int, response: int | None = None) -> float:
     """FLOPs of one forward of a right-padded batch (``batch`` × ``length`` tokens) in the Fisher pass.
 
@@ -643,20 +696,36 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
     steps.append(Step("merge (ΔW applied)", W + saved, deltas + s.n_adapters * big * 4, merge_s,
                       f"ΔW map {deltas / GIB:.2f} GiB (fp32, host); saved originals {saved / GIB:.2f} GiB"))  # fmt: skip
 
+    for own in s.own:  # fisher_merge / regmean: the Fisher pass's law, once per adapter on its own data
+        os_ = replace(s, fisher=own.fisher, n_samples=own.n_samples, fisher_batch=own.batch, fisher_length=own.length)
+        dev, host = fisher_memory(shape, os_)
+        # at most: every item greedy-answered (items with a response are used as they are)
+        answer_s = math.ceil(own.n_samples / own.batch) * own.new_tokens * (
+            rates.decode_seconds(flops_tok / 2, own.batch, b) + step_s)  # fmt: skip
+        seconds = own.passes * (fisher_pass_seconds(shape, os_, rates) + answer_s)
+        steps.append(Step(f"{own.method} ({own.fisher}, N={own.n_samples} × {own.passes})", W + dev, host, seconds,
+                          f"one pass per adapter, greedy answers for items without a response "
+                          f"(at most {own.n_samples} each)"))  # fmt: skip
+
+    if s.learned is not None:  # the training step's law (forward + backward = 3 forwards) per term and step
+        lf = s.learned
+        tok = lf.batch * lf.length
+        act = tok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + tok * V * 4 * 2
+        factors = s.n_adapters * sum(s.lora_rank * (o + i) for o, i in mods) * 4
+        fit_s = lf.steps * lf.terms * 3 * flops_tok * tok / rates.matmul
+        ref_s = math.ceil(lf.benign / (2 * lf.batch)) * lf.tokens * (
+            rates.decode_seconds(flops_tok / 2, 2 * lf.batch, b) + step_s)  # fmt: skip
+        steps.append(Step(f"learned ({lf.steps} steps × {lf.terms})", W + act + factors, 0, fit_s + ref_s,
+                          f"minibatch {lf.batch}×{lf.length} per term; {lf.benign} reference answers of "
+                          f"{lf.tokens} tokens first"))  # fmt: skip
+
     if s.sst:
-        ftok = s.fisher_batch * s.fisher_length
-        act = ftok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + ftok * V * 4 * 3
-        captured = ftok * sum(o + i for o, i in mods) * b
-        # per-example gradients of the largest module (and diagonal's sum of them over the batch)
-        per_ex = 0 if s.fisher == "kfac" else (s.fisher_batch + (s.fisher == "diagonal")) * big * 4
-        # finish() turns each fp64 sum into an fp32 copy while the sum is alive (lowrank's rows are fp32 already)
-        largest = {"lowrank": 0, "kfac": max(max(o, i) ** 2 for o, i in mods)}.get(s.fisher, big)
-        host = fisher_host_bytes(shape, s) + deltas + largest * 4
-        n_ex = 2 * s.n_samples
+        dev, host = fisher_memory(shape, s)
+        n_ex = s.objectives * s.n_samples
         sample_s = math.ceil(s.n_samples / s.fisher_batch) * s.new_tokens * (
             rates.decode_seconds(flops_tok / 2, s.fisher_batch, b) + step_s)  # fmt: skip
-        fs = 2 * fisher_pass_seconds(shape, s, rates) + sample_s
-        steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × 2)", W + act + captured + per_ex, host, fs,
+        fs = s.objectives * fisher_pass_seconds(shape, s, rates) + sample_s
+        steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × {s.objectives})", W + dev, host, fs,
                           f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples"))  # fmt: skip
 
         gs = sum(gevp_seconds(s.fisher, o, i, s.n_samples, rates) for o, i in mods)
@@ -769,7 +838,6 @@ def _fits(shape: Shape, s: Settings, memory: Memory, rates: Rates, on_gpu: bool)
 
 def check_fit(shape: Shape, s: Settings, memory: Memory, rates: Rates, on_gpu: bool) -> str | None:
     """Return ``None`` when the run fits, else one line: what does not fit, and the option that would."""
-    from dataclasses import replace
 
     ok, dev, host = _fits(shape, s, memory, rates, on_gpu)
     if ok:
@@ -851,14 +919,46 @@ def merge_settings(cfg: Any) -> tuple[str, Settings]:
 
     s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
                  ties=cfg.method == "ties", **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
-    if s.sst:
-        from sst_merge.merge.sst import SSTParams
+    if cfg.method in ("sst", "safety_span"):
+        from sst_merge.merge.sst import SafetySpanParams, SSTParams
 
-        sp = validate(SSTParams, dict(cfg.params), source="merge config params")
+        params = SafetySpanParams if cfg.method == "safety_span" else SSTParams
+        sp = validate(params, dict(cfg.params), source="merge config params")
+        s.sst = True
         s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
                                                                   sp.max_length)  # fmt: skip
-        s.new_tokens = sp.max_new_tokens
+        s.new_tokens, s.objectives = sp.max_new_tokens, _objectives(sp)
+    passes = sum(a.weight != 0 for a in cfg.adapters)
+    s.own, s.learned = _data_aware(cfg.method, dict(cfg.params), passes)
     return cfg.base_model, s
+
+
+def _objectives(sp: Any) -> int:
+    """SST's Fisher passes: F_s and F_u; ``space: input`` — the kfac pass over harmful, benign and utility inputs."""
+    return 3 if sp.space == "input" else 2
+
+
+#: the statistic each data-aware merge computes per adapter on its own data (merge/fisher_merge.py, merge/regmean.py)
+OWN_FISHER = {"fisher_merge": "diagonal", "regmean": "kfac"}
+
+
+def _data_aware(method: str, raw: dict[str, Any], passes: int) -> tuple[list[OwnPass], LearnedFit | None]:
+    """The statistics passes of ``fisher_merge`` / ``regmean`` or the fit of ``learned`` (none for another method)."""
+    from sst_merge.config import validate
+    from sst_merge.merge import get_method
+
+    if method not in (*OWN_FISHER, "learned"):
+        return [], None
+    p = validate(get_method(method).Params, raw, source=f"params of {method}")
+    if method in OWN_FISHER:
+        return [OwnPass(method, OWN_FISHER[method], passes, p.n_samples, p.batch_size, p.max_length,
+                        p.max_new_tokens)], None  # fmt: skip
+    from sst_merge.fisher.data import load_items
+
+    weights = p.weights()
+    benign = len(load_items(p.benign_data, need_response=False, what="benign_data")) if weights["benign"] > 0 else 0
+    terms = sum(w > 0 for w in weights.values())
+    return [], LearnedFit(p.steps, p.batch_size, p.max_length, terms, benign, p.loss_tokens)
 
 
 def experiment_settings(cfg: Any) -> tuple[str, Settings]:
@@ -876,6 +976,10 @@ def experiment_settings(cfg: Any) -> tuple[str, Settings]:
                  train_batch=train.batch_size, train_length=train.max_length,
                  train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)
                  or ("multitask" in cfg.ceilings and not cfg.adapters.multitask),
-                 ties="ties" in cfg.sweep.methods,
+                 ties="ties" in cfg.sweep.methods, objectives=_objectives(sp),
                  **adapter)  # fmt: skip
+    for method in cfg.sweep.methods:
+        own, learned = _data_aware(method, cfg.method_params(method), s.n_adapters)
+        s.own += own
+        s.learned = learned or s.learned
     return cfg.model, s
