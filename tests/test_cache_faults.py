@@ -297,7 +297,7 @@ def test_keys_without_data_files_are_unchanged(exp, tmp_path):
     # a judge past version 1 enters the key, as it did before content keys
     versioned = {"judge_version": v} if (v := judge_version(runner.cfg.eval.judge)) != 1 else {}
     before = stable_hash({**versioned, "v": EVAL_CACHE_VERSION, "base": runner.base_fingerprint, "adapters": [], "method": None,
-                          "params": {"seed": 0}, "eval": runner.cfg.eval.model_dump(exclude={"split"}), "tasks": runner.tasks,
+                          "params": {"seed": 0}, "eval": runner.cfg.eval.model_dump(exclude={"split", "phrasing"}), "tasks": runner.tasks,
                           "seed": runner.cfg.seed})  # fmt: skip
     assert runner.spec_key(spec) == before
     # where a method keeps its intermediate results is not part of what the model is

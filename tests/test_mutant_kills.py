@@ -461,8 +461,12 @@ def test_tax_interval_with_a_single_defined_replicate():
 def test_selection_bounds_and_messages():
     from sst_merge.fisher.gevp import Selection
 
-    with pytest.raises(ValueError, match=r"^exactly one of k, fraction, threshold must be set$"):
+    with pytest.raises(ValueError, match=r"^exactly one of k, fraction, threshold, share must be set$"):
         Selection()
+    with pytest.raises(ValueError, match=r"^share must be in \(0, 1\]$"):
+        Selection(share=0.0)
+    with pytest.raises(ValueError, match=r"^share must be in \(0, 1\]$"):
+        Selection(share=1.01)
     with pytest.raises(ValueError, match=r"^k must be >= 0$"):
         Selection(k=-1)
     with pytest.raises(ValueError, match=r"^fraction must be in \(0, 1\]$"):
