@@ -66,6 +66,9 @@ class ExperimentEvalSettings(EvalSettings):
 
 
 #: Defaults of the ``sst`` method inside experiments (design §5); Fisher data default to the embedded splits.
+#: ``share: 0.25`` was chosen on the development split by a rule written before its numbers (docs/results/ceiling:
+#: at α = 2, share 0.1 / 0.25 / 0.5 refused 0.951 / 0.927 / 0.707 of HarmBench val and over-refused 0.917 / 0.817 /
+#: 0.850 of the benign dev prompts, task 0.980 / 0.970 / 0.970: the lowest over-refusal at refusal ≥ 0.85).
 SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "share": 0.25, "n_samples": 32}
 _SELECTIONS = ("k", "fraction", "threshold", "share")
 
