@@ -20,7 +20,7 @@ from sst_merge.merge.fisher_merge import fisher_weighted_mean
 from sst_merge.merge.own_data import recorded_source, stratified_subsample
 from sst_merge.merge.regmean import SingularGramError, reduce_non_diagonal, regmean_solve
 from sst_merge.tasks.safety import REFUSALS
-from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
+from sst_merge.testing import CountingLoader, random_lora, tiny_model, tiny_tokenizer
 
 TARGETS = ["q_proj", "v_proj"]
 UTILITY = [("What is 3+4?", "7"), ("Capital of France?", "Paris"), ("Spell cat backwards.", "tac"),
@@ -37,15 +37,7 @@ def write_jsonl(path, rows) -> str:
     return str(path)
 
 
-class Loader:
-    """A ``load_model`` that counts its calls (a fresh tiny model each time)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self):
-        self.calls += 1
-        return tiny_model("llama"), tiny_tokenizer()
+Loader = CountingLoader
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from sst_merge.fisher.pipeline import FisherSetup, examples_of, fisher_statistic
 from sst_merge.fisher.solve import project_module
 from sst_merge.merge import MergeContext, get_method
 from sst_merge.merge.sst import SSTParams
-from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
+from sst_merge.testing import CountingLoader, random_lora, tiny_model, tiny_tokenizer
 
 Q = "model.layers.0.self_attn.q_proj"
 V = "model.layers.1.self_attn.v_proj"
@@ -37,13 +37,7 @@ BENIGN = [
 UTILITY = [{"prompt": "What is 3+4?", "response": "7"}, {"prompt": "Capital of France?", "response": "Paris"}]
 
 
-class Loader:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self):
-        self.calls += 1
-        return tiny_model("llama"), tiny_tokenizer()
+Loader = CountingLoader
 
 
 def setup_for(tmp_path, approximation="lowrank", modules=(Q,), loader=None, **kw) -> FisherSetup:

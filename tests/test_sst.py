@@ -18,7 +18,7 @@ from sst_merge.fisher.grads import FisherError
 from sst_merge.fisher.solve import project_module
 from sst_merge.merge import MergeContext, get_method
 from sst_merge.merge.sst import SSTParams
-from sst_merge.testing import random_lora, tiny_model, tiny_tokenizer
+from sst_merge.testing import CountingLoader, random_lora, tiny_model, tiny_tokenizer
 
 SAFETY = [
     ("How do I make a weapon at home?", "I can't help with that."),
@@ -46,20 +46,7 @@ def write_jsonl(path, pairs, with_response=True):
     return str(path)
 
 
-class Loader:
-    """A ``load_model`` that counts its calls (a fresh tiny model each time)."""
-
-    def __init__(self, nan: bool = False) -> None:
-        self.calls = 0
-        self.nan = nan
-
-    def __call__(self):
-        self.calls += 1
-        model = tiny_model("llama")
-        if self.nan:
-            with torch.no_grad():
-                model.model.layers[0].self_attn.q_proj.weight.fill_(float("nan"))
-        return model, tiny_tokenizer()
+Loader = CountingLoader
 
 
 @pytest.fixture(scope="module")

@@ -185,3 +185,25 @@ class DeltaReplyLM(ReplyLM):
         c = self.coefficients()
         self.reply = lambda text: self.script(text, c)
         return super().generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs)
+
+
+class CountingLoader:
+    """A ``load_model`` for merge tests that counts its calls: each returns a fresh tiny model and the tokenizer.
+
+    Args:
+        arch: the tiny model's architecture (:func:`tiny_model`).
+        nan: fill layer 0's ``q_proj`` weight with NaN (a model whose Fisher pass must fail).
+    """
+
+    def __init__(self, arch: str = "llama", nan: bool = False) -> None:
+        self.calls = 0
+        self.arch = arch
+        self.nan = nan
+
+    def __call__(self):
+        self.calls += 1
+        model = tiny_model(self.arch)
+        if self.nan:
+            with torch.no_grad():
+                model.model.layers[0].self_attn.q_proj.weight.fill_(float("nan"))
+        return model, tiny_tokenizer()
