@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from sst_merge.adapters.lora import LoraAdapter
+from sst_merge.errors import ConfigError
 from sst_merge.registry import Registry
 
 
@@ -131,6 +132,24 @@ class MergeMethod:
             ref = next(t for t in taus if t is not None)
             taus = [torch.zeros_like(ref) if t is None else t for t in taus]
             yield module, self.merge_module(taus, ctx.weights, params, gen)
+
+
+def check_same_linear_targets(ctx: MergeContext, method: str) -> None:
+    """Refuse adapters that change an embedding or whose target modules differ (methods that estimate statistics or
+    coefficients per module of every adapter need the same linear targets in all of them).
+
+    Raises:
+        ConfigError: one line naming the adapter and the fix.
+    """
+    first = ctx.adapters[0]
+    for i, a in enumerate(ctx.adapters):
+        if a.embedding_modules:
+            raise ConfigError(f"{method}: adapter {i} ({a.path}) changes embedding {sorted(a.embedding_modules)[0]}; "
+                              "it merges linear layers only — retrain the adapter without embedding targets")  # fmt: skip
+        if set(a.modules) != set(first.modules):
+            odd = sorted(set(a.modules) ^ set(first.modules))[0]
+            raise ConfigError(f"{method}: adapter {i} ({a.path}) and adapter 0 ({first.path}) target different "
+                              f"modules (e.g. {odd}) — retrain with the same target modules")  # fmt: skip
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")

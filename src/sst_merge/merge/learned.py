@@ -38,7 +38,7 @@ from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import items_hash, load_items
 from sst_merge.io import atomic_write_json, json_digest
 from sst_merge.merge import learned_data
-from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams
+from sst_merge.merge.base import MERGE_METHODS, MergeContext, MergeMethod, MethodParams, check_same_linear_targets
 from sst_merge.merge.learned_fit import FitSettings, coefficient_groups, fit, module_factors
 from sst_merge.merge.sparsify import weighted_sum
 from sst_merge.models.tokenize import pad_id
@@ -140,15 +140,7 @@ class LearnedMerge(MergeMethod):
 
     @staticmethod
     def _groups(params: LearnedParams, ctx: MergeContext) -> tuple[dict[str, int], list[str]]:
-        first = ctx.adapters[0]
-        for a in ctx.adapters:
-            if a.embedding_modules:
-                raise ConfigError(f"learned: adapter {a.path} changes embedding {sorted(a.embedding_modules)[0]}; "
-                                  "coefficients apply to linear layers only, retrain it without embedding targets")  # fmt: skip
-            if set(a.modules) != set(first.modules):
-                odd = sorted(set(a.modules) ^ set(first.modules))[0]
-                raise ConfigError(f"learned: adapters {first.path} and {a.path} target different modules (e.g. {odd});"
-                                  " every adapter needs the same target modules (retrain with the same targets)")  # fmt: skip
+        check_same_linear_targets(ctx, "learned")
         return coefficient_groups(list(ctx.modules), params.granularity)
 
     def _data(self, params: LearnedParams, ctx: MergeContext) -> dict[str, tuple[list[str], list[dict]]]:

@@ -28,7 +28,7 @@ from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import load_items, subsample
 from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.pipeline import FisherSetup, Stats, fisher_statistics
-from sst_merge.merge.base import MergeContext, MethodParams
+from sst_merge.merge.base import MergeContext, MethodParams, check_same_linear_targets
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +120,7 @@ def check_inputs(params: OwnDataParams, ctx: MergeContext, method: str) -> list[
     Raises:
         ConfigError: one line naming the input and the fix.
     """
-    first = ctx.adapters[0]
-    for i, a in enumerate(ctx.adapters):
-        if a.embedding_modules:
-            raise ConfigError(f"{method}: {_name(ctx, i)} changes embedding {sorted(a.embedding_modules)[0]}; "
-                              "it merges linear layers only — retrain the adapter without embedding targets")  # fmt: skip
-        if set(a.modules) != set(first.modules):
-            odd = sorted(set(a.modules) ^ set(first.modules))[0]
-            raise ConfigError(f"{method}: {_name(ctx, i)} and {_name(ctx, 0)} differ in target modules (e.g. {odd}); "
-                              "each adapter's statistics cover every merged module — retrain with the same target "
-                              "modules")  # fmt: skip
+    check_same_linear_targets(ctx, method)
     if any(w < 0 for w in ctx.weights) or sum(ctx.weights) <= 0:
         raise ConfigError(f"{method}: adapter weights {ctx.weights} must be >= 0 with a positive sum (a weighted "
                           "average); set each adapter's weight")  # fmt: skip
