@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +30,10 @@ class MethodParams(BaseModel):
 
     lambda_: float = Field(1.0, alias="lambda", description="global scale λ applied to the merged ΔW")
     seed: int = Field(0, description="seed for any randomness (DARE masks, Fisher sampling)")
+
+
+#: A method's own parameters (a subclass of :class:`MethodParams`); ``MergeMethod[P]`` is typed by it.
+P = TypeVar("P", bound=MethodParams)
 
 
 @dataclass
@@ -63,8 +67,11 @@ class MergeContext:
         return [a.delta(module) if module in a.factors else None for a in self.adapters]
 
 
-class MergeMethod:
-    """Base class of merge methods. Subclasses set ``name``, ``Params`` and implement a kernel or ``merge``."""
+class MergeMethod(Generic[P]):
+    """Base class of merge methods, generic in their parameters: ``class Ties(MergeMethod[TiesParams])``.
+
+    Subclasses set ``name``, ``Params`` (the same class as the type argument) and implement a kernel or ``merge``.
+    """
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
@@ -73,7 +80,7 @@ class MergeMethod:
     #: Bumped when the method's output for the same inputs changes, so cached evaluations of it are not reused.
     version: ClassVar[int] = 1
 
-    def check(self, params: MethodParams, ctx: MergeContext) -> None:
+    def check(self, params: P, ctx: MergeContext) -> None:
         """Refuse inputs this method cannot merge (raise :class:`~sst_merge.errors.ConfigError`); called before any
         heavy work. The default accepts everything."""
 
@@ -95,24 +102,24 @@ class MergeMethod:
         """
         return 1.0
 
-    def linear_coefficients(self, params: MethodParams, ctx: MergeContext) -> list[float] | None:
+    def linear_coefficients(self, params: P, ctx: MergeContext) -> list[float] | None:
         """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""
         return None
 
     def merge_module(
-        self, taus: list[torch.Tensor], weights: list[float], params: MethodParams, generator: torch.Generator
+        self, taus: list[torch.Tensor], weights: list[float], params: P, generator: torch.Generator
     ) -> torch.Tensor:
         """Merge one module's ΔW list (fp32, same shape) into one ΔW. Pure: tensors in, tensor out."""
         raise NotImplementedError
 
-    def merge(self, params: MethodParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
+    def merge(self, params: P, ctx: MergeContext) -> dict[str, torch.Tensor]:
         """Merge every module. The default calls :meth:`merge_module` per module with a seeded generator.
 
         Adapters that do not touch a module contribute a zero ΔW there (same shape as the others).
         """
         return dict(self.stream_modules(params, ctx))
 
-    def iter_merge(self, params: MethodParams, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_merge(self, params: P, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(module, ΔW)`` one module at a time, so outputs can be written without holding every ΔW.
 
         A method that overrides :meth:`merge` yields from its result; module-local methods stream
@@ -123,7 +130,7 @@ class MergeMethod:
         else:
             yield from self.stream_modules(params, ctx)
 
-    def stream_modules(self, params: MethodParams, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
+    def stream_modules(self, params: P, ctx: MergeContext) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield :meth:`merge_module` of each module in ``ctx.modules`` order, with one generator seeded once
         (so the stream and :meth:`merge` draw the same random numbers)."""
         gen = torch.Generator().manual_seed(params.seed)

@@ -23,7 +23,7 @@ class DareParams(MethodParams):
 
 
 @MERGE_METHODS.register("dare_linear")
-class DareLinear(MergeMethod):
+class DareLinear(MergeMethod[DareParams]):
     name = "dare_linear"
     Params = DareParams
     description = "random drop with prob 1-density, rescale 1/density, then task arithmetic (seeded)"

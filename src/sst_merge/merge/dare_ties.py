@@ -22,7 +22,7 @@ class DareTiesParams(DareParams):
 
 
 @MERGE_METHODS.register("dare_ties")
-class DareTies(MergeMethod):
+class DareTies(MergeMethod[DareTiesParams]):
     name = "dare_ties"
     Params = DareTiesParams
     description = "DARE random drop + rescale, then TIES sign election and disjoint mean (seeded)"

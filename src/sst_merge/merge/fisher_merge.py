@@ -54,18 +54,18 @@ def fisher_weighted_mean(
 
 
 @MERGE_METHODS.register("fisher_merge")
-class FisherMerge(MergeMethod):
+class FisherMerge(MergeMethod[FisherMergeParams]):
     """Fisher-weighted averaging of the adapters, each Fisher from its own data at its own model."""
 
     name = "fisher_merge"
     Params = FisherMergeParams
     description = "λ·Σ wᵢF̂ᵢτᵢ / Σ wᵢF̂ᵢ per entry, F̂ᵢ the diagonal Fisher of adapter i on its own data"
 
-    def check(self, params: FisherMergeParams, ctx: MergeContext) -> None:  # type: ignore[override]
+    def check(self, params: FisherMergeParams, ctx: MergeContext) -> None:
         """Refuse bad modules, weights, data or a missing model before any Fisher pass."""
         check_inputs(params, ctx, self.name)
 
-    def merge(self, params: FisherMergeParams, ctx: MergeContext) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def merge(self, params: FisherMergeParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
         stats, info = own_statistics(params, ctx, "diagonal", self.name)
         used = [i for i, s in enumerate(stats) if s is not None]
         fishers = [{m: stats[i][m]["diag"] for m in ctx.modules} for i in used]  # type: ignore[index]

@@ -90,14 +90,14 @@ class LearnedParams(MethodParams):
 
 
 @MERGE_METHODS.register("learned")
-class LearnedMerge(MergeMethod):
+class LearnedMerge(MergeMethod[LearnedParams]):
     """Per-module (or per-layer) coefficients of each adapter's ΔW, fitted on the development split."""
 
     name = "learned"
     Params = LearnedParams
     description = "λ·Σ c_{i,g}τᵢ, coefficients per module/layer fitted on dev data (refuse / answer / task)"
 
-    def check(self, params: LearnedParams, ctx: MergeContext) -> None:  # type: ignore[override]
+    def check(self, params: LearnedParams, ctx: MergeContext) -> None:
         """Refuse mismatched adapters, evaluation data, too little data or no base model, before any model load."""
         self._groups(params, ctx)
         if params.steps > 0:
@@ -105,21 +105,23 @@ class LearnedMerge(MergeMethod):
                 raise ConfigError("learned fits on the base model; give the merge a base model (or set steps: 0)")
             self._data(params, ctx)
 
-    def linear_coefficients(self, params: LearnedParams, ctx: MergeContext) -> list[float] | None:  # type: ignore[override]
+    def linear_coefficients(self, params: LearnedParams, ctx: MergeContext) -> list[float] | None:
         if params.steps > 0:
             return None  # the coefficients differ per module
         return [params.lambda_ * params.init * w for w in ctx.weights]
 
-    def apply_safety_weight(self, params, weights, roles, alpha):  # type: ignore[override]
+    def apply_safety_weight(
+        self, params: dict[str, Any], weights: list[float], roles: list[str], alpha: float
+    ) -> tuple[dict[str, Any], list[float]]:
         """The safety weight α is ``harmful_weight``: how much the fit values refusing harmful prompts against
         answering benign ones and the task. The safety adapter's own weight stays 1 (its starting coefficient)."""
         return {**params, "harmful_weight": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]  # fmt: skip
 
-    def configured_safety_weight(self, params):  # type: ignore[override]
+    def configured_safety_weight(self, params: dict[str, Any]) -> float:
         """The configured ``harmful_weight`` (1 where the parameters do not set it)."""
         return float(params.get("harmful_weight", self.Params.model_fields["harmful_weight"].default))
 
-    def merge(self, params: LearnedParams, ctx: MergeContext) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def merge(self, params: LearnedParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
         groups, names = self._groups(params, ctx)
         c0 = torch.tensor([[params.init * w] * len(names) for w in ctx.weights], dtype=torch.float64)
         diag: dict[str, Any] = {"method": "learned", "settings": params.model_dump(by_alias=True), "groups": names}

@@ -21,7 +21,7 @@ def _normalised(weights: list[float]) -> list[float]:
 
 
 @MERGE_METHODS.register("linear")
-class Linear(MergeMethod):
+class Linear(MergeMethod[LinearParams]):
     name = "linear"
     Params = LinearParams
     description = "λ·Σ wᵢτᵢ / Σ wᵢ, a weighted average (exact as a PEFT adapter)"

@@ -69,18 +69,18 @@ def regmean_solve(taus: list[torch.Tensor], grams: list[torch.Tensor], weights: 
 
 
 @MERGE_METHODS.register("regmean")
-class RegMean(MergeMethod):
+class RegMean(MergeMethod[RegMeanParams]):
     """RegMean: per module, the ΔW that best reproduces every adapter's outputs on its own inputs."""
 
     name = "regmean"
     Params = RegMeanParams
     description = "λ·(Σ wᵢτᵢĜᵢ)(Σ wᵢĜᵢ)⁻¹ per module, Ĝᵢ the input Gram of adapter i on its own data"
 
-    def check(self, params: RegMeanParams, ctx: MergeContext) -> None:  # type: ignore[override]
+    def check(self, params: RegMeanParams, ctx: MergeContext) -> None:
         """Refuse bad modules, weights, data or a missing model before any Gram pass."""
         check_inputs(params, ctx, self.name)
 
-    def merge(self, params: RegMeanParams, ctx: MergeContext) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def merge(self, params: RegMeanParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
         stats, info = own_statistics(params, ctx, "kfac", self.name)
         used = [i for i, s in enumerate(stats) if s is not None]
         weights = [ctx.weights[i] for i in used]

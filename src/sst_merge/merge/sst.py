@@ -241,7 +241,7 @@ def _roles(ctx: MergeContext) -> tuple[int, list[int]]:
 
 
 @MERGE_METHODS.register("sst")
-class SSTMerge(MergeMethod):
+class SSTMerge(MergeMethod[SSTParams]):
     """SST-Merge: utility adapters plus the Fisher-GEVP projection of the safety adapter."""
 
     name = "sst"
@@ -251,7 +251,7 @@ class SSTMerge(MergeMethod):
     version = 4
     description = "Σ wᵢτᵢ(utility) + α·P_k(τ_safety), P_k from the GEVP F_s v = λ(F_u+εI)v"
 
-    def check(self, params: SSTParams, ctx: MergeContext) -> None:  # type: ignore[override]
+    def check(self, params: SSTParams, ctx: MergeContext) -> None:
         """Refuse bad roles, weights, targets or data before any model is loaded."""
         _roles(ctx)
         if (params.alpha != 0 or params.project == "utility") and not params.keeps_everything:
@@ -259,14 +259,14 @@ class SSTMerge(MergeMethod):
             if ctx.load_model is None:
                 raise ConfigError("sst needs the base model for the Fisher; give the merge a base model")
 
-    def linear_coefficients(self, params: SSTParams, ctx: MergeContext) -> list[float] | None:  # type: ignore[override]
+    def linear_coefficients(self, params: SSTParams, ctx: MergeContext) -> list[float] | None:
         if not (params.keeps_everything or (params.alpha == 0 and params.project == "safety")):
             return None
         s, _ = _roles(ctx)
         lam = params.lambda_
         return [lam * (params.alpha if i == s else w) for i, w in enumerate(ctx.weights)]
 
-    def merge(self, params: SSTParams, ctx: MergeContext) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def merge(self, params: SSTParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
         s, utility = _roles(ctx)
         safety = ctx.adapters[s]
         lam = params.lambda_
@@ -490,11 +490,13 @@ class SSTMerge(MergeMethod):
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         return projected
 
-    def apply_safety_weight(self, params, weights, roles, alpha):  # type: ignore[override]
+    def apply_safety_weight(
+        self, params: dict[str, Any], weights: list[float], roles: list[str], alpha: float
+    ) -> tuple[dict[str, Any], list[float]]:
         """The safety weight is α, the projected update's scale; the safety adapter's own weight stays 1."""
         return {**params, "alpha": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
 
-    def configured_safety_weight(self, params):  # type: ignore[override]
+    def configured_safety_weight(self, params: dict[str, Any]) -> float:
         """The configured α (its default where the parameters do not set it)."""
         return float(params.get("alpha", self.Params.model_fields["alpha"].default))
 

@@ -13,7 +13,7 @@ class TaskArithmeticParams(MethodParams):
 
 
 @MERGE_METHODS.register("task_arithmetic")
-class TaskArithmetic(MergeMethod):
+class TaskArithmetic(MergeMethod[TaskArithmeticParams]):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
     description = "λ·Σ wᵢτᵢ (exact as a PEFT adapter by concatenating factors)"

@@ -21,7 +21,7 @@ class TiesParams(MethodParams):
 
 
 @MERGE_METHODS.register("ties")
-class Ties(MergeMethod):
+class Ties(MergeMethod[TiesParams]):
     name = "ties"
     Params = TiesParams
     description = "trim to top-density by magnitude, elect sign, disjoint weighted mean (mergekit semantics)"
