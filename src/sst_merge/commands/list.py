@@ -1,10 +1,16 @@
-"""`sst-merge list`: print what is registered — merge methods, evaluation tasks, judges, data sources, utility
-tasks and experiments (one line per registry in SECTIONS)."""
+"""`sst-merge list`: print what is registered — model aliases, merge methods, evaluation tasks, judges, data
+sources, utility tasks and experiments (one line per registry in SECTIONS)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+
+
+def _models() -> list[tuple[str, str]]:
+    from sst_merge.models.loading import model_rows
+
+    return model_rows()
 
 
 def _merge_methods() -> list[tuple[str, str]]:
@@ -46,6 +52,7 @@ def _experiments() -> list[tuple[str, str]]:
 
 #: (title, function returning (name, one-line description) rows). Other registries add a line here.
 SECTIONS: list[tuple[str, Callable[[], list[tuple[str, str]]]]] = [
+    ("models (--model: an alias, a local model directory or a hub id)", _models),
     ("merge methods", _merge_methods),
     ("evaluation tasks (sst-merge eval --tasks)", _eval_tasks),
     ("refusal judges (--judge)", _judges),
@@ -56,7 +63,9 @@ SECTIONS: list[tuple[str, Callable[[], list[tuple[str, str]]]]] = [
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("list", help="list merge methods, evaluation tasks, judges, data sources, tasks, experiments")
+    return sub.add_parser(
+        "list", help="list models, merge methods, evaluation tasks, judges, data sources, tasks, experiments"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
