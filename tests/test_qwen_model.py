@@ -262,9 +262,8 @@ def test_list_command_prints_the_models_section(capsys):
     from sst_merge.cli import main
 
     assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("models (--model")
-    assert f"  {QWEN}  " in out.split("\n\n")[0]
+    section = capsys.readouterr().out.split("\n\nmodels (--model")[1]
+    assert f"\n  {QWEN}  embedded Qwen/Qwen2.5-Coder-0.5B-Instruct" in section
 
 
 def test_plan_knows_the_alias_without_loading_it():

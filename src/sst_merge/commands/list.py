@@ -1,5 +1,5 @@
-"""`sst-merge list`: print what is registered — model aliases, merge methods, evaluation tasks, judges, data
-sources, utility tasks and experiments (one line per registry in SECTIONS)."""
+"""`sst-merge list`: print what is registered — merge methods, evaluation tasks, judges, data sources, utility
+tasks, experiments and model aliases (one line per registry in SECTIONS)."""
 
 from __future__ import annotations
 
@@ -52,13 +52,13 @@ def _experiments() -> list[tuple[str, str]]:
 
 #: (title, function returning (name, one-line description) rows). Other registries add a line here.
 SECTIONS: list[tuple[str, Callable[[], list[tuple[str, str]]]]] = [
-    ("models (--model: an alias, a local model directory or a hub id)", _models),
     ("merge methods", _merge_methods),
     ("evaluation tasks (sst-merge eval --tasks)", _eval_tasks),
     ("refusal judges (--judge)", _judges),
     ("data sources", _sources),
     ("utility tasks (sst-merge train --task; task:NAME)", _utility_tasks),
     ("experiments (sst-merge run --experiment)", _experiments),
+    ("models (--model: an alias, a local model directory or a hub id)", _models),
 ]
 
 
