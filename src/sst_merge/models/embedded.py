@@ -291,6 +291,9 @@ def converted_dir(name: str) -> Path:
 def ensure_cached(name: str = "smollm2-135m") -> Path:
     """Return the fp32 safetensors directory of an embedded model, converting the GGUF file on first use.
 
+    Its packages must be installed even when the conversion is cached (a missing one is refused at once, with the
+    install line); a multi-part GGUF is assembled and its hashes checked only when there is something to convert.
+
     The conversion writes into a temporary directory beside the target and renames it into place, so an
     interrupted conversion never leaves a half-written cache that later loads would trust; a cache damaged later
     (a truncated weight file, a config that does not parse) is moved aside and converted again.
