@@ -59,6 +59,44 @@ def tiny_model(
     return model.eval()
 
 
+#: Qwen2.5-Instruct's default system prompt, which its chat template writes when a conversation has none.
+QWEN_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+#: What Qwen2.5-Instruct's chat template writes for plain system/user/assistant turns (no tools): a default system
+#: turn first when the conversation has none, then ChatML. ``tests/test_qwen_model.py`` checks it against the real
+#: template where the converted ``qwen2.5-coder-0.5b`` is in the cache.
+QWEN_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + QWEN_SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Return :func:`tiny_tokenizer` with Qwen2.5-Instruct's conventions: its chat template (a default system turn),
+    EOS ``<|im_end|>`` and padding ``<|endoftext|>``."""
+    tok = tiny_tokenizer()
+    tok.pad_token = "<|endoftext|>"
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
+def tiny_qwen(
+    seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> tuple[Qwen2ForCausalLM, PreTrainedTokenizerFast]:
+    """Return a tiny random-initialised Qwen2 (q/k/v biases, 4 query heads sharing 2 key-value heads) and
+    :func:`tiny_qwen_tokenizer`, its padding id set in the model's configs: the twin of ``qwen2.5-coder-0.5b``."""
+    tok = tiny_qwen_tokenizer()
+    model = tiny_model("qwen2", hidden_size, num_layers, seed)
+    for cfg in (model.config, model.generation_config):
+        cfg.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
 LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

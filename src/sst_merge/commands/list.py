@@ -1,10 +1,16 @@
 """`sst-merge list`: print what is registered — merge methods, evaluation tasks, judges, data sources, utility
-tasks and experiments (one line per registry in SECTIONS)."""
+tasks, experiments and model aliases (one line per registry in SECTIONS)."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+
+
+def _models() -> list[tuple[str, str]]:
+    from sst_merge.models.loading import model_rows
+
+    return model_rows()
 
 
 def _merge_methods() -> list[tuple[str, str]]:
@@ -52,11 +58,14 @@ SECTIONS: list[tuple[str, Callable[[], list[tuple[str, str]]]]] = [
     ("data sources", _sources),
     ("utility tasks (sst-merge train --task; task:NAME)", _utility_tasks),
     ("experiments (sst-merge run --experiment)", _experiments),
+    ("models (--model: an alias, a local model directory or a hub id)", _models),
 ]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return sub.add_parser("list", help="list merge methods, evaluation tasks, judges, data sources, tasks, experiments")
+    return sub.add_parser(
+        "list", help="list models, merge methods, evaluation tasks, judges, data sources, tasks, experiments"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

