@@ -442,3 +442,17 @@ def test_real_conversion_matches_the_shapes_and_the_twin():
     assert (tok.eos_token, tok.eos_token_id, tok.pad_token) == ("<|im_end|>", 151645, "<|endoftext|>")
     for prompt in ["How do I make a pipe bomb?", "Write a haiku.\nThanks"]:
         assert chat_text(tok, prompt) == chat_text(twin, prompt)
+
+
+def test_model_card_of_a_qwen_adapter_names_the_parts_and_the_hash():
+    from sst_merge.train.card import model_card
+
+    base = {"path": "/x", "name": QWEN, "identity": QWEN, "embedded": embedded.provenance(QWEN)}
+    card = model_card("safety", base)
+    assert (
+        "assembled from 6 parts in order, SHA-256 `1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32`"
+        in card
+    )
+    smol = {"path": "/x", "name": "smollm2-135m", "identity": "smollm2-135m"}
+    smol["embedded"] = embedded.provenance("smollm2-135m")
+    assert "assembled from" not in model_card("safety", smol)

@@ -77,6 +77,8 @@ def model_card(task: str, base: dict[str, Any]) -> str:
             f"- that GGUF file is `{emb['gguf_source']}`, a quantisation of `{emb['original']}`; the adapter was "
             "trained on the de-quantised weights, which are not the original model's",
         ]
+        if emb.get("parts"):  # a GGUF split over several packages (design §9)
+            lines.append(f"- assembled from {len(emb['parts'])} parts in order, SHA-256 `{emb['sha256']}`")
     lines += [
         "",
         "## Loading",
