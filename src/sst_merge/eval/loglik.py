@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, DynamicLayer
 
 from sst_merge.models.tokenize import left_pad
 
@@ -65,6 +66,81 @@ def _cache_kw(model, cache) -> dict:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
     return {name: cache}
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's keys and values in a pre-allocated ``(B, H, max_len, D)`` slab, written in place.
+
+    ``update`` writes the new positions and returns a view of the filled part, so a decode step copies one position
+    instead of the whole cache (a dynamic cache concatenates). A write with batch 1 fills every row (broadcast): a
+    shared prefix is computed once and reused by the whole batch.
+    """
+
+    def __init__(self, batch: int, max_len: int) -> None:
+        super().__init__()
+        self.batch, self.max_len, self.length = batch, max_len, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        b, h, _, d = key_states.shape
+        self.keys = key_states.new_zeros((self.batch, h, self.max_len, d))
+        self.values = value_states.new_zeros((self.batch, h, self.max_len, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.max_len:
+            raise ValueError(f"KV slab overflow: {end} positions in a slab of {self.max_len}")
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        n = key_states.shape[0]  # 1 while the shared prefix runs, B afterwards
+        return self.keys[:n, :, :end], self.values[:n, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_len
+
+    def crop(self, max_length: int) -> None:
+        self.length = min(self.length, max_length) if max_length >= 0 else self.length + max_length
+
+
+def slab_cache(model, batch: int, max_len: int, prefix: Cache | None = None) -> Cache:
+    """A KV cache of ``batch`` rows and ``max_len`` positions per layer; ``prefix``'s positions copied into every row."""
+    n_layers = model.config.num_hidden_layers
+    cache = Cache(layers=[SlabLayer(batch, max_len) for _ in range(n_layers)])
+    if prefix is not None:
+        for layer, src in zip(cache.layers, prefix.layers, strict=True):
+            layer.update(src.keys[:1, :, : src.length], src.values[:1, :, : src.length])
+    return cache
+
+
+def run_prefix(model, ids: Sequence[int], device: torch.device) -> tuple[Cache, torch.Tensor]:
+    """Run one token sequence shared by a whole batch; return its KV cache and the fp32 logits of its last position."""
+    cache = slab_cache(model, 1, len(ids))
+    inp = torch.tensor([list(ids)], dtype=torch.long, device=device)
+    pos = torch.arange(len(ids), device=device)[None, :]
+    out = model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1, **_cache_kw(model, cache))
+    return cache, out.logits[:, -1, :].float()
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return n
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:
