@@ -54,15 +54,6 @@ def test_fast_equals_reference(model, tok, batch_size):
     assert len({r["response"] for r in ref}) > 1  # the model says different things: the comparison means something
 
 
-def test_raw_tokens_equal_past_eos(model, tok):
-    """Token for token, including the padding written after EOS. Bug caught: finished rows not padded."""
-    seqs = [prompt_ids(tok, p) for p in PROMPTS[:5]]
-    pid = pad_id(tok)
-    ref = _greedy_reference(model, seqs, [], pid, 8)  # no EOS: every row runs to the cut
-    got = _greedy_fast(model, seqs, _shared_prefix(model, seqs), [], pid, 8)
-    assert torch.equal(got, ref)
-
-
 def _eos_mid_sequence(model, tok) -> int:
     """A token the reference writes after step 0 in some rows but not in all: EOS that stops rows at different steps."""
     seqs = [prompt_ids(tok, p) for p in PROMPTS]
@@ -72,6 +63,17 @@ def _eos_mid_sequence(model, tok) -> int:
         for t in set(row[1:]):
             counts[t] = counts.get(t, 0) + 1
     return max((t for t, c in counts.items() if c < len(seqs)), key=lambda t: counts[t])
+
+
+def test_raw_tokens_equal_past_eos(model, tok):
+    """Token for token, the padding after EOS included (rows stop at different steps, the batch runs on). Bug
+    caught: a finished row keeps writing tokens instead of padding."""
+    seqs = [prompt_ids(tok, p) for p in PROMPTS]
+    pid, eos = pad_id(tok), [_eos_mid_sequence(model, tok)]
+    ref = _greedy_reference(model, seqs, eos, pid, 10)
+    got = _greedy_fast(model, seqs, _shared_prefix(model, seqs), eos, pid, 10)
+    assert torch.equal(got, ref)
+    assert (got == pid).any() and got.shape[1] == 10
 
 
 @pytest.mark.parametrize("batch_size", [3, 8])
@@ -184,3 +186,35 @@ def test_stub_models_take_the_reference_path(tok):
 def test_unknown_decode_is_refused(tok):
     with pytest.raises(ValueError, match="fast' or 'reference"):
         generate_greedy(ReplyLM(tok, "x"), tok, ["a"], decode="quick")
+
+
+def test_decode_setting_stays_out_of_cache_keys():
+    """Both decoders give the same tokens, so the setting must not split the evaluation cache: it is left out of
+    ``model_dump`` (what the experiment runner hashes). Bug caught: ``exclude=True`` dropped from the field."""
+    from sst_merge.eval import EvalSettings
+    from sst_merge.experiments.config import ExperimentEvalSettings
+
+    assert EvalSettings(decode="reference").model_dump() == EvalSettings().model_dump()
+    assert "decode" not in ExperimentEvalSettings(decode="reference").model_dump()
+    assert ExperimentEvalSettings(decode="reference").harness_settings().decode == "reference"
+
+
+def test_harness_decoders_agree(tok):
+    """The harness passes the setting down (refusal through generate_greedy) and both decoders agree."""
+    from sst_merge.eval import EvalSettings, evaluate
+
+    model = tiny_model("qwen2", seed=3)
+    items = [{"id": str(i), "prompt": p} for i, p in enumerate(PROMPTS)]
+    res = {
+        d: evaluate(
+            model,
+            tok,
+            ["refusal"],
+            EvalSettings(batch_size=3, max_new_tokens=6, decode=d),
+            data={"refusal": items},
+            show_progress=False,
+        )
+        for d in ("fast", "reference")
+    }
+    assert res["fast"]["settings"]["decoder"] == "fast" and res["reference"]["settings"]["decoder"] == "reference"
+    assert res["fast"]["tasks"]["refusal"]["records"] == res["reference"]["tasks"]["refusal"]["records"]
