@@ -74,7 +74,8 @@ def generate_greedy(
 
     Returns:
         One dict per prompt, in input order: ``response`` (decoded new tokens, special tokens skipped),
-        ``n_new_tokens`` (up to and including EOS) and ``stopped`` (EOS reached before ``max_new_tokens``).
+        ``n_new_tokens`` (up to and including EOS), ``stopped`` (EOS reached before ``max_new_tokens``) and
+        ``token_ids`` (the new tokens, up to and including EOS).
     """
     if decode not in ("fast", "reference"):
         raise ValueError(f"decode must be 'fast' or 'reference', not {decode!r}")
@@ -104,6 +105,7 @@ def generate_greedy(
                 "response": tok.decode(kept, skip_special_tokens=True).strip(),
                 "n_new_tokens": len(kept),
                 "stopped": stop is not None,
+                "token_ids": kept,
             }
     return out
 
