@@ -87,15 +87,23 @@ def main() -> None:
             gen = sum(o["n_new_tokens"] for o in outs[decode])
             gflops = 2 * n_params * (prompt_tokens + gen) / secs / 1e9
             runs.append(
-                {"batch_size": bs, "decode": decode, "seconds": secs, "generated_tokens": gen,
-                 "tokens_per_second": gen / secs, "useful_gflops": gflops}  # fmt: skip
+                {
+                    "batch_size": bs,
+                    "decode": decode,
+                    "seconds": secs,
+                    "generated_tokens": gen,
+                    "tokens_per_second": gen / secs,
+                    "useful_gflops": gflops,
+                }  # fmt: skip
             )
             print(runs[-1], flush=True)
         ref, fast = outs["reference"], outs["fast"]
         diffs = []
         for i, (r, f) in enumerate(zip(ref, fast, strict=True)):
             if r["token_ids"] != f["token_ids"]:
-                k = next((j for j, (x, y) in enumerate(zip(r["token_ids"], f["token_ids"])) if x != y), None)
+                k = next(
+                    (j for j, (x, y) in enumerate(zip(r["token_ids"], f["token_ids"], strict=False)) if x != y), None
+                )
                 entry = {"prompt_index": i, "ref_response": r["response"], "fast_response": f["response"]}
                 if k is not None:
                     entry.update(logit_gap(model, prompt_ids(tok, prompts[i]), r["token_ids"][:k],

@@ -218,3 +218,98 @@ def test_harness_decoders_agree(tok):
     }
     assert res["fast"]["settings"]["decoder"] == "fast" and res["reference"]["settings"]["decoder"] == "reference"
     assert res["fast"]["tasks"]["refusal"]["records"] == res["reference"]["tasks"]["refusal"]["records"]
+
+
+# --- log-likelihood scoring: packed rows (shared root computed once) vs one full forward per context -------------
+
+
+def _contexts(tok):
+    # two "subjects" whose contexts share a description, one context alone, lengths 1 to ~50 tokens
+    heads = ["The following are about cats.\n\n", "The following are about dogs.\n\n"]
+    bodies = ["Q: why?\nAnswer:", "Q: what is a much longer question here?\nAnswer:", "Q: x\nAnswer:"]
+    ctx = [tok.encode(h + b, add_special_tokens=False) for h in heads for b in bodies]
+    return ctx + [tok.encode("Alone:", add_special_tokens=False), [65]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_packed_next_token_equals_reference(model, tok, batch_size):
+    """Bugs caught: a branch attending to another branch (the mask's ``key == query`` term), branch positions
+    continuing after the previous branch instead of restarting after the root, the wrong index scored."""
+    from sst_merge.eval.loglik import next_token_logprobs, packed_next_token_logprobs
+
+    ctx, cands = _contexts(tok), [65, 66, 67, tok.eos_token_id]
+    kw = {"pad_id": pad_id(tok), "batch_size": batch_size, "show_progress": False}
+    ref = next_token_logprobs(model, ctx, cands, **kw)
+    got = packed_next_token_logprobs(model, ctx, cands, **kw)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_packing_shares_the_root(tok):
+    """Contexts with a common description are packed into one row, the description computed once. Bug caught: the
+    grouping never groups (every context its own row) or drops a context."""
+    from sst_merge.eval.loglik import prefix_groups
+
+    ctx = _contexts(tok)
+    groups = prefix_groups(ctx)
+    assert sorted(i for g in groups for i in g) == list(range(len(ctx)))
+    assert any({0, 1, 2} <= set(g) for g in groups) and any({3, 4, 5} <= set(g) for g in groups)
+    assert not any(6 in g or 7 in g for g in groups if len(g) > 1)  # nothing shared: packing would not pay
+    model = tiny_model("llama", seed=3)
+    calls, handle = _record_calls(model)
+    try:
+        from sst_merge.eval.loglik import packed_next_token_logprobs
+
+        packed_next_token_logprobs(model, ctx, [65], pad_id=pad_id(tok), batch_size=8, show_progress=False)
+    finally:
+        handle.remove()
+    (call,) = calls
+    assert (call["ids"] != pad_id(tok)).sum() < sum(map(len, ctx))  # fewer tokens than the contexts hold
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_packed_continuations_equal_reference(model, tok, batch_size):
+    """Cloze: every continuation of every context, one token to many. Bugs caught: a continuation's first token
+    read from its own branch instead of the root's last position, an off-by-one in the branch offsets."""
+    from sst_merge.eval.loglik import continuation_logliks, packed_continuation_logliks
+
+    ctx = _contexts(tok)
+    conts = [[tok.encode(" " + w, add_special_tokens=False) for w in ("a", "bb cc", "a long answer here", "d")]] * len(
+        ctx
+    )
+    kw = {"pad_id": pad_id(tok), "batch_size": batch_size, "show_progress": False}
+    got = packed_continuation_logliks(model, ctx, conts, **kw)
+    flat = continuation_logliks(model, [(c, x) for c, xs in zip(ctx, conts, strict=True) for x in xs], **kw)
+    ref = [[flat[q * 4 + k][0] for k in range(4)] for q in range(len(ctx))]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-4, rtol=0)
+
+
+def test_mmlu_fast_and_reference_agree(tok):
+    """Both MMLU formats give the same predictions (and log-likelihoods within float error) under either scorer."""
+    from sst_merge.eval import EvalSettings, evaluate
+
+    model = tiny_model("qwen2", seed=3)
+    subjects = ["abstract_algebra", "anatomy"]
+    items = [
+        {
+            "id": f"{s}{i}",
+            "subject": s,
+            "question": f"Question {i} {'is long ' * i}?",
+            "choices": ["w", "x y", "z", "v"],
+            "answer": i % 4,
+        }  # fmt: skip
+        for s in subjects
+        for i in range(4)
+    ]
+    for task, key in (("mmlu", "logprobs"), ("mmlu_cloze", "logliks")):
+        res = {
+            d: evaluate(
+                model, tok, [task], EvalSettings(batch_size=3, decode=d), data={task: items}, show_progress=False
+            )["tasks"][task]["records"]  # fmt: skip
+            for d in ("fast", "reference")
+        }
+        assert [r["pred"] for r in res["fast"]] == [r["pred"] for r in res["reference"]]
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in res["fast"]]), torch.tensor([r[key] for r in res["reference"]]), atol=1e-4,
+            rtol=0,
+        )  # fmt: skip

@@ -27,9 +27,17 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig
 
-from sst_merge.eval.loglik import _cache_kw, common_prefix, model_device, run_prefix, slab_cache
+from sst_merge.eval.loglik import (
+    _cache_kw,
+    attention_mask,
+    common_prefix,
+    model_device,
+    run_prefix,
+    slab_cache,
+    takes_4d_masks,
+)
 from sst_merge.models.tokenize import left_pad, pad_id, prompt_ids
 
 log = logging.getLogger(__name__)
@@ -112,13 +120,7 @@ def generate_greedy(
 
 def fast_decodable(model) -> bool:
     """Whether the fast loop can drive ``model`` with the same result as ``generate()``."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not isinstance(base, PreTrainedModel):
-        return False
-    cfg = base.config
-    if cfg._attn_implementation not in ("sdpa", "eager"):  # flash kernels take no 4D mask
-        return False
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+    if not takes_4d_masks(model):
         return False
     gen, default = model.generation_config, GenerationConfig()
     return all(getattr(gen, f, None) == getattr(default, f, None) for f in _PROCESSOR_FIELDS)
@@ -155,15 +157,6 @@ def _shared_prefix(model, seqs: list[list[int]]) -> _Prefix:
     cache, _ = run_prefix(model, seqs[0][:n], model_device(model))
     log.debug("shared prompt prefix: %d tokens, computed once for %d prompts", n, len(seqs))
     return _Prefix(seqs[0][:n], cache)
-
-
-def attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A ready 4D mask for the model's attention: boolean for SDPA, additive (0 / dtype min) for eager."""
-    if model.config._attn_implementation == "sdpa":
-        return allowed
-    dtype = next(model.parameters()).dtype
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def _greedy_fast(
