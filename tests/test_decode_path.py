@@ -263,8 +263,7 @@ def test_packing_shares_the_root(tok):
         packed_next_token_logprobs(model, ctx, [65], pad_id=pad_id(tok), batch_size=8, show_progress=False)
     finally:
         handle.remove()
-    (call,) = calls
-    assert (call["ids"] != pad_id(tok)).sum() < sum(map(len, ctx))  # fewer tokens than the contexts hold
+    assert sum((c["ids"] != pad_id(tok)).sum() for c in calls) < sum(map(len, ctx))  # fewer than the contexts hold
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])
@@ -313,3 +312,15 @@ def test_mmlu_fast_and_reference_agree(tok):
             torch.tensor([r[key] for r in res["fast"]]), torch.tensor([r[key] for r in res["reference"]]), atol=1e-4,
             rtol=0,
         )  # fmt: skip
+
+
+def test_token_batches_bound_padding():
+    """Packed rows of very different lengths are batched longest first with little padding. Bug caught: the fill
+    test dropped (a 10-token row padded to 100)."""
+    from sst_merge.eval.loglik import token_batches
+
+    lengths = [100, 95, 10, 92, 11, 50, 9]
+    batches = token_batches(lengths, batch_size=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 and min(lengths[i] for i in b) >= 0.9 * lengths[b[0]] for b in batches)
+    assert batches[0] == [0, 1, 3]

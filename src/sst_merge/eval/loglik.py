@@ -223,6 +223,25 @@ def _batches(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def token_batches(lengths: Sequence[int], batch_size: int, fill: float = 0.9) -> list[list[int]]:
+    """Batches of row indices, longest first, for rows of very different lengths (packed rows).
+
+    A batch holds at most ``batch_size`` rows and ``batch_size`` × the longest row's tokens (the memory of the
+    first batch of plain rows); a row shorter than ``fill`` × the batch's longest starts a new batch, so padding
+    stays under ``1 - fill`` of any batch.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    budget = batch_size * max(lengths, default=0)
+    out: list[list[int]] = []
+    for i in order:
+        b = out[-1] if out else None
+        if b and len(b) < batch_size and (len(b) + 1) * lengths[b[0]] <= budget and lengths[i] >= fill * lengths[b[0]]:
+            b.append(i)
+        else:
+            out.append([i])
+    return out
+
+
 @torch.inference_mode()
 def next_token_logprobs(
     model,
@@ -407,11 +426,11 @@ def packed_next_token_logprobs(
         branches = [seqs[i][n:] for i in g]
         ends = [n + sum(len(b) for b in branches[: k + 1]) - 1 for k in range(len(g))]  # each context's last token
         rows.append((g, (seqs[g[0]][:n], branches), ends))
-    rows.sort(key=lambda r: -(len(r[1][0]) + sum(len(b) for b in r[1][1])))  # longest first: less padding
+    lengths = [len(r[1][0]) + sum(len(b) for b in r[1][1]) for r in rows]
     cand = torch.tensor(list(candidate_ids), dtype=torch.long)
     out = torch.empty((len(seqs), len(cand)), dtype=torch.float32)
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, disable=not show_progress, leave=False):
-        batch = rows[start : start + batch_size]
+    for idx in tqdm(token_batches(lengths, batch_size), desc=desc, disable=not show_progress, leave=False):
+        batch = [rows[i] for i in idx]
         logps = packed_logprobs(model, [r[1] for r in batch], [r[2] for r in batch], pad_id)
         for (g, _, _), lp in zip(batch, logps, strict=True):
             out[g] = lp[:, cand.to(lp.device)].cpu()
@@ -440,9 +459,9 @@ def packed_continuation_logliks(
     for q, conts in enumerate(continuations):
         if not ctxs[q] or any(not c for c in conts):
             raise ValueError(f"context {q}: an empty context or continuation has no log-likelihood")
-    order = sorted(range(len(ctxs)), key=lambda q: -(len(ctxs[q]) + sum(len(c) - 1 for c in continuations[q])))
+    lengths = [len(ctxs[q]) + sum(len(c) - 1 for c in continuations[q]) for q in range(len(ctxs))]
     out: list[list[float]] = [[] for _ in ctxs]
-    for idx in tqdm(_batches(order, batch_size), desc=desc, disable=not show_progress, leave=False):
+    for idx in tqdm(token_batches(lengths, batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = [(ctxs[q], [list(c)[:-1] for c in continuations[q]]) for q in idx]
         wanted = [list(range(len(ctxs[q]) - 1, len(ctxs[q]) + sum(len(c) - 1 for c in continuations[q]))) for q in idx]
         for q, lp in zip(idx, packed_logprobs(model, rows, wanted, pad_id), strict=True):
