@@ -103,7 +103,12 @@ def test_every_evaluation_setting_changes_the_key(setup, tmp_path):
     r = _runner(data, tmp_path)
     key = r.spec_key(spec)
     current = r.cfg.eval.model_dump()
-    assert set(current) == set(ExperimentEvalSettings.model_fields)
+    fields = ExperimentEvalSettings.model_fields
+    # a field excluded from the dump (eval.decode: both decoders give the same tokens) must leave the key alone
+    neutral = {name for name, f in fields.items() if f.exclude}
+    assert neutral == {"decode"}
+    assert set(current) == set(fields) - neutral
+    assert _runner(data, tmp_path, eval={**data["eval"], "decode": "reference"}).spec_key(spec) == key
     for name, value in current.items():
         if name in ("judge", "split"):
             continue  # below: a judge must name a registered one; the split takes only test or dev

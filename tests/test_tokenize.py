@@ -46,7 +46,7 @@ def test_eval_fisher_and_training_give_identical_tokens(monkeypatch):
 
     monkeypatch.setattr(model, "generate", recording)
     for p, _ in PAIRS:  # one at a time: generate_greedy sorts a batch by length
-        generate_greedy(model, tok, [p], max_new_tokens=2, show_progress=False)
+        generate_greedy(model, tok, [p], max_new_tokens=2, show_progress=False, decode="reference")
     items = tuple({"prompt": p, "response": r} for p, r in PAIRS)
     fisher = examples_of(Objective("safety", (Part(items, "given"),)), model, tok, _setup())
     for (p, r), eval_prompt, f in zip(PAIRS, seen, fisher, strict=True):

@@ -14,7 +14,7 @@ Safety Tax bootstrap pairs across models by ``id``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,6 +35,13 @@ class EvalSettings(BaseModel):
     batch_size: int = Field(8, ge=1, description="items per forward / generate call")
     max_new_tokens: int = Field(64, ge=1, description="generation budget of the generative tasks (greedy decoding)")
     judge: str = Field("keyword", description="refusal judge: keyword or hf:MODEL[#REFUSAL_LABEL]")
+    # Left out of model_dump (so out of every evaluation cache key): both decoders give the same tokens and scores.
+    decode: Literal["fast", "reference"] = Field(
+        "fast",
+        exclude=True,
+        description="fast: shared prompt prefix computed once, pre-allocated KV cache, own greedy loop; reference: "
+        "model.generate() and one full forward per scored context (the same tokens and predictions, slower)",
+    )
 
 
 @dataclass
@@ -47,11 +54,12 @@ class EvalContext:
     judge: Any = None  # a sst_merge.eval.judges.Judge, built once by the harness
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    decode: str = "fast"  # EvalSettings.decode
 
     @classmethod
     def of(cls, settings: EvalSettings, judge: Any = None, show_progress: bool = True) -> EvalContext:
         """The context of ``settings`` with its judge object (``None`` where no task needs one)."""
-        return cls(settings.batch_size, settings.max_new_tokens, judge, show_progress)
+        return cls(settings.batch_size, settings.max_new_tokens, judge, show_progress, decode=settings.decode)
 
 
 class Evaluator:

@@ -112,6 +112,7 @@ def _run(model, tokenizer, evaluators, items, settings: EvalSettings, data, limi
             "batch_size": settings.batch_size,
             "max_new_tokens": settings.max_new_tokens,
             "decoding": "greedy",
+            "decoder": settings.decode,
         },
     }
     if records_path is not None and ddp.is_main():  # every rank holds the full records; one writes them

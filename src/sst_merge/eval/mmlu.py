@@ -17,7 +17,14 @@ from typing import Any, ClassVar
 
 from sst_merge.errors import DataError
 from sst_merge.eval.base import EvalContext, Evaluator, register_task
-from sst_merge.eval.loglik import encode_pair, next_token_logprobs, shared_context_logliks
+from sst_merge.eval.loglik import (
+    encode_pair,
+    next_token_logprobs,
+    packed_continuation_logliks,
+    packed_next_token_logprobs,
+    shared_context_logliks,
+    takes_4d_masks,
+)
 from sst_merge.eval.stats import Z95, mean_stderr, rate_metric
 from sst_merge.models.tokenize import pad_id
 
@@ -59,8 +66,10 @@ def score_choices(
     """Log-likelihood of every continuation of every context, tokenised as lm-eval does.
 
     One-token continuations that leave the context's tokens unchanged (the letter format) need only the next-token
-    distribution at the context's last position; anything else goes through :func:`shared_context_logliks`.
-    Both give lm-eval's numbers: the model sees ``context_ids + continuation_ids``.
+    distribution at the context's last position; anything else needs every continuation token's log-probability.
+    Both give lm-eval's numbers: the model sees ``context_ids + continuation_ids``. ``settings.decode`` picks the
+    scorer: ``fast`` packs what contexts share (a subject's description; a question under its choices) into one
+    row computed once (:func:`~sst_merge.eval.loglik.packed_logprobs`), ``reference`` runs every context whole.
     """
     pairs = [[encode_pair(tok, ctx, c) for c in conts] for ctx, conts in zip(contexts, continuations, strict=True)]
     for q, row in enumerate(pairs):
@@ -69,10 +78,12 @@ def score_choices(
     ctx_ids = [row[0][0] for row in pairs]
     cont_ids = [[cont for _, cont in row] for row in pairs]
     common = dict(pad_id=pad_id(tok), batch_size=settings.batch_size, show_progress=settings.show_progress, desc=desc)
+    fast = getattr(settings, "decode", "fast") == "fast" and takes_4d_masks(model)
     if all(len(c) == 1 for row in cont_ids for c in row) and all(row == cont_ids[0] for row in cont_ids):
-        lp = next_token_logprobs(model, ctx_ids, [c[0] for c in cont_ids[0]], **common)
-        return lp.tolist()
-    return shared_context_logliks(model, ctx_ids, cont_ids, **common)
+        next_token = packed_next_token_logprobs if fast else next_token_logprobs
+        return next_token(model, ctx_ids, [c[0] for c in cont_ids[0]], **common).tolist()
+    continuations = packed_continuation_logliks if fast else shared_context_logliks
+    return continuations(model, ctx_ids, cont_ids, **common)
 
 
 def accuracy_metrics(records: list[dict[str, Any]], key: str = "score") -> dict[str, Any]:

@@ -43,6 +43,7 @@ def judged_generation(
         max_new_tokens=settings.max_new_tokens,
         show_progress=settings.show_progress,
         desc=desc,
+        decode=settings.decode,
     )
     verdicts = settings.judge.judge(prompts, [g["response"] for g in gens])
     records = []

@@ -98,6 +98,7 @@ class TaskAccuracyEval(Evaluator):
             max_new_tokens=max_new,
             show_progress=settings.show_progress,
             desc=self.task_name,
+            decode=settings.decode,
         )
         return [
             {
