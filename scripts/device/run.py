@@ -11,7 +11,7 @@ Steps, each recorded in ``$OUT/status.json`` as it happens:
 2. the kit's files reassembled from ``.device/b*`` and checked against their SHA-256 (``device_kit.assemble``);
 3. its wheels installed offline (``pip install --no-index --no-deps --target .device/site``);
 4. ``preflight.py``: every requirement satisfied, sst-merge importable, the GPU seen;
-5. ``sst-merge run ARGS -o .device/work/run`` until it ends or the budget is spent, then SIGTERM.
+5. ``sst-merge run ARGS -o .device/work/NAME`` (``--name``, default ``run``) until it ends or the budget is spent, then SIGTERM.
 
 The run directory holds the evaluation cache (``RUN/cache/eval-*.json``, one file per finished evaluation, written
 atomically), so a cut run loses only the evaluation in flight. The tool brings back at most 8 files, so the run
@@ -75,12 +75,12 @@ def pack(run_dir: Path, out: Path) -> dict[str, Any]:
     with tarfile.open(tmp, "w:gz") as tar:
         for path in sorted(run_dir.rglob("*")) if run_dir.is_dir() else []:
             try:
-                if not path.is_file():
+                if not path.is_file() or path.suffix == ".lock":
                     continue
                 if path.stat().st_size > MAX_PACKED_FILE:
                     left_out.append(str(path.relative_to(run_dir)))
                     continue
-                tar.add(path, arcname=str(Path("run") / path.relative_to(run_dir)))
+                tar.add(path, arcname=str(Path(run_dir.name) / path.relative_to(run_dir)))
                 n += 1
             except FileNotFoundError:  # an atomic write's temporary file, renamed while we walked
                 continue
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="dry run: no GPU needed")
     parser.add_argument("--kit", type=Path, default=ROOT / ".device", help="the carried batches' folder")
     parser.add_argument("--work", type=Path, help="run directory and project cache (default: KIT/work)")
+    parser.add_argument("--name", default="run", help="run directory under WORK (another one per experiment)")
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="what comes back (default: $OUT)")
     parser.add_argument("run_args", nargs="*", help="after --: sst-merge run's arguments (not -o: the kit sets it)")
     args = parser.parse_args(argv)
@@ -170,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("no --out and no $OUT: where should the results go?")
     if {"-o", "--output"} & {a.split("=", 1)[0] for a in args.run_args}:
-        parser.error("the kit sets sst-merge run's -o (KIT/work/run); leave it out")
+        parser.error("the kit sets sst-merge run's -o (WORK/NAME); leave it out, or pass --name")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.kit / "work"
-    run_dir = work / "run"
+    run_dir = work / args.name
     status = Status(args.out / "status.json", state="setup", budget_s=args.budget, run_args=args.run_args)
     device_freeze(args.out)
 
