@@ -126,12 +126,11 @@ def test_no_command_spans_three_lines(doc):
 def test_relative_links_resolve(doc):
     text = FENCE.sub("", doc.read_text())
     missing = []
-    pending = {"docs/gpu.md"}  # written on another branch at the same time; remove once it is on main
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if target.startswith(("http://", "https://", "mailto:", "#")):
             continue
         path = target.split("#")[0]
-        if path and not (doc.parent / path).exists() and path not in pending:
+        if path and not (doc.parent / path).exists():
             missing.append(target)
     assert not missing, f"{doc.name}: links to missing files: {missing}"
 
