@@ -1,0 +1,148 @@
+"""The planner's laws live with what they price (issue 26, item 6): every number identical to the golden, a new
+approximation plans with no edit of ``plan/``, and no module outside ``fisher/`` branches on an approximation's name.
+
+The golden (``tests/data/plan_golden.json``) was written by ``plan.py`` before it became a package, from the cases
+below with fixed rates and memory; regenerate it only on a deliberate change of a law:
+``PYTHONPATH=src python tests/test_plan_laws.py --write``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from sst_merge.config import load_yaml
+from sst_merge.experiments import resolve_config
+from sst_merge.plan import (
+    GIB,
+    LearnedFit,
+    Memory,
+    OwnPass,
+    Rates,
+    Settings,
+    estimate,
+    experiment_settings,
+    fisher_batch_seconds,
+    fisher_host_bytes,
+    fisher_memory,
+    fisher_pass_seconds,
+    fisher_statistics_seconds,
+    gevp_seconds,
+    gpu_rates,
+    model_shape,
+    plan_run,
+    settings_from_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "data" / "plan_golden.json"
+FISHERS = ("lowrank", "kfac", "diagonal", "dense")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: measured-like rates: curves, a heap bandwidth, page faults priced on the device (every law's branch is taken)
+CPU = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, sort=1e8, eigh=2e9, rows=5e7, fault=3e9, heap_bandwidth=3e10,
+            ties=5e7, matmul_curve=((64, 3e10), (256, 6e10), (1024, 1e11)),
+            decode_curve=((1, 1e10), (8, 4e10), (32, 6e10)))  # fmt: skip
+FLAT = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, sort=1e8)  # the other tests' rates
+
+
+def _plan(model: str, s: Settings, memory: Memory, rates: Rates, on_gpu: bool) -> dict:
+    p = plan_run(model, s, memory=memory, rates=rates, on_gpu=on_gpu)
+    return {"json": p.to_json(), "table": p.table()}
+
+
+def _adapter(path: Path) -> str:
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj", "v_proj"]}))
+    return str(path)
+
+
+def golden_cases() -> dict[str, object]:
+    """Every number the planner gives for a fixed set of inputs (JSON-ready)."""
+    out: dict[str, object] = {}
+    small_cpu = Memory(device=4 * GIB, host=4 * GIB)
+    cpu16 = Memory(device=16 * GIB, host=16 * GIB)
+    h100 = Memory(device=80e9, host=128 * GIB, gpus=1, name="H100-80GB")
+    for fisher in FISHERS:
+        for n in (4, 32):
+            s = Settings(fisher=fisher, n_samples=n)
+            out[f"smollm2/{fisher}/N={n}"] = _plan("smollm2-135m", s, cpu16, CPU, False)
+        s = Settings(fisher=fisher, dtype="bfloat16", targets=ALL, output="full", ties=True, train=True,
+                     own=[OwnPass("fisher_merge", "diagonal", 2), OwnPass("regmean", "kfac", 3, n_samples=16)],
+                     learned=LearnedFit(benign=60))  # fmt: skip
+        out[f"smollm2/{fisher}/everything"] = _plan("smollm2-135m", s, cpu16, CPU, False)
+        out[f"smollm2/{fisher}/gpu"] = _plan("smollm2-135m", s, h100, gpu_rates("H100-80GB"), True)
+        q = Settings(fisher=fisher, dtype="float32", targets=ALL, n_samples=64, objectives=3)
+        out[f"qwen/{fisher}/small"] = _plan("qwen2.5-coder-0.5b", q, small_cpu, CPU, False)
+        out[f"qwen/{fisher}/two-gpus"] = _plan(
+            "qwen2.5-coder-0.5b", q, Memory(device=1 * GIB, host=3 * GIB, gpus=2, name="x"), CPU, True
+        )
+        if fisher != "dense":
+            ll = Settings(fisher=fisher, dtype="bfloat16", n_samples=32)
+            out[f"llama/{fisher}/h100"] = _plan("llama-3.1-8b", ll, h100, gpu_rates("H100-80GB"), True)
+            out[f"llama/{fisher}/60gib"] = _plan("llama-3.1-8b", ll, Memory(80 * GIB, 60 * GIB, gpus=1), FLAT, True)
+
+    laws = {}
+    for model in ("smollm2-135m", "qwen2.5-coder-0.5b", "llama-3.1-8b"):
+        shape = model_shape(model)
+        for fisher in FISHERS:
+            for rates_name, rates in (("cpu", CPU), ("gpu", gpu_rates("H200-141GB"))):
+                s = Settings(fisher=fisher, n_samples=16, targets=ALL, fisher_batch=4, fisher_length=128)
+                laws[f"{model}/{fisher}/{rates_name}"] = {
+                    "host": fisher_host_bytes(shape, s),
+                    "host_n2": fisher_host_bytes(shape, s, n=2),
+                    "memory": list(fisher_memory(shape, s)),
+                    "batch": fisher_batch_seconds(shape, s, rates),
+                    "statistics": fisher_statistics_seconds(shape, s, rates),
+                    "pass": fisher_pass_seconds(shape, s, rates),
+                    "pass_100": fisher_pass_seconds(shape, s, rates, n_examples=100),
+                    "steps": [
+                        [st.step, st.device_bytes, st.host_bytes, st.seconds] for st in estimate(shape, s, rates)
+                    ],
+                }
+    for fisher in FISHERS:
+        for o, i in ((576, 576), (192, 576), (1536, 576), (4096, 4096), (1024, 4096), (14336, 4096)):
+            for n in (4, 64):
+                laws[f"gevp/{fisher}/{o}x{i}/N={n}"] = [gevp_seconds(fisher, o, i, n, r) for r in (CPU, FLAT)]
+    out["laws"] = laws
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        data = load_yaml(str(path))
+        model, s = experiment_settings(resolve_config(data.pop("mode"), data))
+        out[f"config/{path.stem}"] = _plan(model, s, Memory(device=64 * GIB, host=64 * GIB), CPU, False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = [{"path": _adapter(Path(tmp) / n), "weight": w} for n, w in (("a", 1.0), ("b", 2.0), ("c", 0.0))]
+        merges = {
+            "sst": {"fisher": "lowrank", "n_samples": 16, "fraction": 0.1},
+            "sst-input": {"space": "input", "fisher": "kfac", "share": 0.1, "n_samples": 16},
+            "safety_span": {"fisher": "kfac", "n_samples": 16},
+            "ties": {},
+            "task_arithmetic": {},
+            "fisher_merge": {"n_samples": 16, "batch_size": 4, "max_length": 128, "max_new_tokens": 32},
+            "regmean": {"n_samples": 8},
+            "learned": {"steps": 10, "batch_size": 2, "max_length": 64},
+        }
+        for name, params in merges.items():
+            cfg = {"base_model": "smollm2-135m", "method": name.split("-")[0], "adapters": adapters, "params": params,
+                   "output": {"format": "full" if name == "ties" else "peft"}}  # fmt: skip
+            model, s = settings_from_config(cfg)
+            out[f"merge/{name}"] = _plan(model, s, cpu16, CPU, False)
+    return json.loads(json.dumps(out))
+
+
+def test_every_number_equals_the_golden():
+    golden = json.loads(GOLDEN.read_text())
+    now = golden_cases()
+    assert sorted(now) == sorted(golden)
+    for key in golden:
+        assert now[key] == golden[key], key
+
+
+if __name__ == "__main__" and "--write" in sys.argv:
+    GOLDEN.write_text(json.dumps(golden_cases(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN}")
