@@ -8,13 +8,10 @@ below with fixed rates and memory; regenerate it only on a deliberate change of 
 
 from __future__ import annotations
 
-import ast
 import json
 import sys
 import tempfile
 from pathlib import Path
-
-import pytest
 
 from sst_merge.config import load_yaml
 from sst_merge.experiments import resolve_config

@@ -112,7 +112,7 @@ def random_adapter(
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from sst_merge.plan import Shape
+    from sst_merge.models.shapes import Shape
 
     shape = Shape.from_config(AutoConfig.from_pretrained(str(model_dir)))
     mods = shape.modules()
