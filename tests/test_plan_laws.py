@@ -8,13 +8,18 @@ below with fixed rates and memory; regenerate it only on a deliberate change of 
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from sst_merge.config import load_yaml
 from sst_merge.experiments import resolve_config
+from sst_merge.fisher.approximation import APPROXIMATIONS, Approximation
+from sst_merge.fisher.solve import get_approximation
 from sst_merge.plan import (
     GIB,
     LearnedFit,
@@ -22,6 +27,7 @@ from sst_merge.plan import (
     OwnPass,
     Rates,
     Settings,
+    check_fit,
     estimate,
     experiment_settings,
     fisher_batch_seconds,
@@ -138,6 +144,120 @@ def test_every_number_equals_the_golden():
     assert sorted(now) == sorted(golden)
     for key in golden:
         assert now[key] == golden[key], key
+
+
+class Toy(Approximation):
+    """An approximation the planner has never heard of: one number per module, a cubic solve, alternatives."""
+
+    name = "toy"
+    plan_alternatives = ("diagonal",)
+    memory_grows_with_n = True
+
+    def host_bytes(self, mods, n):
+        return 1000 * n * len(mods)
+
+    def per_example_bytes(self, mods, batch):
+        return 7 * batch
+
+    def finish_copy_elements(self, mods):
+        return 3
+
+    def batch_seconds(self, forward_s, mods, batch, tokens, matmul, rates):
+        return forward_s + 0.5
+
+    def statistics_seconds(self, overhead_s, mods, n, rates):
+        return overhead_s + 0.25 * n
+
+    def gevp_seconds(self, o, i, n, rates):
+        return 1e-6 * (o + i)
+
+    def gevp_host_bytes(self, mods, n):
+        return 11
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    # registered for this test only (monkeypatch removes it again; the registry refuses a name registered twice)
+    monkeypatch.setitem(APPROXIMATIONS._items, "toy", Toy)
+    return Toy()
+
+
+def test_a_new_approximation_plans_with_its_own_laws_and_no_edit_of_plan(toy):
+    shape = model_shape("smollm2-135m")
+    mods = [(576, 576), (192, 576)] * shape.layers  # q_proj and v_proj of every layer
+    s = Settings(fisher="toy", n_samples=4)
+    steps = {st.step: st for st in estimate(shape, s, FLAT)}
+    fisher, gevp = steps["fisher (toy, N=4 × 2)"], steps["gevp + projection"]
+    assert fisher_host_bytes(shape, s) == 1000 * 4 * len(mods)
+    host = 1000 * 4 * len(mods) + sum(o * i for o, i in mods) * 4 + 3 * 4  # statistics + ΔW map + finish()'s copy
+    assert fisher.host_bytes == host and fisher_memory(shape, s)[1] == host
+    assert gevp.host_bytes == host + 11
+    assert gevp.seconds == pytest.approx(sum(1e-6 * (o + i) for o, i in mods))
+    assert gevp_seconds("toy", 576, 576, 4, FLAT) == pytest.approx(1152e-6)
+    assert fisher_statistics_seconds(shape, s, FLAT) == pytest.approx(1e-3 + 0.25 * 4)  # the pass's overhead + law
+    # its alternatives, then a smaller N: a plan that does not fit suggests what the toy's laws say would
+    huge = Settings(fisher="toy", n_samples=10**6)
+    memory = Memory(device=16 * GIB, host=16 * GIB)
+    assert check_fit(shape, huge, memory, FLAT, on_gpu=False).endswith("--set sst.fisher=diagonal would fit")
+    plan = plan_run("smollm2-135m", huge, memory=memory, rates=FLAT, on_gpu=False)
+    assert "SST toy N=1000000" in plan.table()
+
+
+def test_an_approximation_without_a_law_says_which_one_it_lacks(monkeypatch):
+    class Bare(Approximation):
+        name = "bare"
+
+    monkeypatch.setitem(APPROXIMATIONS._items, "bare", Bare)
+    with pytest.raises(NotImplementedError, match="fisher bare: no planner law host_bytes"):
+        fisher_host_bytes(model_shape("smollm2-135m"), Settings(fisher="bare"))
+
+
+def test_every_registered_approximation_has_every_law():
+    laws = [n for n, v in vars(Approximation).items() if callable(v) and n not in vars(object)]
+    laws = laws[laws.index("host_bytes") :]  # the planner's laws close the base class
+    assert laws == ["host_bytes", "per_example_bytes", "finish_copy_elements", "batch_seconds",
+                    "statistics_seconds", "gevp_seconds", "gevp_host_bytes"]  # fmt: skip
+    for name in APPROXIMATIONS.names():
+        cls = type(get_approximation(name))
+        missing = [law for law in laws if getattr(cls, law) is getattr(Approximation, law)]
+        assert not missing, f"{name} lacks {missing}"
+
+
+APPROX_NAMES = {"kfac", "lowrank", "diagonal", "dense"}
+
+
+def _name_branches(tree: ast.AST) -> list[tuple[int, str]]:
+    """Comparisons (``==``, ``!=``, ``in``, ``not in``, …) with an approximation's name as a string constant on
+    either side (also inside a tuple, list or set), and dicts keyed by those names (a dispatch on the name)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.Dict):
+            operands = [k for k in node.keys if k is not None]
+        else:
+            continue
+        for operand in operands:
+            if any(isinstance(c, ast.Constant) and c.value in APPROX_NAMES for c in ast.walk(operand)):
+                out.append((node.lineno, ast.unparse(node)[:80]))
+                break
+    return out
+
+
+def test_the_name_check_sees_a_branch():
+    code = 'a = x == "kfac"\nb = "lowrank" != y\nc = f in ("diagonal", "x")\nd = {"dense": 1}.get(f)\ne = "kfac"\n'
+    assert [line for line, _ in _name_branches(ast.parse(code))] == [1, 2, 3, 4]
+
+
+def test_no_branch_on_an_approximation_name_outside_fisher():
+    src = ROOT / "src" / "sst_merge"
+    found = [
+        f"{f.relative_to(src)}:{line}: {text}"
+        for f in sorted(src.rglob("*.py"))
+        if f.relative_to(src).parts[0] != "fisher"
+        for line, text in _name_branches(ast.parse(f.read_text()))
+    ]
+    assert not found, "a Fisher approximation's law belongs in its own file under fisher/: " + "; ".join(found)
 
 
 if __name__ == "__main__" and "--write" in sys.argv:

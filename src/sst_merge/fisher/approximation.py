@@ -196,8 +196,7 @@ def per_example_batch_seconds(
     moved."""
     p = sum(o * i for o, i in mods)
     fresh = sum(rates.fresh_seconds(batch * o * i * 4, device=True) for o, i in mods) + extra_fresh
-    moved = sum(rates.moved_seconds(PER_EXAMPLE_BYTES * batch * o * i, batch * o * i * 4)
-                for o, i in mods)  # fmt: skip
+    moved = sum(rates.moved_seconds(PER_EXAMPLE_BYTES * batch * o * i, batch * o * i * 4) for o, i in mods)
     return forward_s + 2 * tokens * p / matmul + fresh + moved
 
 

@@ -7,8 +7,8 @@ biases). They serve two purposes:
 * :func:`shape_config` builds a transformers config from them, optionally cut to a few layers and a smaller
   vocabulary, so a randomly initialised model with the real per-layer shapes runs every code path offline
   (tests, ``bench/shapes.py``);
-* :class:`Shape` / :func:`model_shape` give :mod:`sst_merge.plan` what it estimates memory and time from for the aliases of :data:`sst_merge.models.ALIASES`
-  without a hub round-trip.
+* :class:`Shape` / :func:`model_shape` give :mod:`sst_merge.plan` what it estimates memory and time from, for the
+  aliases of :data:`sst_merge.models.ALIASES` without a hub round-trip.
 
 Sources (checked against the public model cards / ``config.json``): Mistral-7B-v0.1, Llama-3.1-8B(-Instruct),
 Qwen2.5-14B(-Instruct); the embedded models' against their converted ``config.json``. The ``mistral-7b`` alias loads Mistral-7B-Instruct-v0.2, whose shapes are the same; v0.2

@@ -1,9 +1,9 @@
 """Cost laws: the bytes and seconds of each step's work, from a model's :class:`~sst_merge.models.shapes.Shape`, the
 :class:`~sst_merge.plan.settings.Settings` and the machine's :class:`~sst_merge.machine.Rates`.
 
-What depends on the Fisher approximation is the approximation's own law (:class:`~sst_merge.fisher.approximation.
-Approximation`'s ``host_bytes``, ``batch_seconds``, ``gevp_seconds`` …, each in its file): these functions look it
-up by name in the registry and never branch on the name, so a new approximation plans with no edit here.
+What depends on the Fisher approximation is the approximation's own law (``host_bytes``, ``batch_seconds``,
+``gevp_seconds`` … of :class:`~sst_merge.fisher.approximation.Approximation`, each in its file): these functions look
+it up by name in the registry and never branch on the name, so a new approximation plans with no edit here.
 """
 
 from __future__ import annotations
