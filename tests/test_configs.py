@@ -31,6 +31,7 @@ def no_weights(monkeypatch):
     import sst_merge.models
     import sst_merge.models.loading
     import sst_merge.plan
+    import sst_merge.plan.plan
 
     def loader(*args, **kwargs):
         raise AssertionError("a dry run loaded a model")
@@ -38,8 +39,9 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(sst_merge.models.loading, "load_model", loader)
     monkeypatch.setattr(sst_merge.models, "load_model", loader)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loader)
-    monkeypatch.setattr(sst_merge.plan, "measure_rates", lambda *a, **k: RATES)
-    monkeypatch.setattr(sst_merge.plan, "available_memory", lambda: Memory(device=64 * GIB, host=64 * GIB))
+    for where in (sst_merge.plan, sst_merge.plan.plan):  # the package, and where plan_run looks
+        monkeypatch.setattr(where, "measure_rates", lambda *a, **k: RATES)
+        monkeypatch.setattr(where, "available_memory", lambda: Memory(device=64 * GIB, host=64 * GIB))
 
 
 def test_there_are_configs():

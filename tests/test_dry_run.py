@@ -19,6 +19,7 @@ def no_weights(monkeypatch):
     import sst_merge.models
     import sst_merge.models.loading
     import sst_merge.plan
+    import sst_merge.plan.plan
 
     calls: list[str] = []
 
@@ -29,9 +30,11 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(sst_merge.models.loading, "load_model", loader)
     monkeypatch.setattr(sst_merge.models, "load_model", loader)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", loader)
-    monkeypatch.setattr(sst_merge.plan, "measure_rates", lambda *a, **k: RATES)
+    for where in (sst_merge.plan, sst_merge.plan.plan):  # the package, and where plan_run looks
+        monkeypatch.setattr(where, "measure_rates", lambda *a, **k: RATES)
     memory = {"m": Memory(device=20 * GIB, host=20 * GIB)}
-    monkeypatch.setattr(sst_merge.plan, "available_memory", lambda: memory["m"])
+    for where in (sst_merge.plan, sst_merge.plan.plan):  # the package, and where plan_run looks
+        monkeypatch.setattr(where, "available_memory", lambda: memory["m"])
     return calls, memory
 
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from sst_merge.fisher.solve import get_approximation
+
 log = logging.getLogger(__name__)
 
 EXACT = ("task_arithmetic", "linear")  # methods whose PEFT output concatenates the LoRA factors exactly
@@ -112,7 +114,7 @@ def random_adapter(
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from sst_merge.plan import Shape
+    from sst_merge.models.shapes import Shape
 
     shape = Shape.from_config(AutoConfig.from_pretrained(str(model_dir)))
     mods = shape.modules()
@@ -159,7 +161,8 @@ def rehearse(
         work_dir: an empty or new directory for adapters, merges, caches and runs.
         n_items: items per evaluator (and harmful / benign prompts in exp1).
         max_new_tokens: generation budget of the generative evaluators and of the sampled Fisher.
-        lowrank_n: Fisher examples for ``sst`` with ``lowrank``; ``fisher_n``: for ``kfac`` and ``diagonal``.
+        lowrank_n: Fisher examples for ``sst`` with an approximation whose statistics grow with N (``lowrank``);
+            ``fisher_n``: with the others (``kfac``, ``diagonal``).
         methods: merge methods (default: every registered one).
         full_outputs: methods whose full-model output is also written.
         synthetic: use small generated prompt files instead of the packaged HarmBench / benign / MMLU data (MMLU
@@ -180,6 +183,10 @@ def rehearse(
     model_dir, work = str(model_dir), Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     data = synthetic_data(work / "data", max(n_items, fisher_n, lowrank_n))
+
+    def n_of(fisher: str) -> int:
+        return lowrank_n if get_approximation(fisher).memory_grows_with_n else fisher_n
+
     results: dict[str, dict[str, Any]] = {}
     quiet = {"progress": False}
 
@@ -209,7 +216,7 @@ def rehearse(
                     (
                         "sst",
                         f"sst-{f}",
-                        {**sst_base, "fisher": f, "n_samples": lowrank_n if f == "lowrank" else fisher_n},
+                        {**sst_base, "fisher": f, "n_samples": n_of(f)},
                     )
                     for f in ("kfac", "diagonal", "lowrank")
                 ]
@@ -263,7 +270,7 @@ def rehearse(
             "eval": {"refusal_limit": n_items, "over_refusal_limit": n_items, "task_limit": n_items, "mmlu_limit": 0,
                      "max_new_tokens": max_new_tokens, "batch_size": n_items,
                      **({"harmful_source": data["harmful"], "benign_source": data["benign"]} if synthetic else {})},
-            "sst": {**sst_base, "fisher": exp1_fisher, "n_samples": lowrank_n if exp1_fisher == "lowrank" else fisher_n},
+            "sst": {**sst_base, "fisher": exp1_fisher, "n_samples": n_of(exp1_fisher)},
             "bootstrap": 20,
         }  # fmt: skip
         cfg = resolve_config("minimal", exp)

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from sst_merge.fisher.gevp import Selection
+from sst_merge.machine import Rates
 from sst_merge.registry import Registry
 
 Stats = dict[str, torch.Tensor]
@@ -112,6 +113,46 @@ class Approximation:
         """Project ``tau`` (out×in) onto the selected eigen-directions of ``F_s v = λ (F_u + Σ β F_j + εI) v``."""
         raise NotImplementedError
 
+    # -- the planner's laws (sst_merge.plan): what this approximation costs, so the planner never asks its name ------
+    # ``mods``: (out, in) of every target module over all layers; ``n``: examples per statistic; ``rates``: the
+    # machine's (:class:`sst_merge.machine.Rates`). Each law defaults to raising: a new approximation writes its own.
+
+    #: approximations ``plan`` suggests, in order, when a run with this one does not fit (registered names)
+    plan_alternatives: ClassVar[tuple[str, ...]] = ()
+    #: whether the statistics grow with N (then ``plan`` suggests a smaller ``n_samples`` when a run does not fit)
+    memory_grows_with_n: ClassVar[bool] = False
+
+    def host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        """Host bytes of both statistics at the end of the utility pass (F_s done, F_u accumulating)."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law host_bytes")
+
+    def per_example_bytes(self, mods: list[tuple[int, int]], batch: int) -> float:
+        """Device bytes of one batch's per-example gradients of the largest module (and what is kept beside them)."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law per_example_bytes")
+
+    def finish_copy_elements(self, mods: list[tuple[int, int]]) -> int:
+        """Elements of the fp32 copy :meth:`finish` makes of the largest fp64 sum while the sum is alive."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law finish_copy_elements")
+
+    def batch_seconds(
+        self, forward_s: float, mods: list[tuple[int, int]], batch: int, tokens: int, matmul: float, rates: Rates
+    ) -> float:
+        """Seconds of one Fisher batch: ``forward_s`` (forward + backward and Python's share) plus this
+        approximation's statistic update over ``batch`` examples of ``tokens`` tokens in all, GEMMs at ``matmul``."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law batch_seconds")
+
+    def statistics_seconds(self, overhead_s: float, mods: list[tuple[int, int]], n: int, rates: Rates) -> float:
+        """Seconds of a pass's work on its statistics, once per pass: ``overhead_s`` plus zeroing, scaling, checking."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law statistics_seconds")
+
+    def gevp_seconds(self, o: int, i: int, n: int, rates: Rates) -> float:
+        """Seconds of the GEVP + projection of one out×in module (:meth:`project`) on the host."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law gevp_seconds")
+
+    def gevp_host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        """Host bytes of the largest module's GEVP + projection besides the statistics."""
+        raise NotImplementedError(f"fisher {self.name}: no planner law gevp_host_bytes")
+
 
 #: name → approximation class
 APPROXIMATIONS: Registry[type[Approximation]] = Registry("Fisher approximation")
@@ -131,3 +172,38 @@ def active_penalties(penalties: list[tuple[float, Stats]] | None) -> list[tuple[
         if beta > 0:
             out.append((beta, stats))
     return out
+
+
+# -- shared by the planner laws of the approximations built on per-example gradients and fp64 sums -------------------
+
+#: bytes moved (read + written) per element of the per-example gradients (B × p, fp32) after their einsum writes
+#: them: the finite check reads them (``aminmax``), then ``diagonal`` squares them in place and sums over examples,
+#: ``lowrank`` copies them into its rows.
+PER_EXAMPLE_BYTES = 16
+
+
+def per_example_batch_seconds(
+    forward_s: float,
+    mods: list[tuple[int, int]],
+    batch: int,
+    tokens: int,
+    matmul: float,
+    rates: Rates,
+    extra_fresh: float = 0.0,
+) -> float:
+    """``forward_s`` plus the per-example gradients' einsum (2·B·T·p FLOPs), the page faults of their fresh B×p fp32
+    buffer (plus ``extra_fresh``: what the approximation faults besides) and :data:`PER_EXAMPLE_BYTES` per element
+    moved."""
+    p = sum(o * i for o, i in mods)
+    fresh = sum(rates.fresh_seconds(batch * o * i * 4, device=True) for o, i in mods) + extra_fresh
+    moved = sum(rates.moved_seconds(PER_EXAMPLE_BYTES * batch * o * i, batch * o * i * 4) for o, i in mods)
+    return forward_s + 2 * tokens * p / matmul + fresh + moved
+
+
+def sums_statistics_seconds(overhead_s: float, sizes: list[int], rates: Rates) -> float:
+    """``overhead_s`` plus the work on fp64 sums of ``sizes`` elements: zeroed (fresh), scaled in place, copied to
+    fp32 (fresh) and checked (``aminmax``): 40 bytes moved per element. On a GPU the sums are device memory (no
+    faults), and the result is copied to the host once."""
+    fresh = sum(rates.fresh_seconds(n * 8, device=True) + rates.fresh_seconds(n * 4, device=True) for n in sizes)
+    to_host = 0.0 if rates.device_faults else sum(rates.fresh_seconds(n * 4) for n in sizes)
+    return overhead_s + fresh + to_host + sum(rates.moved_seconds(40 * n, 8 * n) for n in sizes)

@@ -16,8 +16,11 @@ from sst_merge.fisher.approximation import (
     Stats,
     active_penalties,
     check_mean,
+    per_example_batch_seconds,
+    sums_statistics_seconds,
 )
 from sst_merge.fisher.gevp import count_positive, dense_project
+from sst_merge.machine import Rates
 
 #: Largest module (p = out·in) the dense approximation accepts.
 MAX_DENSE_P = 4096
@@ -60,3 +63,29 @@ class Dense(Approximation):
         b = b + damping * torch.eye(b.shape[0], dtype=torch.float64)
         out, lam_desc, n = dense_project(tau, stats_s["F"], b, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)
+
+    # -- planner laws (sst_merge.plan; see Approximation): the p×p statistic is priced as N rows of p (lowrank's
+    # law) and its solve as one p×p eigenproblem; dense only runs on modules of p ≤ MAX_DENSE_P.
+
+    def host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        return 2 * n * sum(o * i for o, i in mods) * 4
+
+    def per_example_bytes(self, mods: list[tuple[int, int]], batch: int) -> float:
+        return batch * max(o * i for o, i in mods) * 4
+
+    def finish_copy_elements(self, mods: list[tuple[int, int]]) -> int:
+        return max(o * i for o, i in mods)
+
+    def batch_seconds(
+        self, forward_s: float, mods: list[tuple[int, int]], batch: int, tokens: int, matmul: float, rates: Rates
+    ) -> float:
+        return per_example_batch_seconds(forward_s, mods, batch, tokens, matmul, rates)
+
+    def statistics_seconds(self, overhead_s: float, mods: list[tuple[int, int]], n: int, rates: Rates) -> float:
+        return sums_statistics_seconds(overhead_s, [o * i for o, i in mods], rates)
+
+    def gevp_seconds(self, o: int, i: int, n: int, rates: Rates) -> float:
+        return (o * i) ** 3 / rates.eigh  # one p×p eigenproblem
+
+    def gevp_host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        return 4 * max(o * i for o, i in mods) * 8

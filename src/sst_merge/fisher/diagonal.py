@@ -8,6 +8,8 @@ index order (a stable sort), so the mask is deterministic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sst_merge.fisher.approximation import (
@@ -17,8 +19,11 @@ from sst_merge.fisher.approximation import (
     Stats,
     active_penalties,
     check_mean,
+    per_example_batch_seconds,
+    sums_statistics_seconds,
 )
 from sst_merge.fisher.gevp import Selection, count_positive, select_grid
+from sst_merge.machine import Rates, p_copies_seconds
 
 
 def diagonal_gevp(fs_diag: torch.Tensor, fu_diag: torch.Tensor, damping: float) -> torch.Tensor:
@@ -75,3 +80,40 @@ class Diagonal(Approximation):
         lam = diagonal_gevp(stats_s["diag"], b, damping)
         out, lam_desc, n = diagonal_project(tau, lam, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)
+
+    # -- planner laws (sst_merge.plan; see Approximation) -----------------------------------------------------------
+
+    def host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        p = sum(o * i for o, i in mods)
+        return p * 4 + p * 8  # F_s result (fp32) + F_u accumulator (fp64)
+
+    def per_example_bytes(self, mods: list[tuple[int, int]], batch: int) -> float:
+        return (batch + 1) * max(o * i for o, i in mods) * 4  # the per-example gradients and their sum
+
+    def finish_copy_elements(self, mods: list[tuple[int, int]]) -> int:
+        return max(o * i for o, i in mods)
+
+    def batch_seconds(
+        self, forward_s: float, mods: list[tuple[int, int]], batch: int, tokens: int, matmul: float, rates: Rates
+    ) -> float:
+        # the sum over examples (fp32) and its fp64 copy added into the statistic
+        extra = sum(rates.fresh_seconds(o * i * b, device=True) for o, i in mods for b in (4, 8))
+        return per_example_batch_seconds(forward_s, mods, batch, tokens, matmul, rates, extra)
+
+    def statistics_seconds(self, overhead_s: float, mods: list[tuple[int, int]], n: int, rates: Rates) -> float:
+        return sums_statistics_seconds(overhead_s, [o * i for o, i in mods], rates)
+
+    def gevp_seconds(self, o: int, i: int, n: int, rates: Rates) -> float:
+        """The λ selection, p·log2 p (an argsort of the p ratios, a gather and a mask), and the page faults of its
+        fresh p-sized buffers (:data:`DIAGONAL_P_COPIES`, each once it reaches the mmap threshold)."""
+        p = o * i
+        return p * math.log2(p) / rates.sort + p_copies_seconds(p, DIAGONAL_P_COPIES, rates)
+
+    def gevp_host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        return 4 * max(o * i for o, i in mods) * 8
+
+
+#: fresh p-sized (fp64, fp32) buffers of one module's GEVP + projection besides the sort's own: the damping's mean,
+#: F_u and F_s in fp64, F_u + ε, the ratio λ, the argsort's indices and the sorted λ; the mask in ΔW's dtype and the
+#: product.
+DIAGONAL_P_COPIES = (7, 2)

@@ -28,8 +28,10 @@ from sst_merge.fisher.approximation import (
     Stats,
     active_penalties,
     check_mean,
+    sums_statistics_seconds,
 )
 from sst_merge.fisher.gevp import Selection, count_positive, dense_gevp, select_grid
+from sst_merge.machine import Rates, p_copies_seconds
 
 
 @dataclass
@@ -126,6 +128,43 @@ class Kfac(Approximation):
         out, lam_desc, n = kfac_project(tau, sol, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, (dA, dG))
 
+    # -- planner laws (sst_merge.plan; see Approximation) -----------------------------------------------------------
+
+    def host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        f = sum(o * o + i * i for o, i in mods)
+        return f * 4 + f * 8
+
+    def per_example_bytes(self, mods: list[tuple[int, int]], batch: int) -> float:
+        return 0  # no per-example gradients: the factors come from the captured inputs and output gradients
+
+    def finish_copy_elements(self, mods: list[tuple[int, int]]) -> int:
+        return max(max(o, i) ** 2 for o, i in mods)
+
+    def batch_seconds(
+        self, forward_s: float, mods: list[tuple[int, int]], batch: int, tokens: int, matmul: float, rates: Rates
+    ) -> float:
+        """``aᵀa`` and ``δᵀδ`` (2·B·T·(in² + out²) FLOPs), their fp32 results and fp64 copies (fresh), and the fp64
+        accumulation."""
+        f = sum(o * o + i * i for o, i in mods)
+        fresh = sum(rates.fresh_seconds(d * d * b, device=True) for o, i in mods for d in (o, i) for b in (4, 8))
+        moved = sum(rates.moved_seconds((4 + 8 + 8 + 16) * d * d, d * d * 8) for o, i in mods for d in (o, i))
+        return forward_s + 2 * tokens * f / matmul + fresh + moved
+
+    def statistics_seconds(self, overhead_s: float, mods: list[tuple[int, int]], n: int, rates: Rates) -> float:
+        return sums_statistics_seconds(overhead_s, [d * d for o, i in mods for d in (i, o)], rates)
+
+    def gevp_seconds(self, o: int, i: int, n: int, rates: Rates) -> float:
+        """Two generalized eigenproblems (o³ + i³ at the ``eigh`` rate), the selection on the o×i λ grid, the
+        projection's fp64 products ``Yᵀ G̃_u ΔW Ã_u X`` and ``Y (C ⊙ S) Xᵀ`` (2o³ + 4o²i + 6oi² FLOPs), and the page
+        faults of its fresh p-sized buffers (:data:`KFAC_P_COPIES`)."""
+        p = o * i
+        select = p * math.log2(p) / rates.sort
+        products = (2 * o**3 + 4 * o * o * i + 6 * o * i * i) / rates.fp64
+        return (o**3 + i**3) / rates.eigh + select + products + p_copies_seconds(p, KFAC_P_COPIES, rates)
+
+    def gevp_host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        return max(2 * (o * o + i * i) * 8 * 3 + o * i * 8 * 4 for o, i in mods)
+
 
 def input_project(
     tau: torch.Tensor, A_s: torch.Tensor, A_c: torch.Tensor, eps: float, selection: Selection
@@ -157,3 +196,9 @@ def input_project(
         Xk = X[:, :n]
         out = (tau.double() @ (Ad @ Xk) @ Xk.T).to(tau.dtype)  # τ Ã_c X_k X_kᵀ
     return ModuleResult(out, mu, d, count_positive(mu), min(n, d), damping)
+
+
+#: fresh p-sized (fp64, fp32) buffers of one module's GEVP + projection besides the sort's own: the λ grid, the
+#: indices, the sorted λ, the mask in fp64, ΔW in fp64, the products ``G̃_u ΔW``, ``· Ã_u``, ``· X``, ``C ⊙ S``,
+#: ``Y ·``, ``· Xᵀ``; the fp32 result.
+KFAC_P_COPIES = (11, 1)

@@ -25,8 +25,10 @@ from sst_merge.fisher.approximation import (
     Stats,
     active_penalties,
     check_mean,
+    per_example_batch_seconds,
 )
 from sst_merge.fisher.gevp import Selection, count_positive
+from sst_merge.machine import Rates, p_copies_seconds
 
 
 @dataclass
@@ -125,3 +127,55 @@ class Lowrank(Approximation):
         sol = lowrank_gevp(G_s, rows, damping)
         out, lam_desc, n = lowrank_project(tau, G_s, rows, sol, selection)
         return ModuleResult(out, lam_desc, tau.numel(), count_positive(lam_desc), n, damping)
+
+    # -- planner laws (sst_merge.plan; see Approximation) -----------------------------------------------------------
+
+    plan_alternatives = ("kfac",)  # two d×d factors per module instead of N rows of p
+    memory_grows_with_n = True
+
+    def host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        return 2 * n * sum(o * i for o, i in mods) * 4  # N rows of p, fp32, for both statistics
+
+    def per_example_bytes(self, mods: list[tuple[int, int]], batch: int) -> float:
+        return batch * max(o * i for o, i in mods) * 4
+
+    def finish_copy_elements(self, mods: list[tuple[int, int]]) -> int:
+        return 0  # the rows are fp32 already
+
+    def batch_seconds(
+        self, forward_s: float, mods: list[tuple[int, int]], batch: int, tokens: int, matmul: float, rates: Rates
+    ) -> float:
+        return per_example_batch_seconds(forward_s, mods, batch, tokens, matmul, rates)
+
+    def statistics_seconds(self, overhead_s: float, mods: list[tuple[int, int]], n: int, rates: Rates) -> float:
+        """The N×p fp32 rows are zeroed (fresh) and checked: 8 bytes per element."""
+        sizes = [n * o * i for o, i in mods]
+        return overhead_s + sum(
+            rates.fresh_seconds(m * 4, device=True) + rates.moved_seconds(8 * m, 4 * m) for m in sizes
+        )
+
+    def gevp_seconds(self, o: int, i: int, n: int, rates: Rates) -> float:
+        """N·p elements of each statistic's rows through a fixed number of fp64 passes (copies, products with ΔW and
+        back) at the ``rows`` rate, the page faults of its fresh buffers (:data:`LOWRANK_FP64_COPIES` of N·p fp64
+        and :data:`LOWRANK_P_COPIES` of p, each once it reaches the mmap threshold), the three N×N Gram products
+        (6N²p FLOPs) and the N×N ``eigh``."""
+        p = o * i
+        faults = LOWRANK_FP64_COPIES * rates.fresh_seconds(n * p * 8) + p_copies_seconds(p, LOWRANK_P_COPIES, rates)
+        return n * p / rates.rows + faults + lowrank_gram_flops(n, p) / rates.fp64 + n**3 / rates.eigh
+
+    def gevp_host_bytes(self, mods: list[tuple[int, int]], n: int) -> float:
+        big = max(o * i for o, i in mods)
+        return 2 * n * big * 8 + 4 * big * 8
+
+
+#: fresh fp64 copies of the N × p rows in the solve: the damping's mean diagonal (the copy and its square),
+#: ``lowrank_gevp``'s and ``lowrank_project``'s copies of G_s and G_u.
+LOWRANK_FP64_COPIES = 6
+#: fresh p-sized (fp64, fp32) buffers of ``lowrank_project``: ΔW's fp64 copy, G_sᵀc, G_uᵀz, the difference, its
+#: scaling; the fp32 result.
+LOWRANK_P_COPIES = (5, 1)
+
+
+def lowrank_gram_flops(n: int, p: int) -> float:
+    """FLOPs of lowrank's three N×N Gram products over p columns (``G_uG_uᵀ``, ``G_uG_sᵀ``, ``G_sG_sᵀ``)."""
+    return 3 * 2 * n * n * p

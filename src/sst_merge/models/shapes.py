@@ -7,8 +7,8 @@ biases). They serve two purposes:
 * :func:`shape_config` builds a transformers config from them, optionally cut to a few layers and a smaller
   vocabulary, so a randomly initialised model with the real per-layer shapes runs every code path offline
   (tests, ``bench/shapes.py``);
-* :mod:`sst_merge.plan` estimates memory and time from them for the aliases of :data:`sst_merge.models.ALIASES`
-  without a hub round-trip.
+* :class:`Shape` / :func:`model_shape` give :mod:`sst_merge.plan` what it estimates memory and time from, for the
+  aliases of :data:`sst_merge.models.ALIASES` without a hub round-trip.
 
 Sources (checked against the public model cards / ``config.json``): Mistral-7B-v0.1, Llama-3.1-8B(-Instruct),
 Qwen2.5-14B(-Instruct); the embedded models' against their converted ``config.json``. The ``mistral-7b`` alias loads Mistral-7B-Instruct-v0.2, whose shapes are the same; v0.2
@@ -18,6 +18,7 @@ drops the sliding window and uses rope θ 1e6 — that changes neither weights n
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,68 @@ def random_model_dir(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# -- what the planner needs of a model (sst_merge.plan) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimates need of a decoder-only transformer."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Shape:
+        heads = cfg.num_attention_heads
+        return cls(
+            hidden=cfg.hidden_size,
+            intermediate=cfg.intermediate_size,
+            layers=cfg.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            vocab=cfg.vocab_size,
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+        )
+
+    def modules(self) -> dict[str, tuple[int, int]]:
+        """Linear modules of one layer: name → (out, in)."""
+        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+
+    def layer_params(self) -> int:
+        m = self.modules()
+        bias = (m["q_proj"][0] + 2 * m["k_proj"][0]) if self.qkv_bias else 0
+        return sum(o * i for o, i in m.values()) + bias + 2 * self.hidden  # + two RMSNorm weights
+
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        return self.layers * self.layer_params() + embed * (1 if self.tied else 2) + self.hidden
+
+
+def model_shape(model: str) -> Shape:
+    """Return the shapes of ``model`` (alias, local directory or hub id) from its config only — never its weights."""
+    if model in SHAPES:
+        return Shape.from_config(shape_config(model))
+    from transformers import AutoConfig  # deferred: transformers is heavy, and an alias needs none of it
+
+    p = Path(model).expanduser()
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model {model}: directory has no config.json; pass a Hugging Face model directory")
+    try:
+        return Shape.from_config(AutoConfig.from_pretrained(str(p) if p.is_dir() else model))
+    except OSError as e:
+        raise ConfigError(
+            f"model {model}: cannot read its config.json ({e.__class__.__name__}); pass a local model directory"
+        ) from e
