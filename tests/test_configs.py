@@ -64,7 +64,8 @@ def test_config_plans_as_written(path, no_weights, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(path), "--dry-run", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "plan for smollm2-135m" in printed and not out.exists()
+    model = load_yaml(str(path)).get("model", "smollm2-135m")  # the file's model, else the default
+    assert f"plan for {model} " in printed and not out.exists()
 
 
 def test_positional_config_equals_the_flag_and_flags_win_over_the_file():
