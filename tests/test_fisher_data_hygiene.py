@@ -12,7 +12,7 @@ import pytest
 
 from sst_merge.data.files import read_local
 from sst_merge.errors import DataError
-from sst_merge.merge.sst import BENIGN_TRAIN_DATA
+from sst_merge.merge.sst_objectives import BENIGN_TRAIN_DATA
 from sst_merge.tasks.base import normalize_text
 from sst_merge.tasks.safety import BENIGN_TRAIN_PROMPTS
 

@@ -104,7 +104,7 @@ def test_complement_end_to_end_on_the_tiny_model(sst_setup, tmp_path):  # noqa: 
 def test_project_utility_keeps_the_safety_adapter_and_projects_the_utility_update(sst_setup, tmp_path):  # noqa: F811
     """project: utility — α·τ_safety + P(τ_utility), P from (F_u, F_s) estimated at base + τ_safety."""
     from sst_merge.fisher.pipeline import FisherSetup, fisher_statistics
-    from sst_merge.merge.sst import _objectives
+    from sst_merge.merge.sst_objectives import sst_objectives
 
     loader = Loader()
     keep, _ = sst_run(sst_setup, tmp_path, loader)
@@ -133,7 +133,7 @@ def test_project_utility_keeps_the_safety_adapter_and_projects_the_utility_updat
         max_new_tokens=64,
         cache_dir=tmp_path / "fisher-cache",
     )
-    stats, _ = fisher_statistics(_objectives(params), setup)
+    stats, _ = fisher_statistics(sst_objectives(params), setup)
     assert loader.calls == 2
     for m in modules:
         res = project_module("lowrank", stats["utility"][m], stats["safety"][m], utility.delta(m), 1e-2,

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
 from sst_merge.errors import ConfigError
 from sst_merge.eval.base import EvalSettings
+from sst_merge.fisher.settings import flatten as flatten_settings
 
 
 class _Strict(BaseModel):
@@ -92,6 +93,11 @@ class SweepSettings(_Strict):
         "(e.g. {name: contrastive, fisher_objective: contrastive}); the optional `name` labels the series",
     )
 
+    @field_validator("sst_params")
+    @classmethod
+    def _flat_variants(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [flatten_settings(variant) for variant in v]  # keyed, labelled and recorded flat, as `sst`
+
 
 class AdapterSettings(_Strict):
     """Adapters used by the experiment. Empty paths are trained with ``sst-merge train`` (cached)."""
@@ -156,6 +162,7 @@ class ExperimentConfig(_Strict):
     def _valid_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         from sst_merge.merge import MERGE_METHODS
 
+        v = {name: flatten_settings(params) for name, params in v.items()}  # keyed and recorded flat, as sst's
         for name, params in v.items():
             if name == "sst":
                 raise ValueError("methods.sst: SST's parameters live in the `sst` section; move them there")
@@ -173,6 +180,7 @@ class ExperimentConfig(_Strict):
     def _valid_sst(cls, v: dict[str, Any]) -> dict[str, Any]:
         from sst_merge.merge.sst import SSTParams
 
+        v = flatten_settings(v)  # `estimation: {n_samples: 16}` is `n_samples: 16`: keyed and recorded flat
         merged = {**SST_DEFAULTS, **v}
         if any(key in v for key in _SELECTIONS):  # the user's selection replaces the default
             merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
@@ -279,6 +287,20 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _flat_settings(data: dict[str, Any], nested_wins: bool = False) -> dict[str, Any]:
+    """``data`` with the Fisher settings of ``sst`` and ``methods.*`` flat (:func:`sst_merge.fisher.settings.flatten`),
+    in place, so a later layer's nested setting meets an earlier layer's flat one under one name."""
+    sections = [("sst", data, "sst")] if isinstance(data.get("sst"), dict) else []
+    methods = data.get("methods") if isinstance(data.get("methods"), dict) else {}
+    sections += [(f"methods.{name}", methods, name) for name, block in methods.items() if isinstance(block, dict)]
+    for where, parent, name in sections:
+        try:
+            parent[name] = flatten_settings(parent[name], nested_wins)
+        except ValueError as e:
+            raise ConfigError(f"experiment config: {where}: {e}") from e
+    return data
+
+
 def resolve_config(
     mode: str = "minimal", data: dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
@@ -287,8 +309,9 @@ def resolve_config(
 
     merged: dict[str, Any] = {"mode": mode}
     _deep_update(merged, copy.deepcopy(PRESETS.get(mode, {})))
-    _deep_update(merged, copy.deepcopy(data or {}))
-    apply_overrides(merged, overrides)
+    _deep_update(merged, _flat_settings(copy.deepcopy(data or {})))
+    for item in overrides or []:  # one at a time: `sst.estimation.n_samples=8` replaces the preset's n_samples
+        _flat_settings(apply_overrides(merged, [item]), nested_wins=True)
     if merged.get("mode") != mode and merged.get("mode") in PRESETS:  # a YAML/--set that changes the mode
         return resolve_config(merged["mode"], data, overrides)
     return validate(ExperimentConfig, merged, source="experiment config")

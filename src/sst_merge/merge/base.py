@@ -66,6 +66,15 @@ class MergeContext:
         """ΔW of every adapter for ``module`` (fp32), ``None`` where an adapter does not touch it."""
         return [a.delta(module) if module in a.factors else None for a in self.adapters]
 
+    def weighted_sum(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """``Σ wᵢ ΔWᵢ`` over the adapters ``indices`` (in that order), for every module one of them touches."""
+        out: dict[str, torch.Tensor] = {}
+        for i in indices:
+            for m in self.adapters[i].modules:
+                dw = self.weights[i] * self.adapters[i].delta(m)
+                out[m] = out[m] + dw if m in out else dw
+        return out
+
 
 class MergeMethod(Generic[P]):
     """Base class of merge methods, generic in their parameters: ``class Ties(MergeMethod[TiesParams])``.
@@ -79,6 +88,8 @@ class MergeMethod(Generic[P]):
     description: ClassVar[str] = ""
     #: Bumped when the method's output for the same inputs changes, so cached evaluations of it are not reused.
     version: ClassVar[int] = 1
+    #: The parameter that holds the safety weight (``sst``: ``alpha``); ``None``: the safety adapter's own weight.
+    safety_weight_param: ClassVar[str | None] = None
 
     def check(self, params: P, ctx: MergeContext) -> None:
         """Refuse inputs this method cannot merge (raise :class:`~sst_merge.errors.ConfigError`); called before any
@@ -89,18 +100,23 @@ class MergeMethod(Generic[P]):
     ) -> tuple[dict[str, Any], list[float]]:
         """Return the ``(params, adapter weights)`` that put the safety adapter at safety weight ``alpha``.
 
-        A safety-weight sweep (exp3) calls this, so a method decides what its safety weight is. The default: every
-        ``safety`` adapter's weight becomes ``alpha`` (the ``Σ wᵢτᵢ`` methods); the params are unchanged.
+        A safety-weight sweep (exp3) calls this, so a method decides what its safety weight is. The default: the
+        parameter :attr:`safety_weight_param` where the method has one (the safety adapter's own weight then stays
+        1), else every ``safety`` adapter's weight becomes ``alpha`` (the ``Σ wᵢτᵢ`` methods).
         """
-        return dict(params), [alpha if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
+        name = self.safety_weight_param
+        if name is None:
+            return dict(params), [alpha if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
+        return {**params, name: alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]
 
     def configured_safety_weight(self, params: dict[str, Any]) -> float:
         """Return the safety weight that ``params`` (the method's configured parameters) give.
 
-        exp2 merges each method at this weight. The default is 1: the ``Σ wᵢτᵢ`` methods hold no safety weight in
-        their parameters, and the safety adapter's own weight is 1.
+        exp2 merges each method at this weight: :attr:`safety_weight_param`'s value (its default where unset), or 1
+        for the ``Σ wᵢτᵢ`` methods, which hold no safety weight in their parameters.
         """
-        return 1.0
+        name = self.safety_weight_param
+        return 1.0 if name is None else float(params.get(name, self.Params.model_fields[name].default))
 
     def linear_coefficients(self, params: P, ctx: MergeContext) -> list[float] | None:
         """Return cᵢ such that the merge equals Σ cᵢ τᵢ for every module, or ``None`` if it is not linear."""

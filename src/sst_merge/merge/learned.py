@@ -96,6 +96,9 @@ class LearnedMerge(MergeMethod[LearnedParams]):
     name = "learned"
     Params = LearnedParams
     description = "λ·Σ c_{i,g}τᵢ, coefficients per module/layer fitted on dev data (refuse / answer / task)"
+    # the safety weight α is harmful_weight: how much the fit values refusing harmful prompts against answering
+    # benign ones and the task; the safety adapter's own weight stays 1 (its starting coefficient)
+    safety_weight_param = "harmful_weight"
 
     def check(self, params: LearnedParams, ctx: MergeContext) -> None:
         """Refuse mismatched adapters, evaluation data, too little data or no base model, before any model load."""
@@ -109,17 +112,6 @@ class LearnedMerge(MergeMethod[LearnedParams]):
         if params.steps > 0:
             return None  # the coefficients differ per module
         return [params.lambda_ * params.init * w for w in ctx.weights]
-
-    def apply_safety_weight(
-        self, params: dict[str, Any], weights: list[float], roles: list[str], alpha: float
-    ) -> tuple[dict[str, Any], list[float]]:
-        """The safety weight α is ``harmful_weight``: how much the fit values refusing harmful prompts against
-        answering benign ones and the task. The safety adapter's own weight stays 1 (its starting coefficient)."""
-        return {**params, "harmful_weight": alpha}, [1.0 if r == "safety" else w for w, r in zip(weights, roles, strict=True)]  # fmt: skip
-
-    def configured_safety_weight(self, params: dict[str, Any]) -> float:
-        """The configured ``harmful_weight`` (1 where the parameters do not set it)."""
-        return float(params.get("harmful_weight", self.Params.model_fields["harmful_weight"].default))
 
     def merge(self, params: LearnedParams, ctx: MergeContext) -> dict[str, torch.Tensor]:
         groups, names = self._groups(params, ctx)

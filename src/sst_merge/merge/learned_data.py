@@ -13,8 +13,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.cache import Damaged, read_checked
 from sst_merge.errors import ConfigError
@@ -82,11 +80,7 @@ def reference_answers(model: Any, tok: Any, prompts: list[str], params: Any, ctx
     hit = read_checked(path, lambda p: _check_answers(p, key, len(prompts))) if params.cache else None
     if hit is not None:
         return hit
-    reference: dict[str, torch.Tensor] = {}
-    for i in utility:
-        for m in ctx.adapters[i].modules:
-            dw = ctx.weights[i] * ctx.adapters[i].delta(m)
-            reference[m] = reference[m] + dw if m in reference else dw
+    reference = ctx.weighted_sum(utility)
     model.eval()
     with applied_deltas(model, reference):
         answers = sample_responses(model, tok, _prompt_ids(tok, prompts, params.max_length), params.loss_tokens,

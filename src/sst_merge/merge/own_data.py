@@ -24,11 +24,11 @@ from pydantic import Field
 
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError, DataError
-from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import load_items, subsample
 from sst_merge.fisher.objective import Objective, Part
-from sst_merge.fisher.pipeline import FisherSetup, Stats, fisher_statistics
-from sst_merge.merge.base import MergeContext, MethodParams, check_same_linear_targets
+from sst_merge.fisher.pipeline import Stats, fisher_statistics
+from sst_merge.merge.base import MergeContext, check_same_linear_targets
+from sst_merge.merge.fisher_params import FisherMethodParams
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +43,14 @@ DEFINITION = (
 )
 
 
-class OwnDataParams(MethodParams):
-    """Parameters of the per-adapter statistics pass, shared by ``fisher_merge`` and ``regmean``."""
+class OwnDataParams(FisherMethodParams):
+    """Parameters of the per-adapter statistics pass, shared by ``fisher_merge`` and ``regmean`` (the pass's settings:
+    ``estimation``, flat or nested, with ``n_samples`` items per adapter)."""
 
     data: list[str] | None = Field(
         None,
         description="one data source per adapter, in config order (JSONL path or named source); default: each "
         "adapter's own training data as its train_info.json records (utility:NAME, safety_train)",
-    )
-    n_samples: int = Field(64, ge=1, description="items per adapter (seeded, keeping the share with a response)")
-    batch_size: int = Field(8, ge=1, description="examples per forward/backward")
-    max_length: int = Field(256, ge=8, description="tokens per example (prompt + response)")
-    max_new_tokens: int = Field(64, ge=1, description="greedy answer length for items without a response")
-    cache: bool = Field(True, description="re-use statistics from the on-disk cache")
-    cache_dir: str | None = Field(
-        None, description="cache location (default: workdir, $SST_MERGE_CACHE/fisher or ~/.cache/sst-merge/fisher)"
     )
 
 
@@ -139,10 +132,11 @@ def check_inputs(params: OwnDataParams, ctx: MergeContext, method: str) -> list[
             items = load_items(source, need_response=False, what=f"params.data[{i}]")
         except (DataError, ConfigError) as e:  # a missing file or unknown name: say which adapter's
             raise ConfigError(f"{method}: {_name(ctx, i)}: {e}") from e
-        if len(items) < params.n_samples:
+        n = params.estimation.n_samples
+        if len(items) < n:
             raise ConfigError(f"{method}: data {source} of {_name(ctx, i)} has {len(items)} items, fewer than "
-                              f"n_samples={params.n_samples}; lower params.n_samples or give more data")  # fmt: skip
-        out.append(stratified_subsample(items, params.n_samples, params.seed, source))
+                              f"n_samples={n}; lower params.n_samples or give more data")  # fmt: skip
+        out.append(stratified_subsample(items, n, params.seed, source))
     return out
 
 
@@ -173,20 +167,13 @@ def own_statistics(
             row["cache"] = "skipped (weight 0)"
             stats.append(None)
             continue
-        setup = FisherSetup(
-            approximation=approximation,
-            modules=list(ctx.modules),
+        setup = params.fisher_setup(
+            ctx,
+            approximation,
+            list(ctx.modules),
+            {m: a.delta(m) for m in ctx.modules},
+            (a.sha256, 1.0),
             load_model=load,
-            model_name=str(ctx.base_model) if ctx.base_model else None,
-            pre_merge={m: a.delta(m) for m in ctx.modules},
-            pre_merge_key=(a.sha256, 1.0),
-            max_length=params.max_length,
-            batch_size=params.batch_size,
-            max_new_tokens=params.max_new_tokens,
-            seed=params.seed,
-            cache=params.cache,
-            cache_dir=fcache.cache_dir(params.cache_dir, ctx.workdir),
-            show_progress=ctx.show_progress,
         )
         got, info = fisher_statistics([d.objective()], setup)
         row["cache"] = info["fisher_cache"]["own_data"]
