@@ -59,24 +59,15 @@ def _module_of(name: str) -> str | None:
     return None
 
 
-def _runtime_graph() -> dict[str, set[str]]:
-    """Module → modules it imports when run (at top level or in a function; ``if TYPE_CHECKING:`` blocks are type
-    annotations only and left out). ``from pkg import name`` points at ``pkg/name`` when that is a module."""
+def _import_graph() -> dict[str, set[str]]:
+    """Module → modules it imports: at top level, in a function, or under ``if TYPE_CHECKING:`` (an annotation's
+    import is a dependency too: two modules that name each other's types are one concept split in two).
+    ``from pkg import name`` points at ``pkg/name`` when that is a module."""
     graph: dict[str, set[str]] = {}
     for f in sorted(ROOT.rglob("*.py")):
         rel = f.relative_to(ROOT).as_posix()
-        tree = ast.parse(f.read_text())
-        typing_only = {
-            id(n)
-            for block in ast.walk(tree)
-            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for stmt in block.body
-            for n in ast.walk(stmt)
-        }
         deps: set[str] = set()
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
+        for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sst_merge"):
                 targets = [_module_of(f"{node.module}.{a.name}") or _module_of(node.module) for a in node.names]
                 deps |= {t for t in targets if t}
@@ -125,6 +116,16 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_two_modules_import_each_other():
-    graph = _runtime_graph()
+    graph = _import_graph()
     assert "experiments/specs.py" in graph["experiments/evaluation.py"]  # the graph sees imports at all
     assert _cycles(graph) == []
+
+
+def test_type_checking_imports_count(tmp_path, monkeypatch):
+    # a cycle closed only by an annotation's import is still a cycle
+    (tmp_path / "a.py").write_text("from sst_merge.b import B\n")
+    (tmp_path / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sst_merge.a import A\n"
+    )
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert _cycles(_import_graph()) == [["a.py", "b.py"]]

@@ -14,6 +14,7 @@ from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
 from sst_merge.errors import ConfigError
 from sst_merge.eval.base import EvalSettings
 from sst_merge.fisher.settings import flatten as flatten_settings
+from sst_merge.merge.sst import SELECTIONS, SSTParams
 
 
 class _Strict(BaseModel):
@@ -71,7 +72,6 @@ class ExperimentEvalSettings(EvalSettings):
 #: at α = 2, share 0.1 / 0.25 / 0.5 refused 0.951 / 0.927 / 0.707 of HarmBench val and over-refused 0.917 / 0.817 /
 #: 0.850 of the benign dev prompts, task 0.980 / 0.970 / 0.970: the lowest over-refusal at refusal ≥ 0.85).
 SST_DEFAULTS: dict[str, Any] = {"alpha": 1.0, "fisher": "lowrank", "share": 0.25, "n_samples": 32}
-_SELECTIONS = ("k", "fraction", "threshold", "share")
 
 
 class SweepSettings(_Strict):
@@ -178,12 +178,8 @@ class ExperimentConfig(_Strict):
     @field_validator("sst")
     @classmethod
     def _valid_sst(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from sst_merge.merge.sst import SSTParams
-
         v = flatten_settings(v)  # `estimation: {n_samples: 16}` is `n_samples: 16`: keyed and recorded flat
-        merged = {**SST_DEFAULTS, **v}
-        if any(key in v for key in _SELECTIONS):  # the user's selection replaces the default
-            merged = {key: val for key, val in merged.items() if key not in _SELECTIONS or key in v}
+        merged = with_selection(SST_DEFAULTS, v)  # the user's selection replaces the default's
         SSTParams.model_validate(merged)  # raises ValueError naming the bad key; wrapped by validate()
         return merged
 
@@ -201,8 +197,6 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_sst_variants(self) -> ExperimentConfig:
-        from sst_merge.merge.sst import SSTParams
-
         names = set()
         for i, variant in enumerate(self.sweep.sst_params):
             params = sst_variant_params(self.sst, variant)
@@ -240,11 +234,15 @@ def params_problems(params_model: type[BaseModel], params: dict[str, Any]) -> li
     return []
 
 
+def with_selection(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` sst parameters updated by ``override``, whose selection key (k, fraction, ...) replaces the base's."""
+    p = {k: v for k, v in base.items() if not (k in SELECTIONS and any(s in override for s in SELECTIONS))}
+    return {**p, **override}
+
+
 def sst_variant_params(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """``base`` sst parameters with a variant's ``override`` (a selection key in it replaces the base's selection)."""
-    p = {k: v for k, v in base.items() if not (k in _SELECTIONS and any(s in override for s in _SELECTIONS))}
-    p.update({k: v for k, v in override.items() if k != "name"})
-    return p
+    """``base`` sst parameters with a variant's ``override`` (its ``name`` labels the series, not a parameter)."""
+    return with_selection(base, {k: v for k, v in override.items() if k != "name"})
 
 
 def variant_name(variant: dict[str, Any]) -> str:

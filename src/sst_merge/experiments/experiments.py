@@ -16,16 +16,19 @@ degenerate-response rates and drift on benign prompts (:mod:`~sst_merge.experime
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from sst_merge.config import validate
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
-from sst_merge.experiments.config import alphas_of, sst_variant_params, variant_name
+from sst_merge.experiments.config import ExperimentConfig, alphas_of, sst_variant_params, variant_name
 from sst_merge.experiments.references import MULTITASK, add_ceilings, ceiling_specs
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
+from sst_merge.experiments.specs import Series
 from sst_merge.merge import get_method
 from sst_merge.registry import Registry
 
@@ -45,11 +48,11 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
     return Metric(value=m["value"], n=m["n"], ci=tuple(m["ci95"]), items=items)
 
 
-def method_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
-    """A merge method's parameters in an experiment: its configured ones (``sst``: the config's ``sst`` section, a
-    variant's ``override`` on top; the others: ``methods[method]``), the run's seed, ``sweep.density`` where the
-    method takes a density and its block gives none, and the
-    embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not name."""
+def run_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
+    """A merge method's parameters in this run: its configured ones (:meth:`ExperimentConfig.method_params`, a
+    variant's ``override`` on top), the run's seed, ``sweep.density`` where the method takes a density and its block
+    gives none, and the embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not
+    name. Flat, as given: the evaluation cache key's payload."""
     fields = get_method(method).Params.model_fields
     configured = runner.cfg.method_params(method)
     p = sst_variant_params(configured, override)
@@ -102,14 +105,16 @@ def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_p
     series (``sst[NAME](alpha=1)``), else its parameters do (``sst(alpha=1,k=8)``).
     """
     name = variant.pop("name", None)
-    params = method_params(runner, method, **variant)
+    params = run_params(runner, method, **variant)
     roles = ["utility"] * len(utility) + ["safety"]
-    params, weights = get_method(method).apply_safety_weight(params, [a.weight for a in utility] + [1.0], roles, alpha)
+    merger = get_method(method)
+    params, weights = merger.apply_safety_weight(params, [a.weight for a in utility] + [1.0], roles, alpha)
     paths = [a.path for a in utility] + [safety_path]
     refs = tuple(AdapterRef(p, w, r) for p, w, r in zip(paths, weights, roles, strict=True))
     tag = ",".join(f"{k}={v}" for k, v in variant.items())
     label = f"{method}[{name}](alpha={alpha:g})" if name else f"{method}(alpha={alpha:g}{',' + tag if tag else ''})"
-    return ModelSpec(label, refs, method, tuple(sorted(params.items())))
+    typed = validate(merger.Params, params, source=f"params of method {method} in {label}")  # once, here
+    return ModelSpec(label, refs, method, tuple(sorted(params.items())), merge_params=typed)
 
 
 def comparison(runner: Runner, ref: dict[str, Metric], new: dict[str, Metric], tasks: list[str]) -> dict[str, Any]:
@@ -226,7 +231,7 @@ def exp2(runner: Runner) -> dict[str, Any]:
         for method in cfg.sweep.methods:
             alpha = get_method(method).configured_safety_weight(cfg.method_params(method))  # sst: its α; others: 1
             spec = merged_spec(runner, method, utility, safety, alpha)
-            spec = ModelSpec(f"K={k}:{spec.label}", spec.adapters, spec.method, spec.params)
+            spec = dataclasses.replace(spec, label=f"K={k}:{spec.label}")
             runner.evaluate(spec)
             rows.append({"k": k, "method": method, "model": spec.label, "reference": ref_label, "tasks": chosen})
     add_behaviour(runner)
@@ -273,6 +278,15 @@ def exp2(runner: Runner) -> dict[str, Any]:
     }
 
 
+def sweep_series(cfg: ExperimentConfig) -> list[Series]:
+    """exp3's series: one per swept method, and one per SST variant (``sweep.sst_k``, ``sst_fisher``, ``sst_params``)."""
+    out = [Series(m, m) for m in cfg.sweep.methods]
+    out += [Series(f"sst[k={k}]", "sst", {"k": k}) for k in cfg.sweep.sst_k]
+    out += [Series(f"sst[fisher={f}]", "sst", {"fisher": f}) for f in cfg.sweep.sst_fisher if f != cfg.sst["fisher"]]
+    out += [Series(f"sst[{variant_name(v)}]", "sst", dict(v)) for v in cfg.sweep.sst_params]
+    return out
+
+
 @EXPERIMENTS.register("exp3")
 def exp3(runner: Runner) -> dict[str, Any]:
     """SST-Merge vs the baselines over a safety-weight sweep: Pareto fronts, utility and over-refusal at matched
@@ -285,17 +299,13 @@ def exp3(runner: Runner) -> dict[str, Any]:
     ref_spec = reference_spec(runner)
     runner.evaluate(ref_spec)
     runner.evaluate(ModelSpec("base"))
-    # (method, parameter overrides, series name): one series per method and per SST variant
-    variants: list[tuple[str, dict[str, Any], str]] = [(m, {}, m) for m in cfg.sweep.methods]
-    variants += [("sst", {"k": k}, f"sst[k={k}]") for k in cfg.sweep.sst_k]
-    variants += [("sst", {"fisher": f}, f"sst[fisher={f}]") for f in cfg.sweep.sst_fisher if f != cfg.sst["fisher"]]
-    variants += [("sst", dict(v), f"sst[{variant_name(v)}]") for v in cfg.sweep.sst_params]
+    swept = sweep_series(cfg)
     labels: dict[str, list[tuple[float, str]]] = {}
-    for method, kw, series in variants:
-        for alpha in alphas_of(cfg.sweep, method):
-            spec = merged_spec(runner, method, utility, safety, alpha, **kw)
+    for s in swept:
+        for alpha in alphas_of(cfg.sweep, s.method):
+            spec = merged_spec(runner, s.method, utility, safety, alpha, **s.overrides)
             runner.evaluate(spec)
-            labels.setdefault(series, []).append((alpha, spec.label))
+            labels.setdefault(s.name, []).append((alpha, spec.label))
     ceilings = add_ceilings(runner, ceiling_models)
     floor = None
     if MULTITASK in ceilings:  # gap closed is measured from task arithmetic at α = 1 (evaluated if not swept)
@@ -329,7 +339,8 @@ def exp3(runner: Runner) -> dict[str, Any]:
     fronts = {name: pareto_front(pts) for name, pts in points.items()}
     or_fronts = {name: over_refusal_front(pts) for name, pts in points.items()}
     matched = []
-    for s_name in (n for n in points if n.startswith("sst")):
+    sst_series = {s.name for s in swept if s.is_sst}
+    for s_name in (n for n in points if n in sst_series):
         for p in points[s_name]:
             row: dict[str, Any] = {
                 "series": s_name,
@@ -341,7 +352,7 @@ def exp3(runner: Runner) -> dict[str, Any]:
                 "over_refusal": {},
             }
             for other, pts in points.items():
-                if other.startswith("sst"):
+                if other in sst_series:
                     continue
                 row["utility"][other] = value_at_safety(pts, p["safety"], "utility")["value"]
                 row["over_refusal"][other] = value_at_safety(pts, p["safety"], "over_refusal", higher_is_better=False)[

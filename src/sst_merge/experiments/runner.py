@@ -29,6 +29,7 @@ from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
 from sst_merge.eval.judges import judge_version
 from sst_merge.experiments.config import ExperimentConfig
+from sst_merge.experiments.merging import merge_for_experiment
 from sst_merge.experiments.provenance import stable_hash
 from sst_merge.experiments.specs import AdapterRef, Metric, ModelSpec  # noqa: F401  (AdapterRef re-exported)
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
@@ -108,9 +109,11 @@ class Runner:
                 for module, d in self.adapter(ref.path).deltas().items():
                     out[module] = out[module] + ref.weight * d if module in out else ref.weight * d
             return out
-        from sst_merge.experiments.merging import merge_for_experiment
-
-        return merge_for_experiment(self, spec)
+        base, tok = self.base()
+        deltas, diagnostics = merge_for_experiment(spec, self.cfg.model, base, tok, self.cache_dir, self.show_progress)
+        if diagnostics:
+            self.diagnostics[spec.label] = diagnostics
+        return deltas
 
     @contextlib.contextmanager
     def materialised(self, deltas: dict[str, torch.Tensor]):

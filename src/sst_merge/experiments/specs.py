@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sst_merge.merge.base import MethodParams
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -32,8 +34,11 @@ class ModelSpec:
     label: str
     adapters: tuple[AdapterRef, ...] = ()
     method: str | None = None
+    #: the parameters as given (flat, sorted): what the evaluation cache key and the results record
     params: tuple[tuple[str, Any], ...] = ()
     routes: tuple[tuple[str, str], ...] = ()
+    #: the same parameters validated by the method (once, where the spec is made); ``None``: validated by the merge
+    merge_params: MethodParams | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> dict[str, Any]:
         out = {
@@ -45,6 +50,20 @@ class ModelSpec:
         if self.routes:
             out["routes"] = dict(self.routes)
         return out
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a safety-weight sweep: a method, and the parameters its points override (``name`` labels it)."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sst(self) -> bool:
+        """Whether the series is SST-Merge (its own or a variant): the ones compared at matched safety."""
+        return self.method == "sst"
 
 
 @dataclass

@@ -209,6 +209,7 @@ def prepare(
     load_model: Callable[[], tuple[Any, Any]] | None = None,
     show_progress: bool = True,
     workdir: str | Path | None = None,
+    params: MethodParams | None = None,
 ) -> MergePlan:
     """Validate everything about a merge before heavy work: method, params, adapters, output.
 
@@ -219,13 +220,18 @@ def prepare(
             ``config.base_model`` once, on first use.
         show_progress: draw progress bars.
         workdir: a directory methods may use for caches and diagnostics (``MergeContext.workdir``).
+        params: the method's parameters, already validated (an experiment's spec carries them); default: validate
+            ``config.params``.
 
     Raises:
         ConfigError, AdapterError: one line naming the bad input and the fix.
     """
     config = _as_config(config)
     method = get_method(config.method)
-    params = validate(method.Params, dict(config.params), source=f"params of method {config.method}")
+    if params is None:
+        params = validate(method.Params, dict(config.params), source=f"params of method {config.method}")
+    elif not isinstance(params, method.Params):
+        raise ConfigError(f"params of method {config.method} are {type(params).__name__}, not {method.Params.__name__}")
     adapters = [LoraAdapter.load(spec.path, allow_pickle=allow_pickle) for spec in config.adapters]
     modules = check_compatible(adapters)
     ctx = MergeContext(
