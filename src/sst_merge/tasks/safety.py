@@ -10,7 +10,7 @@
   short harmful intents written for the project (``harmful_train_intents.jsonl``) phrased with
   :data:`TRAIN_FORMS` — templates that the phrasing evaluation (``phrasing_prompts.jsonl``) never uses.
 * Benign prompts (:data:`BENIGN_TRAIN_PROMPTS`, written for this project and *not* the over-refusal evaluation
-  set) are paired with the base model's own greedy answers (:func:`benign_items`), so that the safety adapter
+  set) are paired with the base model's own greedy answers (:func:`sst_merge.train.answers.benign_items`), so that the safety adapter
   learns to refuse harmful requests rather than everything. :data:`BENIGN_FORM_ROWS` are benign intents phrased
   with the same :data:`TRAIN_FORMS` as the harmful ones, so that no form predicts a refusal.
 
@@ -23,16 +23,13 @@ nearly every benign prompt that is not a "How do I …?" question (see the resou
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sst_merge.cache import check_benign_answers, read_checked
 from sst_merge.errors import DataError
-from sst_merge.io import atomic_write_json
 from sst_merge.registry import Registry
 from sst_merge.tasks.base import Item, normalize_text
 
@@ -280,46 +277,3 @@ def wrapped(prompts: list[str], seed: int, share: float) -> list[str]:
 def safety_data(name: str, seed: int) -> SafetyData:
     """The training data of recipe ``name`` (see :data:`SAFETY_DATA`; an unknown name lists the valid ones)."""
     return SAFETY_DATA.get(name)(seed)
-
-
-def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_tokens: int = 64,
-                 batch_size: int = 8, prompts: list[str] | None = None) -> list[Item]:  # fmt: skip
-    """Pair benign prompts with the model's own greedy answers, cached per ``cache_key`` (e.g. the model name).
-
-    Training on the base model's own answers keeps the adapter's behaviour on benign prompts where it was, so
-    it learns *when* to refuse instead of refusing everything. Answers cut at ``max_new_tokens`` are kept
-    without an end-of-turn token (see ``Item["complete"]``).
-    """
-    prompts = list(prompts if prompts is not None else BENIGN_TRAIN_PROMPTS)
-    return model_answers(model, tokenizer, cache_key, prompts, max_new_tokens, batch_size, "benign-train", "benign")
-
-
-def model_answers(model: Any, tokenizer: Any, cache_key: str | None, prompts: list[str], max_new_tokens: int,
-                  batch_size: int, id_prefix: str, kind: str) -> list[Item]:  # fmt: skip
-    """The model's greedy answers to ``prompts`` as items ``{"id": "<id_prefix>-NNN", ..., "kind"}``, cached.
-
-    The cache file is named by ``cache_key`` and a digest of the prompts, the length cap and the batch size.
-    """
-    from sst_merge.models.embedded import cache_dir
-
-    # the batch size is in the key: padding in a batch can flip a greedy token, so it is part of "the answers"
-    digest = hashlib.sha256(json.dumps([prompts, max_new_tokens, batch_size]).encode()).hexdigest()[:12]
-    path = None
-    if cache_key is not None:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in cache_key)
-        path = cache_dir() / "benign-answers" / f"{safe}-{digest}.json"
-        cached = read_checked(path, lambda p: check_benign_answers(p, prompts))  # damaged: moved aside, redone
-        if cached is not None:
-            return cached
-    from sst_merge.eval.generation import generate_greedy
-
-    outs = generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           desc=f"{kind} answers")  # fmt: skip
-    items = [
-        {"id": f"{id_prefix}-{i:03d}", "prompt": p, "response": o["response"], "answer": o["response"],
-         "kind": kind, "complete": o["stopped"]}
-        for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
-    ]  # fmt: skip
-    if path is not None:
-        atomic_write_json(path, items)
-    return items

@@ -30,6 +30,7 @@ from sst_merge.cache import check_adapter, entry_lock, read_checked
 from sst_merge.errors import ConfigError
 from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, json_digest
 from sst_merge.tasks.base import GeneratedTask, Item
+from sst_merge.train import answers as train_answers
 from sst_merge.train.card import record_base
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,9 @@ def training_items(task: GeneratedTask | MultiTask | str, seed: int, model: Any,
         from sst_merge.tasks import safety
 
         data = safety.safety_data(config.safety_data, seed)
-        benign = safety.benign_items(model, tokenizer, cache_key=model_key,
-                                     max_new_tokens=config.benign_max_new_tokens,
-                                     batch_size=config.benign_batch_size, prompts=data.benign_prompts)  # fmt: skip
+        benign = train_answers.benign_items(model, tokenizer, cache_key=model_key,
+                                            max_new_tokens=config.benign_max_new_tokens,
+                                            batch_size=config.benign_batch_size, prompts=data.benign_prompts)  # fmt: skip
         harmful = data.harmful
         if config.preference_weight > 0:
             harmful, benign = _with_rejected(harmful, benign, model, tokenizer, model_key, config)
@@ -222,7 +223,7 @@ def _with_rejected(harmful: list[Item], benign: list[Item], model: Any, tokenize
     from sst_merge.eval.judges.base import REFUSING
     from sst_merge.tasks import safety
 
-    answers = safety.model_answers(model, tokenizer, model_key, [i["prompt"] for i in harmful],
+    answers = train_answers.model_answers(model, tokenizer, model_key, [i["prompt"] for i in harmful],
                                    config.benign_max_new_tokens, config.benign_batch_size, "harmful-answer",
                                    "harmful")  # fmt: skip
     judge = get_judge("keyword")
