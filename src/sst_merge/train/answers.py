@@ -20,8 +20,14 @@ from sst_merge.tasks import safety
 from sst_merge.tasks.base import Item
 
 
-def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_tokens: int = 64,
-                 batch_size: int = 8, prompts: list[str] | None = None) -> list[Item]:  # fmt: skip
+def benign_items(
+    model: Any,
+    tokenizer: Any,
+    cache_key: str | None,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    prompts: list[str] | None = None,
+) -> list[Item]:
     """Pair benign prompts with the model's own greedy answers, cached per ``cache_key`` (e.g. the model name).
 
     Training on the base model's own answers keeps the adapter's behaviour on benign prompts where it was, so
@@ -32,8 +38,16 @@ def benign_items(model: Any, tokenizer: Any, cache_key: str | None, max_new_toke
     return model_answers(model, tokenizer, cache_key, prompts, max_new_tokens, batch_size, "benign-train", "benign")
 
 
-def model_answers(model: Any, tokenizer: Any, cache_key: str | None, prompts: list[str], max_new_tokens: int,
-                  batch_size: int, id_prefix: str, kind: str) -> list[Item]:  # fmt: skip
+def model_answers(
+    model: Any,
+    tokenizer: Any,
+    cache_key: str | None,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    id_prefix: str,
+    kind: str,
+) -> list[Item]:
     """The model's greedy answers to ``prompts`` as items ``{"id": "<id_prefix>-NNN", ..., "kind"}``, cached.
 
     The cache file is named by ``cache_key`` and a digest of the prompts, the length cap and the batch size.
@@ -47,13 +61,20 @@ def model_answers(model: Any, tokenizer: Any, cache_key: str | None, prompts: li
         cached = read_checked(path, lambda p: check_benign_answers(p, prompts))  # damaged: moved aside, redone
         if cached is not None:
             return cached
-    outs = generate_greedy(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           desc=f"{kind} answers")  # fmt: skip
+    outs = generate_greedy(
+        model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=f"{kind} answers"
+    )
     items = [
-        {"id": f"{id_prefix}-{i:03d}", "prompt": p, "response": o["response"], "answer": o["response"],
-         "kind": kind, "complete": o["stopped"]}
+        {
+            "id": f"{id_prefix}-{i:03d}",
+            "prompt": p,
+            "response": o["response"],
+            "answer": o["response"],
+            "kind": kind,
+            "complete": o["stopped"],
+        }
         for i, (p, o) in enumerate(zip(prompts, outs, strict=True))
-    ]  # fmt: skip
+    ]
     if path is not None:
         atomic_write_json(path, items)
     return items
