@@ -364,8 +364,10 @@ def gap_closed_report(
     is not above the floor; replicates where it is not are left out of the interval and counted in
     ``undefined_fraction``.
     """
-    models = [[_as_01(f"{who}[{g}]", x) for g, x in enumerate(m)] for who, m in
-              (("merged", merged), ("floor", floor), ("bound", bound))]  # fmt: skip
+    models = [
+        [_as_01(f"{who}[{g}]", x) for g, x in enumerate(m)]
+        for who, m in (("merged", merged), ("floor", floor), ("bound", bound))
+    ]
     sizes = [[a.size for a in m] for m in models]
     if not (len(models[0]) == len(models[1]) == len(models[2])) or sizes[0] != sizes[1] or sizes[0] != sizes[2]:
         raise DataError(f"gap closed: the three models' item groups are not paired (sizes {sizes})")
