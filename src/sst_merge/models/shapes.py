@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sst_merge.errors import ConfigError
+from sst_merge.models.bytelevel import tiny_tokenizer
+from sst_merge.models.loading import DTYPES
 
 #: alias → ``config.json`` fields (shape-relevant subset). ``source`` names the checkpoint they come from.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -184,11 +186,7 @@ def random_model_dir(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sst_merge.models.loading import DTYPES
-
     if tokenizer is None:
-        from sst_merge.models.bytelevel import tiny_tokenizer
-
         tokenizer = tiny_tokenizer()
     vocab = vocab_size or SHAPES[alias]["vocab_size"]
     if len(tokenizer) > vocab:
