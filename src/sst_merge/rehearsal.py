@@ -119,6 +119,7 @@ def random_adapter(
     ``layers`` limits the adapter to those decoder layers (default: all), e.g. to keep the Fisher and GEVP of a
     full-depth model short.
     """
+    # deferred: safetensors and transformers; only building the rehearsal model needs them
     from safetensors.torch import save_file
     from transformers import AutoConfig
 

@@ -194,6 +194,7 @@ def load_with_adapters(
             raise AdapterError(f"adapter {a}: no adapter_config.json there; pass a PEFT LoRA adapter directory")
     model, tok = load_model(model_name_or_path, dtype=dtype, device_map=device_map)
     if adapters:
+        # deferred: peft (seconds to import); only an adapter evaluation needs it
         from peft import PeftModel
 
         with peft_quiet():

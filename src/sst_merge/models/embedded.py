@@ -275,6 +275,7 @@ def _gguf_parsed_once() -> Iterator[None]:
     """
     import functools
 
+    # deferred: gguf, an optional package (the embedded model's conversion only)
     import gguf
 
     saved = {n: getattr(gguf, n, None) for n in ("GGUFReader", "get_tensor_name_map")}
@@ -319,6 +320,7 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
         return target
     gguf = _assemble(name, parts) if EMBEDDED[name].parts else parts[0]
 
+    # deferred: torch and transformers; only the one-time conversion needs them
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

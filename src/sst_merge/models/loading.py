@@ -115,6 +115,7 @@ def load_model(
 
     Weights load from safetensors only (``use_safetensors=True``); ``trust_remote_code`` is off unless asked.
     """
+    # deferred: transformers; model aliases and `sst-merge list` do without it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:

@@ -149,6 +149,7 @@ def shape_config(
             width the test-suite runs in seconds. 1 keeps the real shapes.
         overrides: other config fields (``pad_token_id``, ``eos_token_id`` …).
     """
+    # deferred: transformers (seconds to import); shapes of the known models do without it
     from transformers import AutoConfig
 
     fields = shape_fields(alias)
@@ -183,6 +184,7 @@ def random_model_dir(
     vocabulary); the vocabulary defaults to the real one. The result is a plain model directory that ``--model``
     accepts (weights in ``dtype``, safetensors).
     """
+    # deferred: transformers (seconds to import); shapes of the known models do without it
     import torch
     from transformers import AutoModelForCausalLM
 

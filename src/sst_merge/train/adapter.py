@@ -15,6 +15,7 @@ name, the task, every training setting and the training data, so the demo trains
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sst_merge import __version__
 from sst_merge.adapters.lora import peft_quiet
@@ -145,8 +146,6 @@ def resolve_task(task: str | GeneratedTask | MultiTask) -> GeneratedTask | Multi
         return SAFETY
 
     if task not in UTILITY_TASKS:
-        import difflib
-
         names = _task_names()
         close = difflib.get_close_matches(task, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -280,8 +279,6 @@ def train_config(
     try:
         return TrainConfig(steps=steps, seed=seed, rank=rank, lr=lr, **settings)
     except Exception as e:  # pydantic's report → one line naming the setting
-        from pydantic import ValidationError
-
         if isinstance(e, ValidationError):
             err = e.errors()[0]
             raise ConfigError(f"training setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
@@ -345,6 +342,7 @@ def train_adapter(
 def _train_into(
     tmp: Path, model_name: str, task: GeneratedTask | MultiTask | str, name: str, config: TrainConfig, progress: bool
 ) -> None:
+    # deferred: peft (seconds to import); only training needs it
     from peft import LoraConfig, get_peft_model
 
     device_map = "auto" if torch.cuda.is_available() else None
@@ -411,6 +409,7 @@ def _train_into(
     base = record_base(tmp, model_name, name)  # the model card, with the alias and the GGUF provenance
     write_loss_log(tmp, losses)
     atomic_write_json(tmp / "data_split.json", {"task": name, "seed": config.seed, **split_ids})
+    # deferred: peft (seconds to import); only training needs it
     import peft
     import transformers
 
@@ -450,6 +449,7 @@ def write_loss_log(out: Path, losses: list[float]) -> None:
         w.writerow([i, f"{loss:.6f}"])
     atomic_write_text(out / "train_log.csv", buf.getvalue())
 
+    # deferred: matplotlib, for the loss plot only
     import matplotlib
 
     matplotlib.use("Agg")
