@@ -161,16 +161,16 @@ def test_damaged_adapter_is_retrained(tmp_path, tiny_model_dir, monkeypatch, cap
 
 
 def test_damaged_benign_answers_are_regenerated(tmp_path, monkeypatch, tiny_tok):
-    from sst_merge.tasks import safety
     from sst_merge.testing import ReplyLM
+    from sst_merge.train.answers import benign_items
 
     monkeypatch.setenv("SST_MERGE_CACHE", str(tmp_path))
     model = ReplyLM(tiny_tok, "Sure.")
     prompts = ["one?", "two?"]
-    first = safety.benign_items(model, tiny_tok, cache_key="m", max_new_tokens=4, prompts=prompts)
+    first = benign_items(model, tiny_tok, cache_key="m", max_new_tokens=4, prompts=prompts)
     (path,) = (tmp_path / "benign-answers").glob("*.json")
     path.write_text(json.dumps(first[:1]))  # one answer lost: parses, but not one per prompt
-    assert safety.benign_items(model, tiny_tok, cache_key="m", max_new_tokens=4, prompts=prompts) == first
+    assert benign_items(model, tiny_tok, cache_key="m", max_new_tokens=4, prompts=prompts) == first
     assert json.loads(path.read_text()) == first and len(list(path.parent.glob("*.damaged-*"))) == 1
 
 

@@ -9,8 +9,8 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "sst_merge"
 #: The layers of docs/design.md §2 (a module may import its own layer or a lower one).
 LAYERS = {
     "__init__": 0, "errors": 0, "io": 0, "config": 0, "registry": 0, "cache": 0, "distributed": 0, "tensors": 0, "machine": 0,
-    "adapters": 1, "models": 1, "data": 1,
-    "merge": 2, "fisher": 2, "eval": 2, "tasks": 2, "train": 2,
+    "adapters": 1, "models": 1, "data": 1, "tasks": 1,
+    "merge": 2, "fisher": 2, "eval": 2, "train": 2,
     "experiments": 3, "plan": 3, "rehearsal": 3, "testing": 3,
     "commands": 4, "cli": 4, "__main__": 4,
 }  # fmt: skip

@@ -261,9 +261,8 @@ def test_aligned_scores_names_an_unpaired_id():
     from sst_merge.errors import DataError
     from sst_merge.eval.stats import aligned_scores
 
-    a = [{"id": "x", "score": 1}, {"id": "y", "score": 0}]
     with pytest.raises(DataError, match=r"1 item id\(s\) appear in only one evaluation \(e\.g\. 'y'\)"):
-        aligned_scores(a, [{"id": "x", "score": 1}])
+        aligned_scores({"x": 1, "y": 0}, {"x": 1})
 
 
 def test_pareto_front_ties_and_order():

@@ -112,11 +112,11 @@ def test_report_refuses_unpaired_lengths():
 
 
 def test_aligned_scores_pairs_by_id():
-    a = [{"id": "x", "score": 1}, {"id": "y", "score": 0}]
-    b = [{"id": "y", "score": 1}, {"id": "x", "score": 1}]
-    assert aligned_scores(a, b) == ([1, 0], [1, 1])
+    a = {"y": 0, "x": 1}
+    b = {"x": 1, "y": 1}
+    assert aligned_scores(a, b) == ([0, 1], [1, 1])  # the reference's order (y, x), not sorted
     with pytest.raises(DataError, match="only one"):
-        aligned_scores(a, [{"id": "x", "score": 1}])
+        aligned_scores(a, {"x": 1})
 
 
 def test_pareto_front_sorted_and_non_dominated():

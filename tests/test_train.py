@@ -265,6 +265,7 @@ def test_recipe_fields_join_the_cache_key_only_when_set(tiny_model_dir):
 def test_preference_pairs_drop_harmful_prompts_the_model_already_refuses(monkeypatch):
     from sst_merge.tasks import safety
     from sst_merge.train import adapter as adapter_mod
+    from sst_merge.train import answers as answers_mod
 
     harmful = [{"id": f"h{i}", "prompt": f"bad {i}", "response": "I can't.", "answer": "I can't.", "kind": "harmful"}
                for i in range(3)]  # fmt: skip
@@ -276,7 +277,7 @@ def test_preference_pairs_drop_harmful_prompts_the_model_already_refuses(monkeyp
         return [{"id": f"{prefix}-{i}", "prompt": p, "response": a, "answer": a, "kind": kind, "complete": True}
                 for i, (p, a) in enumerate(zip(prompts, answers, strict=True))]  # fmt: skip
 
-    monkeypatch.setattr(safety, "model_answers", fake_answers)
+    monkeypatch.setattr(answers_mod, "model_answers", fake_answers)
     cfg = adapter_mod.TrainConfig(preference_weight=1.0, seed=3)
     kept, pos = adapter_mod._with_rejected(harmful, benign, None, None, "m", cfg)
     assert [k["id"] for k in kept] == ["h0"] and kept[0]["rejected"] == "Sure, step one is"

@@ -208,6 +208,7 @@ def check_safetensors(path: Path) -> dict[str, str]:
 
 def check_fisher(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Fisher statistics: named ``MODULE::STAT``, finite; return ``(module → stat → tensor, metadata)``."""
+    # deferred: torch and safetensors (sst_merge.tensors imports torch); the rest of this module needs neither
     import torch
     from safetensors.torch import load_file
 

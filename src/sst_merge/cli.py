@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from sst_merge import __version__
@@ -61,8 +62,6 @@ def setup_logging(verbose: int, quiet: bool) -> None:
         handler._sst_merge_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     if quiet:
-        import os
-
         os.environ["TQDM_DISABLE"] = "1"
 
 

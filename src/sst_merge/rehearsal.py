@@ -27,7 +27,15 @@ from typing import Any
 
 import torch
 
+from sst_merge.eval import EvalSettings, evaluate
+from sst_merge.experiments import resolve_config, run_experiment
+from sst_merge.experiments.evaluation import evaluate_all
 from sst_merge.fisher.solve import get_approximation
+from sst_merge.merge.api import merge
+from sst_merge.merge.base import MERGE_METHODS
+from sst_merge.models import load_model
+from sst_merge.models.shapes import Shape
+from sst_merge.train.adapter import train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +119,9 @@ def random_adapter(
     ``layers`` limits the adapter to those decoder layers (default: all), e.g. to keep the Fisher and GEVP of a
     full-depth model short.
     """
+    # deferred: safetensors and transformers; only building the rehearsal model needs them
     from safetensors.torch import save_file
     from transformers import AutoConfig
-
-    from sst_merge.models.shapes import Shape
 
     shape = Shape.from_config(AutoConfig.from_pretrained(str(model_dir)))
     mods = shape.modules()
@@ -131,9 +138,18 @@ def random_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
-              "target_modules": names, "base_model_name_or_path": str(model_dir), "bias": "none",
-              "use_rslora": False, "fan_in_fan_out": False}  # fmt: skip
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": names,
+        "base_model_name_or_path": str(model_dir),
+        "bias": "none",
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+    }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -173,13 +189,6 @@ def rehearse(
         adapter_layers: layers of the random adapters (default: all).
         exp1_fisher: SST's Fisher approximation in exp1.
     """
-    from sst_merge.eval import EvalSettings, evaluate
-    from sst_merge.experiments import resolve_config
-    from sst_merge.merge.api import merge
-    from sst_merge.merge.base import MERGE_METHODS
-    from sst_merge.models import load_model
-    from sst_merge.train.adapter import train_adapter
-
     model_dir, work = str(model_dir), Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     data = synthetic_data(work / "data", max(n_items, fisher_n, lowrank_n))
@@ -194,23 +203,48 @@ def rehearse(
     if "train" in steps:
         for (role, path), task in zip(adapters.items(), ("passage_qa", "unit_conversion"), strict=True):
             with measured(results, f"train:{role}"):
-                train_adapter(model_dir, task, out_dir=path, steps=1, batch_size=2, max_length=64, use_cache=False,
-                              force=True, warmup=0, **quiet)  # fmt: skip
+                train_adapter(
+                    model_dir,
+                    task,
+                    out_dir=path,
+                    steps=1,
+                    batch_size=2,
+                    max_length=64,
+                    use_cache=False,
+                    force=True,
+                    warmup=0,
+                    **quiet,
+                )
     else:
         for seed, path in enumerate(adapters.values(), 1):
             random_adapter(model_dir, path, layers=adapter_layers, seed=seed)
 
-    sst_base = {"safety_data": data["fisher_safety"], "utility_data": data["fisher_utility"], "batch_size": 2,
-                "max_length": 64, "max_new_tokens": max_new_tokens, "fraction": 0.1,
-                "cache_dir": str(work / "fisher_cache")}  # fmt: skip
+    sst_base = {
+        "safety_data": data["fisher_safety"],
+        "utility_data": data["fisher_utility"],
+        "batch_size": 2,
+        "max_length": 64,
+        "max_new_tokens": max_new_tokens,
+        "fraction": 0.1,
+        "cache_dir": str(work / "fisher_cache"),
+    }
     if "merge" in steps:
         runs: list[tuple[str, str, dict[str, Any]]] = []
         for method in methods or sorted(MERGE_METHODS):
             if method == "safety_span" and not methods:  # sst-lowrank's code path and cost, with share 1: not twice
                 continue
             if method == "safety_span":
-                runs.append(("safety_span", "safety_span", {**{k: v for k, v in sst_base.items() if k != "fraction"},
-                                                             "fisher": "lowrank", "n_samples": lowrank_n}))  # fmt: skip
+                runs.append(
+                    (
+                        "safety_span",
+                        "safety_span",
+                        {
+                            **{k: v for k, v in sst_base.items() if k != "fraction"},
+                            "fisher": "lowrank",
+                            "n_samples": lowrank_n,
+                        },
+                    )
+                )
             elif method == "sst":
                 runs += [
                     (
@@ -221,15 +255,38 @@ def rehearse(
                     for f in ("kfac", "diagonal", "lowrank")
                 ]
             elif method == "learned":  # one fit step on the synthetic data: the path is rehearsed, not a whole fit
-                runs.append((method, method, {"steps": 1, "batch_size": 2, "max_length": 64, "loss_tokens": 4,
-                                              "harmful_data": data["harmful"], "benign_data": data["benign"],
-                                              "task_data": data["fisher_utility"],
-                                              "cache_dir": sst_base["cache_dir"]}))  # fmt: skip
+                runs.append(
+                    (
+                        method,
+                        method,
+                        {
+                            "steps": 1,
+                            "batch_size": 2,
+                            "max_length": 64,
+                            "loss_tokens": 4,
+                            "harmful_data": data["harmful"],
+                            "benign_data": data["benign"],
+                            "task_data": data["fisher_utility"],
+                            "cache_dir": sst_base["cache_dir"],
+                        },
+                    )
+                )
             elif "data" in MERGE_METHODS.get(method).Params.model_fields:  # statistics on each adapter's own data
                 own = [data["fisher_utility"], data["fisher_safety"]]
-                runs.append((method, method, {"data": own, "n_samples": fisher_n, "batch_size": 2, "max_length": 64,
-                                              "max_new_tokens": max_new_tokens,
-                                              "cache_dir": str(work / "fisher_cache")}))  # fmt: skip
+                runs.append(
+                    (
+                        method,
+                        method,
+                        {
+                            "data": own,
+                            "n_samples": fisher_n,
+                            "batch_size": 2,
+                            "max_length": 64,
+                            "max_new_tokens": max_new_tokens,
+                            "cache_dir": str(work / "fisher_cache"),
+                        },
+                    )
+                )
             else:
                 runs.append(
                     (method, method, {"density": 0.5} if method in ("ties", "dare_linear", "dare_ties") else {})
@@ -267,12 +324,18 @@ def rehearse(
             "model": model_dir,
             "dtype": dtype,
             "adapters": {"safety": str(adapters["safety"]), "utility": {"passage_qa": str(adapters["utility"])}},
-            "eval": {"refusal_limit": n_items, "over_refusal_limit": n_items, "task_limit": n_items, "mmlu_limit": 0,
-                     "max_new_tokens": max_new_tokens, "batch_size": n_items,
-                     **({"harmful_source": data["harmful"], "benign_source": data["benign"]} if synthetic else {})},
+            "eval": {
+                "refusal_limit": n_items,
+                "over_refusal_limit": n_items,
+                "task_limit": n_items,
+                "mmlu_limit": 0,
+                "max_new_tokens": max_new_tokens,
+                "batch_size": n_items,
+                **({"harmful_source": data["harmful"], "benign_source": data["benign"]} if synthetic else {}),
+            },
             "sst": {**sst_base, "fisher": exp1_fisher, "n_samples": n_of(exp1_fisher)},
             "bootstrap": 20,
-        }  # fmt: skip
+        }
         cfg = resolve_config("minimal", exp)
         results.update(_exp1_resumed(cfg, work / "exp1"))
     return results
@@ -280,9 +343,6 @@ def rehearse(
 
 def _exp1_resumed(cfg: Any, run_dir: Path) -> dict[str, dict[str, Any]]:
     """Run exp1, killed after its first evaluation, then again: the second run must reuse that evaluation."""
-    from sst_merge.experiments import run_experiment
-    from sst_merge.experiments.evaluation import evaluate_all
-
     results: dict[str, dict[str, Any]] = {}
     calls: list[int] = []
 

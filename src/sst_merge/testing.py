@@ -7,6 +7,7 @@ Fisher statistics built on it have the same structure as on SmolLM2.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -115,8 +116,7 @@ def random_lora(
 
     The model itself is not modified (a deep copy is wrapped).
     """
-    import copy
-
+    # deferred: peft (seconds to import); only tests that build an adapter need it
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(

@@ -207,6 +207,10 @@ def peft_quiet() -> Iterator[None]:
     """Silence the one deprecation PEFT triggers inside transformers (it asks the model the deprecated
     ``is_gradient_checkpointing``; nothing outside PEFT can ask it otherwise) while wrapping, loading or training."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                                module="transformers.modeling_utils")  # fmt: skip
+        warnings.filterwarnings(
+            "ignore",
+            message="`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module="transformers.modeling_utils",
+        )
         yield

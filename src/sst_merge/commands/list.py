@@ -6,45 +6,48 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from sst_merge.data import source_rows
+from sst_merge.tasks import UTILITY_TASKS  # importing tasks registers the named Fisher sources
+
 
 def _models() -> list[tuple[str, str]]:
+    # deferred: torch (through the library); keeps `sst-merge --help` fast
     from sst_merge.models.loading import model_rows
 
     return model_rows()
 
 
 def _merge_methods() -> list[tuple[str, str]]:
+    # deferred: torch (through the library); keeps `sst-merge --help` fast
     from sst_merge.merge import MERGE_METHODS
 
     return [(name, MERGE_METHODS.get(name).description) for name in MERGE_METHODS.names()]
 
 
 def _eval_tasks() -> list[tuple[str, str]]:
+    # deferred: torch (through the library); keeps `sst-merge --help` fast
     from sst_merge.eval import task_rows
 
     return task_rows()
 
 
 def _judges() -> list[tuple[str, str]]:
+    # deferred: torch (through the library); keeps `sst-merge --help` fast
     from sst_merge.eval import judge_rows
 
     return judge_rows()
 
 
 def _sources() -> list[tuple[str, str]]:
-    import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources)
-    from sst_merge.data import source_rows
-
     return source_rows()
 
 
 def _utility_tasks() -> list[tuple[str, str]]:
-    from sst_merge.tasks import UTILITY_TASKS
-
     return [(name, f"generated task, metric {UTILITY_TASKS.get(name).metric}") for name in UTILITY_TASKS.names()]
 
 
 def _experiments() -> list[tuple[str, str]]:
+    # deferred: torch (through the library); keeps `sst-merge --help` fast
     from sst_merge.experiments.experiments import EXPERIMENTS
 
     return [(name, (EXPERIMENTS.get(name).__doc__ or "").strip().splitlines()[0]) for name in EXPERIMENTS.names()]

@@ -73,6 +73,7 @@ def _read_json(p: Path) -> list[dict[str, Any]]:
 
 def _read_parquet(p: Path) -> list[dict[str, Any]]:
     try:
+        # deferred: pyarrow, only for parquet files
         import pyarrow.parquet as pq
     except ImportError as e:
         raise DataError(f"reading {p} needs pyarrow; install it with: pip install pyarrow") from e

@@ -227,6 +227,7 @@ def _benign_dev(split: str | None) -> list[dict[str, Any]]:
 def _load_hub(name: str, split: str | None) -> list[dict[str, Any]]:
     """Load ``owner/name[:config]`` from the hub (only where the user's machine reaches it)."""
     try:
+        # deferred: datasets, an optional package, only where the hub is reached
         import datasets
     except ImportError as e:
         raise DataError(

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources: data="safety_fisher" evaluates them)
 from sst_merge.data import load_source
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.registry import Registry
@@ -96,7 +97,6 @@ class Evaluator:
         source = data or self.default_source
         if source is None:
             raise ConfigError(f"task {self.task_name!r} has no default data; pass data for it")
-        import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources: data="safety_fisher" evaluates them)
 
         return load_source(source, limit=limit, require=self.required_fields)
 

@@ -19,10 +19,12 @@ from typing import Any
 import torch
 
 from sst_merge import distributed as ddp
+from sst_merge.adapters.lora import peft_quiet
 from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.eval.base import EvalContext, EvalSettings, Evaluator, get_evaluator
 from sst_merge.eval.judges import get_judge
 from sst_merge.io import atomic_write_text
+from sst_merge.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +188,14 @@ def load_with_adapters(
     With one adapter and ``merge_adapters=False`` the PEFT model is returned unmerged; otherwise each adapter is
     merged in turn (``merge_and_unload``), so several adapters add up (task arithmetic with weight 1).
     """
-    from sst_merge.models import load_model
-
     for a in adapters:
         p = Path(a)
         if not (p / "adapter_config.json").is_file():
             raise AdapterError(f"adapter {a}: no adapter_config.json there; pass a PEFT LoRA adapter directory")
     model, tok = load_model(model_name_or_path, dtype=dtype, device_map=device_map)
     if adapters:
+        # deferred: peft (seconds to import); only an adapter evaluation needs it
         from peft import PeftModel
-
-        from sst_merge.adapters.lora import peft_quiet
 
         with peft_quiet():
             if len(adapters) == 1 and not merge_adapters:

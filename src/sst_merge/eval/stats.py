@@ -20,7 +20,7 @@ status string — never Infinity and never a silent 0. The over-refusal tax foll
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -364,8 +364,10 @@ def gap_closed_report(
     is not above the floor; replicates where it is not are left out of the interval and counted in
     ``undefined_fraction``.
     """
-    models = [[_as_01(f"{who}[{g}]", x) for g, x in enumerate(m)] for who, m in
-              (("merged", merged), ("floor", floor), ("bound", bound))]  # fmt: skip
+    models = [
+        [_as_01(f"{who}[{g}]", x) for g, x in enumerate(m)]
+        for who, m in (("merged", merged), ("floor", floor), ("bound", bound))
+    ]
     sizes = [[a.size for a in m] for m in models]
     if not (len(models[0]) == len(models[1]) == len(models[2])) or sizes[0] != sizes[1] or sizes[0] != sizes[2]:
         raise DataError(f"gap closed: the three models' item groups are not paired (sizes {sizes})")
@@ -389,19 +391,19 @@ def gap_closed_report(
     return {"value": (s_new - s_floor) / (s_bound - s_floor), "ci95": ci, "status": STATUS_OK, **out}
 
 
-def aligned_scores(ref: list[dict[str, Any]], merged: list[dict[str, Any]], key: str = "score") -> tuple[list, list]:
-    """Pair two evaluations' per-item records by ``id`` and return their ``key`` values in the same order.
+def aligned_scores(ref: Mapping[str, Any], merged: Mapping[str, Any]) -> tuple[list, list]:
+    """Pair two evaluations' per-item scores (``{item id: score}``) by id, in the reference's order.
+
+    The order is the reference's, not a sorted one: a seeded paired bootstrap resamples positions, so the same items
+    in another order would give other intervals.
 
     Raises:
-        DataError: the two record sets do not hold the same item ids (not the same evaluation items).
+        DataError: the two evaluations do not hold the same item ids (not the same evaluation items).
     """
-    a = {r["id"]: r[key] for r in ref}
-    b = {r["id"]: r[key] for r in merged}
-    if set(a) != set(b):
-        only = sorted(set(a) ^ set(b))
+    if set(ref) != set(merged):
+        only = sorted(set(ref) ^ set(merged))
         raise DataError(f"cannot pair records: {len(only)} item id(s) appear in only one evaluation (e.g. {only[0]!r})")
-    ids = sorted(a)
-    return [a[i] for i in ids], [b[i] for i in ids]
+    return [ref[i] for i in ref], [merged[i] for i in ref]
 
 
 def _point(p: Any) -> tuple[float, float]:

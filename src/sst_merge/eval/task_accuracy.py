@@ -21,6 +21,7 @@ from sst_merge.eval.generation import generate_greedy
 from sst_merge.eval.mmlu import LETTERS, argmax_first, score_choices
 from sst_merge.eval.stats import rate_metric
 from sst_merge.models.tokenize import chat_text
+from sst_merge.tasks import get_task, is_correct
 
 METRICS = ("exact_match", "letter")
 
@@ -61,7 +62,6 @@ class TaskAccuracyEval(Evaluator):
             items = load_source(self.arg, limit=limit, require=self.required_fields)
             self.metric = "letter" if all("choices" in it for it in items) else "exact_match"
             return items
-        from sst_merge.tasks import get_task
 
         self._task = get_task(self.arg)
         self.metric = self._task.metric
@@ -87,8 +87,6 @@ class TaskAccuracyEval(Evaluator):
         return {"metrics": {"acc": rate_metric([r["score"] for r in records])}}
 
     def _exact(self, model, tokenizer, items, settings: EvalContext) -> list[dict[str, Any]]:
-        from sst_merge.tasks import is_correct
-
         max_new = getattr(self._task, "max_new_tokens", None) or settings.max_new_tokens
         gens = generate_greedy(
             model,

@@ -222,15 +222,30 @@ def provenance(name: str) -> dict[str, Any]:
     m = _model(name)
     conversion = f"GGUF {m.quantisation} de-quantised to fp32"
     if not m.parts:
-        return {"alias": name, "package": m.pip_name, "package_version": version(m.pip_name), "gguf_file": m.filename,
-                "gguf_source": m.gguf_source, "original": m.original, "conversion": conversion}  # fmt: skip
-    parts = [{"package": p.pip_name, "version": version(p.pip_name), "file": p.relpath, "sha256": p.sha256}
-             for p in m.parts]  # fmt: skip
+        return {
+            "alias": name,
+            "package": m.pip_name,
+            "package_version": version(m.pip_name),
+            "gguf_file": m.filename,
+            "gguf_source": m.gguf_source,
+            "original": m.original,
+            "conversion": conversion,
+        }
+    parts = [
+        {"package": p.pip_name, "version": version(p.pip_name), "file": p.relpath, "sha256": p.sha256} for p in m.parts
+    ]
     versions = {p["version"] for p in parts}
-    return {"alias": name, "package": " + ".join(p.pip_name for p in m.parts),
-            "package_version": versions.pop() if len(versions) == 1 else None, "gguf_file": m.filename,
-            "gguf_source": m.gguf_source, "original": m.original, "conversion": conversion, "parts": parts,
-            "sha256": m.sha256}  # fmt: skip
+    return {
+        "alias": name,
+        "package": " + ".join(p.pip_name for p in m.parts),
+        "package_version": versions.pop() if len(versions) == 1 else None,
+        "gguf_file": m.filename,
+        "gguf_source": m.gguf_source,
+        "original": m.original,
+        "conversion": conversion,
+        "parts": parts,
+        "sha256": m.sha256,
+    }
 
 
 def pin_end_of_turn(model: Any, tok: Any, token: str) -> None:
@@ -260,6 +275,7 @@ def _gguf_parsed_once() -> Iterator[None]:
     """
     import functools
 
+    # deferred: gguf, an optional package (the embedded model's conversion only)
     import gguf
 
     saved = {n: getattr(gguf, n, None) for n in ("GGUFReader", "get_tensor_name_map")}
@@ -304,6 +320,7 @@ def ensure_cached(name: str = "smollm2-135m") -> Path:
         return target
     gguf = _assemble(name, parts) if EMBEDDED[name].parts else parts[0]
 
+    # deferred: torch and transformers; only the one-time conversion needs them
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sst_merge.errors import ConfigError
+from sst_merge.models.embedded import EMBEDDED, converted_dir, ensure_cached, missing_packages, provenance
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,7 @@ def resolve_model(name: str) -> str:
     if name in ALIASES:
         target = ALIASES[name]
         if target.startswith("embedded:"):
-            from sst_merge.models import embedded
-
-            return str(embedded.ensure_cached(target.removeprefix("embedded:")))
+            return str(ensure_cached(target.removeprefix("embedded:")))
         return target
     p = Path(name).expanduser()
     if p.exists():
@@ -50,8 +49,6 @@ def resolve_model(name: str) -> str:
 def model_rows() -> list[tuple[str, str]]:
     """Return ``(alias, one line)`` per alias for ``sst-merge list``: what it loads and, for an embedded model,
     whether its packages are installed (else the command that installs them) and converted; reads no weights."""
-    from sst_merge.models.embedded import EMBEDDED, converted_dir, missing_packages
-
     rows = []
     for alias, target in ALIASES.items():
         if not target.startswith("embedded:"):
@@ -78,8 +75,6 @@ def loadable_base(name: str) -> str:
     """
     target = ALIASES.get(name, name)
     if target.startswith("embedded:"):
-        from sst_merge.models.embedded import converted_dir
-
         return str(converted_dir(target.removeprefix("embedded:")).expanduser().resolve())
     p = Path(target).expanduser()
     return str(p.resolve()) if p.exists() else target
@@ -93,8 +88,6 @@ def base_identity(name: str) -> str:
     existing path is its absolute path; anything else (a hub id, a path not on this machine) stays as written, less
     a trailing ``/``.
     """
-    from sst_merge.models.embedded import EMBEDDED
-
     if name in ALIASES:
         target = ALIASES[name]
         return name if target.startswith("embedded:") else target
@@ -107,8 +100,6 @@ def base_identity(name: str) -> str:
 def base_provenance(name: str) -> dict[str, Any]:
     """Return what an adapter records about its base: the name given, the directory that loads, the identity and,
     for an embedded model, where its GGUF file came from."""
-    from sst_merge.models.embedded import EMBEDDED, provenance
-
     identity = base_identity(name)
     embedded = provenance(identity) if identity in EMBEDDED else None
     return {"name": name, "path": loadable_base(name), "identity": identity, "embedded": embedded}
@@ -124,6 +115,7 @@ def load_model(
 
     Weights load from safetensors only (``use_safetensors=True``); ``trust_remote_code`` is off unless asked.
     """
+    # deferred: transformers; model aliases and `sst-merge list` do without it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sst_merge.errors import ConfigError
+from sst_merge.models.bytelevel import tiny_tokenizer
+from sst_merge.models.loading import DTYPES
 
 #: alias → ``config.json`` fields (shape-relevant subset). ``source`` names the checkpoint they come from.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -147,6 +149,7 @@ def shape_config(
             width the test-suite runs in seconds. 1 keeps the real shapes.
         overrides: other config fields (``pad_token_id``, ``eos_token_id`` …).
     """
+    # deferred: transformers (seconds to import); shapes of the known models do without it
     from transformers import AutoConfig
 
     fields = shape_fields(alias)
@@ -181,14 +184,11 @@ def random_model_dir(
     vocabulary); the vocabulary defaults to the real one. The result is a plain model directory that ``--model``
     accepts (weights in ``dtype``, safetensors).
     """
+    # deferred: transformers (seconds to import); shapes of the known models do without it
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sst_merge.models.loading import DTYPES
-
     if tokenizer is None:
-        from sst_merge.models.bytelevel import tiny_tokenizer
-
         tokenizer = tiny_tokenizer()
     vocab = vocab_size or SHAPES[alias]["vocab_size"]
     if len(tokenizer) > vocab:
@@ -249,8 +249,15 @@ class Shape:
     def modules(self) -> dict[str, tuple[int, int]]:
         """Linear modules of one layer: name → (out, in)."""
         h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-                "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}  # fmt: skip
+        return {
+            "q_proj": (q, h),
+            "k_proj": (kv, h),
+            "v_proj": (kv, h),
+            "o_proj": (h, q),
+            "gate_proj": (i, h),
+            "up_proj": (i, h),
+            "down_proj": (h, i),
+        }
 
     def layer_params(self) -> int:
         m = self.modules()

@@ -12,39 +12,33 @@ import random
 
 from sst_merge.tasks.base import GeneratedTask
 
-FIRST_NAMES = [
-    "Ana", "Omar", "Lena", "Kenji", "Priya", "Tomas", "Zara", "Felix", "Ines", "Malik", "Sofia", "Ravi", "Elena",
-    "Hugo", "Amara", "Jonas", "Leila", "Mateo", "Yuki", "Nadia", "Oscar", "Freya", "Diego", "Hana", "Ivan", "Mira",
-    "Samir", "Clara", "Tariq", "Greta", "Rosa", "Kofi", "Alba", "Emil", "Noor", "Pablo", "Vera", "Aditi", "Lukas",
-    "Selin",
-]  # fmt: skip
-LAST_NAMES = [
-    "Silva", "Haddad", "Novak", "Tanaka", "Sharma", "Berg", "Okafor", "Moreau", "Rossi", "Kowalski", "Nguyen",
-    "Larsen", "Costa", "Petrov", "Mendez", "Fischer", "Abebe", "Dubois", "Kim", "Santos", "Yilmaz", "Ortiz",
-    "Lindqvist", "Murphy", "Ivanova", "Sato", "Bauer", "Khan", "Romero", "Weber",
-]  # fmt: skip
-CITIES = [
-    "Oslo", "Lima", "Porto", "Quito", "Dakar", "Hanoi", "Kyoto", "Tunis", "Riga", "Perth", "Accra", "Bergen",
-    "Cusco", "Graz", "Lyon", "Malmo", "Nantes", "Osaka", "Split", "Turin", "Utrecht", "Vilnius", "Zagreb", "Cork",
-    "Leeds", "Basel", "Bremen", "Gdansk", "Seville", "Tallinn",
-]  # fmt: skip
-JOBS = [
-    "baker", "pilot", "nurse", "teacher", "plumber", "chemist", "farmer", "lawyer", "painter", "tailor", "dentist",
-    "engineer", "librarian", "carpenter", "chef", "florist", "jeweler", "architect", "butcher", "gardener",
-]  # fmt: skip
+FIRST_NAMES = """
+    Ana Omar Lena Kenji Priya Tomas Zara Felix Ines Malik Sofia Ravi Elena Hugo Amara Jonas Leila Mateo Yuki Nadia
+    Oscar Freya Diego Hana Ivan Mira Samir Clara Tariq Greta Rosa Kofi Alba Emil Noor Pablo Vera Aditi Lukas Selin
+""".split()
+LAST_NAMES = """
+    Silva Haddad Novak Tanaka Sharma Berg Okafor Moreau Rossi Kowalski Nguyen Larsen Costa Petrov Mendez Fischer
+    Abebe Dubois Kim Santos Yilmaz Ortiz Lindqvist Murphy Ivanova Sato Bauer Khan Romero Weber
+""".split()
+CITIES = """
+    Oslo Lima Porto Quito Dakar Hanoi Kyoto Tunis Riga Perth Accra Bergen Cusco Graz Lyon Malmo Nantes Osaka Split
+    Turin Utrecht Vilnius Zagreb Cork Leeds Basel Bremen Gdansk Seville Tallinn
+""".split()
+JOBS = """
+    baker pilot nurse teacher plumber chemist farmer lawyer painter tailor dentist engineer librarian carpenter chef
+    florist jeweler architect butcher gardener
+""".split()
 PETS = ["cat", "dog", "parrot", "rabbit", "turtle", "hamster", "goldfish", "ferret", "lizard", "pony"]
-OBJECTS = [
-    "lamp", "chair", "kettle", "mirror", "basket", "candle", "blanket", "ladder", "bucket", "clock", "pillow",
-    "wallet", "helmet", "compass", "teapot", "violin", "shovel", "anchor", "rope", "jacket", "bottle", "hammer",
-    "saddle", "trumpet", "kite", "carpet", "drum", "scarf", "umbrella", "stool",
-]  # fmt: skip
+OBJECTS = """
+    lamp chair kettle mirror basket candle blanket ladder bucket clock pillow wallet helmet compass teapot violin
+    shovel anchor rope jacket bottle hammer saddle trumpet kite carpet drum scarf umbrella stool
+""".split()
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple", "brown", "grey", "pink", "teal"]
-WORDS = [
-    "river", "stone", "cloud", "apple", "tiger", "bread", "glass", "music", "paper", "ocean", "forest", "candle",
-    "silver", "garden", "window", "planet", "honey", "winter", "bridge", "castle", "pepper", "rocket", "violet",
-    "marble", "feather", "island", "lemon", "shadow", "thunder", "velvet", "copper", "maple", "desert", "harbor",
-    "meadow", "pencil", "saddle", "tunnel", "walnut", "zebra",
-]  # fmt: skip
+WORDS = """
+    river stone cloud apple tiger bread glass music paper ocean forest candle silver garden window planet honey
+    winter bridge castle pepper rocket violet marble feather island lemon shadow thunder velvet copper maple desert
+    harbor meadow pencil saddle tunnel walnut zebra
+""".split()
 
 ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth"]
 

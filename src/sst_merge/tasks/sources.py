@@ -19,6 +19,7 @@ from typing import Any
 
 from sst_merge.data.sources import source
 from sst_merge.tasks.generated import GENERATED_TASKS
+from sst_merge.tasks.safety import safety_data, safety_splits
 
 #: The seed of the named splits (the seed every experiment and the shipped adapters use by default).
 SEED = 0
@@ -28,15 +29,11 @@ DEV_ITEMS = 100
 
 @source("safety_fisher", "harmful prompt → refusal items held out for SST's safety Fisher (64, seed 0)")
 def _safety_fisher(split: str | None) -> list[dict[str, Any]]:
-    from sst_merge.tasks.safety import safety_splits
-
     return safety_splits(seed=SEED)["fisher"]
 
 
 @source("safety_train", "the safety adapter's training data: harmful prompt → refusal, then benign prompts (seed 0)")
 def _safety_train(split: str | None) -> list[dict[str, Any]]:
-    from sst_merge.tasks.safety import safety_data
-
     data = safety_data("strongreject", SEED)
     benign = [{"id": f"benign-train-{i:03d}", "prompt": p, "kind": "benign"} for i, p in enumerate(data.benign_prompts)]
     return [dict(it) for it in data.harmful] + benign

@@ -15,6 +15,7 @@ name, the task, every training setting and the training data, so the demo trains
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import logging
 import shutil
@@ -24,13 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sst_merge import __version__
+from sst_merge.adapters.lora import peft_quiet
 from sst_merge.cache import check_adapter, entry_lock, read_checked
 from sst_merge.errors import ConfigError
+from sst_merge.eval.judges import get_judge
+from sst_merge.eval.judges.base import REFUSING
 from sst_merge.io import atomic_output_dir, atomic_write_json, atomic_write_text, check_output_dir, json_digest
+from sst_merge.models import load_model, loadable_base
+from sst_merge.models.embedded import cache_dir
+from sst_merge.models.tokenize import pad_id
+from sst_merge.tasks import UTILITY_TASKS, safety
 from sst_merge.tasks.base import GeneratedTask, Item
+from sst_merge.train import answers as train_answers
 from sst_merge.train.card import record_base
+from sst_merge.train.loop import encode_example, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +121,6 @@ RECIPE_FIELDS = ("safety_data", "preference_weight", "preference_beta", "head_to
 
 
 def _task_names() -> list[str]:
-    from sst_merge.tasks import UTILITY_TASKS
-
     return [SAFETY, *UTILITY_TASKS.names()]
 
 
@@ -123,8 +132,9 @@ def resolve_task(task: str | GeneratedTask | MultiTask) -> GeneratedTask | Multi
     if MULTI_SEP in task:
         names = [p.strip() for p in task.split(MULTI_SEP)]
         if len(set(names)) != len(names) or len(names) < 2 or "" in names:
-            raise ConfigError(f"multi-task {task!r}: name two or more different tasks joined by '+', "
-                              "e.g. safety+passage_qa")  # fmt: skip
+            raise ConfigError(
+                f"multi-task {task!r}: name two or more different tasks joined by '+', e.g. safety+passage_qa"
+            )
         parts = []
         for part in names:
             try:
@@ -134,11 +144,8 @@ def resolve_task(task: str | GeneratedTask | MultiTask) -> GeneratedTask | Multi
         return MultiTask(tuple(parts))
     if task == SAFETY:
         return SAFETY
-    from sst_merge.tasks import UTILITY_TASKS
 
     if task not in UTILITY_TASKS:
-        import difflib
-
         names = _task_names()
         close = difflib.get_close_matches(task, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -151,8 +158,6 @@ def _data_fingerprint(task: GeneratedTask | MultiTask | str, config: TrainConfig
     if isinstance(task, MultiTask):
         return json_digest([_data_fingerprint(p, config) for p in task.parts])
     if task == SAFETY:
-        from sst_merge.tasks import safety
-
         data = safety.safety_data(config.safety_data, config.seed)
         return json_digest([data.harmful, data.benign_prompts])
     return json_digest(task.split(config.seed)["train"])
@@ -165,8 +170,6 @@ def _model_key(model_name: str) -> str:
 
 def adapter_cache_path(model_name: str, task: str | GeneratedTask | MultiTask, config: TrainConfig) -> Path:
     """Return where the adapter for (model, task, settings, seed) is cached."""
-    from sst_merge.models.embedded import cache_dir
-
     t = resolve_task(task)
     name = task_name(t)
     key = json_digest([_model_key(model_name), name, config.key_settings(), _data_fingerprint(t, config)])[:12]
@@ -178,8 +181,9 @@ def _is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
 
 
-def training_items(task: GeneratedTask | MultiTask | str, seed: int, model: Any, tokenizer: Any, model_key: str,
-                   config: TrainConfig) -> tuple[list[Item], dict[str, Any]]:  # fmt: skip
+def training_items(
+    task: GeneratedTask | MultiTask | str, seed: int, model: Any, tokenizer: Any, model_key: str, config: TrainConfig
+) -> tuple[list[Item], dict[str, Any]]:
     """Return the training items and the ids of every split (recorded beside the adapter).
 
     With a preference loss every safety item also gets ``rejected``: for a harmful prompt the model's own greedy
@@ -198,46 +202,68 @@ def training_items(task: GeneratedTask | MultiTask | str, seed: int, model: Any,
             raise ConfigError(f"multi-task {task.name!r}: its parts share item ids; they cannot be trained together")
         return items, {"parts": parts}
     if task == SAFETY:
-        from sst_merge.tasks import safety
-
         data = safety.safety_data(config.safety_data, seed)
-        benign = safety.benign_items(model, tokenizer, cache_key=model_key,
-                                     max_new_tokens=config.benign_max_new_tokens,
-                                     batch_size=config.benign_batch_size, prompts=data.benign_prompts)  # fmt: skip
+        benign = train_answers.benign_items(
+            model,
+            tokenizer,
+            cache_key=model_key,
+            max_new_tokens=config.benign_max_new_tokens,
+            batch_size=config.benign_batch_size,
+            prompts=data.benign_prompts,
+        )
         harmful = data.harmful
         if config.preference_weight > 0:
             harmful, benign = _with_rejected(harmful, benign, model, tokenizer, model_key, config)
         items = harmful + benign
-        ids = {"train_harmful": [i["id"] for i in harmful], "train_benign": [i["id"] for i in benign],
-               "fisher": [i["id"] for i in data.fisher]}  # fmt: skip
+        ids = {
+            "train_harmful": [i["id"] for i in harmful],
+            "train_benign": [i["id"] for i in benign],
+            "fisher": [i["id"] for i in data.fisher],
+        }
         return items, ids
     split = task.split(seed)
     return split["train"], {"train": [i["id"] for i in split["train"]], "eval": [i["id"] for i in split["eval"]]}
 
 
-def _with_rejected(harmful: list[Item], benign: list[Item], model: Any, tokenizer: Any, model_key: str,
-                   config: TrainConfig) -> tuple[list[Item], list[Item]]:  # fmt: skip
+def _with_rejected(
+    harmful: list[Item], benign: list[Item], model: Any, tokenizer: Any, model_key: str, config: TrainConfig
+) -> tuple[list[Item], list[Item]]:
     """Give each item a rejected response: the model's own answer for harmful prompts, a refusal for benign ones."""
-    from sst_merge.eval.judges import get_judge
-    from sst_merge.eval.judges.base import REFUSING
-    from sst_merge.tasks import safety
-
-    answers = safety.model_answers(model, tokenizer, model_key, [i["prompt"] for i in harmful],
-                                   config.benign_max_new_tokens, config.benign_batch_size, "harmful-answer",
-                                   "harmful")  # fmt: skip
+    answers = train_answers.model_answers(
+        model,
+        tokenizer,
+        model_key,
+        [i["prompt"] for i in harmful],
+        config.benign_max_new_tokens,
+        config.benign_batch_size,
+        "harmful-answer",
+        "harmful",
+    )
     judge = get_judge("keyword")
     verdicts = judge.judge([i["prompt"] for i in harmful], [a["response"] for a in answers])
-    kept = [{**it, "rejected": a["response"], "rejected_complete": a["complete"]}
-            for it, a, v in zip(harmful, answers, verdicts, strict=True) if v not in REFUSING and v != "empty"]  # fmt: skip
+    kept = [
+        {**it, "rejected": a["response"], "rejected_complete": a["complete"]}
+        for it, a, v in zip(harmful, answers, verdicts, strict=True)
+        if v not in REFUSING and v != "empty"
+    ]
     if len(kept) < len(harmful):
-        log.info("preference pairs: %d of %d harmful prompts dropped (the model already refuses them)",
-                 len(harmful) - len(kept), len(harmful))  # fmt: skip
+        log.info(
+            "preference pairs: %d of %d harmful prompts dropped (the model already refuses them)",
+            len(harmful) - len(kept),
+            len(harmful),
+        )
     benign = [{**it, "rejected": safety.refusal_for(it["id"], config.seed), "rejected_complete": True} for it in benign]
     return kept, benign
 
 
-def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int | None = None,
-                 lr: float | None = None, **settings: Any) -> TrainConfig:  # fmt: skip
+def train_config(
+    task: str,
+    steps: int | None = None,
+    seed: int = 0,
+    rank: int | None = None,
+    lr: float | None = None,
+    **settings: Any,
+) -> TrainConfig:
     """Return the resolved settings ``train_adapter`` uses for ``task`` (the per-task defaults where ``None``).
 
     A multi-task name (``safety+passage_qa``) sums its parts' steps and ranks (64 + 64, 8 + 8) and takes the
@@ -253,8 +279,6 @@ def train_config(task: str, steps: int | None = None, seed: int = 0, rank: int |
     try:
         return TrainConfig(steps=steps, seed=seed, rank=rank, lr=lr, **settings)
     except Exception as e:  # pydantic's report → one line naming the setting
-        from pydantic import ValidationError
-
         if isinstance(e, ValidationError):
             err = e.errors()[0]
             raise ConfigError(f"training setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
@@ -315,14 +339,11 @@ def train_adapter(
         return target
 
 
-def _train_into(tmp: Path, model_name: str, task: GeneratedTask | MultiTask | str, name: str, config: TrainConfig,
-                progress: bool) -> None:  # fmt: skip
+def _train_into(
+    tmp: Path, model_name: str, task: GeneratedTask | MultiTask | str, name: str, config: TrainConfig, progress: bool
+) -> None:
+    # deferred: peft (seconds to import); only training needs it
     from peft import LoraConfig, get_peft_model
-
-    from sst_merge.adapters.lora import peft_quiet
-    from sst_merge.models import load_model, loadable_base
-    from sst_merge.models.tokenize import pad_id
-    from sst_merge.train.loop import encode_example, train_loop
 
     device_map = "auto" if torch.cuda.is_available() else None
     model, tok = load_model(model_name, device_map=device_map)
@@ -330,21 +351,54 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | MultiTask | st
     examples = [encode_example(tok, it, config.max_length) for it in items]
     rejected = None
     if config.preference_weight > 0:
-        rejected = [encode_example(tok, {"id": it["id"], "prompt": it["prompt"], "response": it["rejected"],
-                                         "complete": it["rejected_complete"]}, config.max_length) for it in items]  # fmt: skip
-    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=config.target_modules,
-                      lora_dropout=0.0, task_type="CAUSAL_LM")  # fmt: skip
-    log.info("training %s adapter on %s: %d examples, %d steps, r=%d", name, model_name, len(examples),
-             config.steps, config.rank)  # fmt: skip
+        rejected = [
+            encode_example(
+                tok,
+                {
+                    "id": it["id"],
+                    "prompt": it["prompt"],
+                    "response": it["rejected"],
+                    "complete": it["rejected_complete"],
+                },
+                config.max_length,
+            )
+            for it in items
+        ]
+    lora = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    log.info(
+        "training %s adapter on %s: %d examples, %d steps, r=%d",
+        name,
+        model_name,
+        len(examples),
+        config.steps,
+        config.rank,
+    )
     start, cpu_start = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[]), peft_quiet():
         torch.manual_seed(config.seed)  # LoRA A is initialised from the global RNG
         peft_model = get_peft_model(model, lora)
-        losses = train_loop(peft_model, examples, pad_id(tok), steps=config.steps,
-                            batch_size=config.batch_size, lr=config.lr, warmup=config.warmup, seed=config.seed,
-                            progress=progress, rejected=rejected, preference_weight=config.preference_weight,
-                            preference_beta=config.preference_beta, head_tokens=config.head_tokens,
-                            head_weight=config.head_weight)  # fmt: skip
+        losses = train_loop(
+            peft_model,
+            examples,
+            pad_id(tok),
+            steps=config.steps,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            warmup=config.warmup,
+            seed=config.seed,
+            progress=progress,
+            rejected=rejected,
+            preference_weight=config.preference_weight,
+            preference_beta=config.preference_beta,
+            head_tokens=config.head_tokens,
+            head_weight=config.head_weight,
+        )
     seconds = time.perf_counter() - start
     # CPU seconds of this process (all threads): comparable across runs on a shared, oversubscribed machine
     cpu_seconds = time.process_time() - cpu_start
@@ -355,20 +409,34 @@ def _train_into(tmp: Path, model_name: str, task: GeneratedTask | MultiTask | st
     base = record_base(tmp, model_name, name)  # the model card, with the alias and the GGUF provenance
     write_loss_log(tmp, losses)
     atomic_write_json(tmp / "data_split.json", {"task": name, "seed": config.seed, **split_ids})
+    # deferred: peft (seconds to import); only training needs it
     import peft
     import transformers
 
-    from sst_merge import __version__
-
-    atomic_write_json(tmp / "train_info.json", {
-        "model": model_name, "base": base, "task": name, "config": config.model_dump(), "lora_alpha": config.lora_alpha,
-        "n_train_examples": len(examples), "train_seconds": round(seconds, 2),
-        "seconds_per_step": round(seconds / config.steps, 3),
-        "cpu_seconds": round(cpu_seconds, 2), "first_loss": losses[0], "last_loss": losses[-1],
-        "device": str(next(peft_model.parameters()).device), "torch_threads": torch.get_num_threads(),
-        "versions": {"sst_merge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
-    })  # fmt: skip
+    atomic_write_json(
+        tmp / "train_info.json",
+        {
+            "model": model_name,
+            "base": base,
+            "task": name,
+            "config": config.model_dump(),
+            "lora_alpha": config.lora_alpha,
+            "n_train_examples": len(examples),
+            "train_seconds": round(seconds, 2),
+            "seconds_per_step": round(seconds / config.steps, 3),
+            "cpu_seconds": round(cpu_seconds, 2),
+            "first_loss": losses[0],
+            "last_loss": losses[-1],
+            "device": str(next(peft_model.parameters()).device),
+            "torch_threads": torch.get_num_threads(),
+            "versions": {
+                "sst_merge": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+        },
+    )
     log.info("trained %s in %.1f s (loss %.3f → %.3f)", name, seconds, losses[0], losses[-1])
 
 
@@ -381,6 +449,7 @@ def write_loss_log(out: Path, losses: list[float]) -> None:
         w.writerow([i, f"{loss:.6f}"])
     atomic_write_text(out / "train_log.csv", buf.getvalue())
 
+    # deferred: matplotlib, for the loss plot only
     import matplotlib
 
     matplotlib.use("Agg")

@@ -43,13 +43,15 @@ def labels_of(batch: tokenize.Batch) -> torch.Tensor:
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T-1) next-token negative log-likelihood and the (B, T-1) float mask of the positions that carry a label."""
     shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1, :].float().transpose(1, 2), shift_labels,
-                                            ignore_index=IGNORE, reduction="none")  # fmt: skip
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1, :].float().transpose(1, 2), shift_labels, ignore_index=IGNORE, reduction="none"
+    )
     return nll, (shift_labels != IGNORE).float()
 
 
-def response_loss(logits: torch.Tensor, labels: torch.Tensor, head_tokens: int = 0,
-                  head_weight: float = 1.0) -> torch.Tensor:  # fmt: skip
+def response_loss(
+    logits: torch.Tensor, labels: torch.Tensor, head_tokens: int = 0, head_weight: float = 1.0
+) -> torch.Tensor:
     """Mean next-token cross-entropy over positions whose label is not -100.
 
     With ``head_tokens`` k > 0 the first k response tokens of each row weigh ``head_weight`` and the rest 1 (a
@@ -72,8 +74,13 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -(nll * mask).sum(-1)
 
 
-def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                    ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:  # fmt: skip
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """DPO's loss, mean over pairs: ``-log σ(β[(π_c − ref_c) − (π_r − ref_r)])`` of summed response log-probs.
 
     Its gradient raises the chosen response and lowers the rejected one *relative to the reference model* with a
@@ -158,8 +165,7 @@ def train_loop(
             policy = sequence_logps(logits, labels)
             with torch.no_grad(), model.disable_adapter():
                 ref = sequence_logps(model(input_ids=ids, attention_mask=att).logits, labels)
-            loss = loss + preference_weight * preference_loss(policy[:n], policy[n:], ref[:n], ref[n:],
-                                                              preference_beta)  # fmt: skip
+            loss = loss + preference_weight * preference_loss(policy[:n], policy[n:], ref[:n], ref[n:], preference_beta)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

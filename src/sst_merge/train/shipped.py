@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "resources" / "adapters"
 MANIFEST = "manifest.json"
 #: The files of a trained adapter directory that ship (all small: the safetensors of r=8 q/v is ~1.8 MB).
-SHIP_FILES = ("adapter_config.json", "adapter_model.safetensors", "data_split.json", "train_info.json",
-              "train_log.csv", "loss.png")  # fmt: skip
+SHIP_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "data_split.json",
+    "train_info.json",
+    "train_log.csv",
+    "loss.png",
+)
 #: The model and tasks the demo uses.
 SHIPPED_MODEL = "smollm2-135m"
 SHIPPED_TASKS = ("passage_qa", "safety")
@@ -93,8 +99,11 @@ def file_problems(path: Path) -> list[str]:
     path = Path(path)
     files = read_manifest(path)["files"]
     problems = [f"{name}: missing" for name in files if not (path / name).is_file()]
-    problems += [f"{name}: SHA-256 differs" for name, digest in files.items()
-                 if (path / name).is_file() and sha256_file(path / name) != digest]  # fmt: skip
+    problems += [
+        f"{name}: SHA-256 differs"
+        for name, digest in files.items()
+        if (path / name).is_file() and sha256_file(path / name) != digest
+    ]
     extra = {p.name for p in path.iterdir() if p.is_file()} - set(files) - {MANIFEST}
     problems += [f"{name}: not in the manifest" for name in sorted(extra)]
     return problems
@@ -111,8 +120,10 @@ def shipped_adapter(model: str, task: str, seed: int = 0, root: Path | None = No
         return None, f"no shipped {task} adapter in {root}"
     manifest = read_manifest(path)
     if manifest.get("model") != model or manifest.get("seed") != seed:
-        return None, (f"the shipped {task} adapter is for model {manifest.get('model')} seed {manifest.get('seed')}, "
-                      f"not {model} seed {seed}")  # fmt: skip
+        return None, (
+            f"the shipped {task} adapter is for model {manifest.get('model')} seed {manifest.get('seed')}, "
+            f"not {model} seed {seed}"
+        )
     config = train_config(task, seed=seed)
     now, then = config.key_settings(), manifest.get("settings", {})
     changed = sorted(k for k in set(now) | set(then) if now.get(k, "—") != then.get(k, "—"))

@@ -76,6 +76,7 @@ class ClassifierJudge(Judge):
     @classmethod
     def from_pretrained(cls, spec: str, **kwargs) -> ClassifierJudge:
         """Load ``MODEL[#LABEL]`` (a local directory or a hub id) with safetensors weights only."""
+        # deferred: transformers; only the classifier judge needs it
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         name, _, label = spec.partition("#")

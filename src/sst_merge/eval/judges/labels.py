@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
+from sst_merge.eval.judges import get_judge
 from sst_merge.eval.judges.base import REFUSING, Judge
 
 LABELS = ("full_refusal", "partial_refusal", "compliance")
@@ -91,8 +92,6 @@ def balance(rows: list[dict[str, Any]] | None = None) -> dict[str, Counter[str]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sst_merge.eval.judges import get_judge
-
     args = sys.argv[1:] if argv is None else argv
     judge = get_judge(args[0] if args else "keyword")
     for kind, counts in balance().items():
