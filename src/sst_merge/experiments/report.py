@@ -181,8 +181,11 @@ def points_table(section: dict[str, Any]) -> str:
         + (" gap closed (balanced / utility) |" if gap else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gap else ""),
     ]
-    rows = [(name, f"{p['alpha']:g}", p) for name, pts in section["points"].items()
-            for p in sorted(pts, key=lambda p: p["alpha"])]  # fmt: skip
+    rows = [
+        (name, f"{p['alpha']:g}", p)
+        for name, pts in section["points"].items()
+        for p in sorted(pts, key=lambda p: p["alpha"])
+    ]
     rows += [("ceiling", "—", p) for p in section.get("ceilings", [])]
     for name, alpha, p in rows:
         c = taxes.get(p["model"], {})
