@@ -7,8 +7,6 @@ import io
 import tokenize
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1] / "src" / "sst_merge"
 
 
@@ -35,7 +33,6 @@ def test_own_import_counter():
     assert _own_imports(ast.parse(src)) == (3, 2)
 
 
-@pytest.mark.xfail(strict=False, reason="issue 26 item 7: merge/, experiments/, fisher/, plan are still being moved")
 def test_at_most_a_tenth_of_the_own_imports_sit_inside_functions():
     counts = {
         f.relative_to(ROOT).as_posix(): _own_imports(ast.parse(f.read_text())) for f in sorted(ROOT.rglob("*.py"))
@@ -58,7 +55,6 @@ def _fmt_skips() -> dict[str, int]:
     return out
 
 
-@pytest.mark.xfail(strict=False, reason="issue 26 item 7: merge/, experiments/, fisher/, plan are still being moved")
 def test_fmt_skip_only_for_tables():
     skips = _fmt_skips()
     assert sum(skips.values()) <= 10, skips

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 from sst_merge.commands.flags import add_set_flag
+from sst_merge.config import load_yaml
+from sst_merge.errors import ConfigError
+from sst_merge.io import atomic_write_json, check_output_dir
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,8 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sst_merge.config import load_yaml
-    from sst_merge.errors import ConfigError
+    # deferred: sst_merge.plan pulls torch; the CLI imports every command module, so this keeps `sst-merge --help` fast
     from sst_merge.plan import GIB, GPUS, Memory, available_memory, gpu_rates, settings_from_config
 
     data = load_yaml(args.config) if args.config else {}
@@ -48,8 +50,12 @@ def run(args: argparse.Namespace) -> int:
         gib = args.memory_gib * GIB
         memory = Memory(device=gib, host=memory.host if memory.gpus else gib, gpus=memory.gpus, name=memory.name)
     if args.host_gib is not None:
-        memory = Memory(device=memory.device if memory.gpus else args.host_gib * GIB, host=args.host_gib * GIB,
-                        gpus=memory.gpus, name=memory.name)  # fmt: skip
+        memory = Memory(
+            device=memory.device if memory.gpus else args.host_gib * GIB,
+            host=args.host_gib * GIB,
+            gpus=memory.gpus,
+            name=memory.name,
+        )
     return show_plan(model, settings, memory=memory, rates=rates, on_gpu=on_gpu, json_out=args.json_out)
 
 
@@ -58,14 +64,11 @@ def show_plan(model: str, settings, memory=None, rates=None, on_gpu=None, json_o
 
     Returns 0 when the run fits; raises ``ConfigError`` (exit 2) with the one-line fix when it does not.
     """
-    from sst_merge.errors import ConfigError
-    from sst_merge.plan import plan_run
+    from sst_merge.plan import plan_run  # deferred: pulls torch (keeps `sst-merge --help` fast)
 
     plan = plan_run(model, settings, memory=memory, rates=rates, on_gpu=on_gpu)
     print(plan.table())
     if json_out:
-        from sst_merge.io import atomic_write_json
-
         atomic_write_json(json_out, plan.to_json())
     if plan.problem:
         raise ConfigError(f"{model}: {plan.problem}")
@@ -74,8 +77,7 @@ def show_plan(model: str, settings, memory=None, rates=None, on_gpu=None, json_o
 
 def dry_run_merge(config, output: str, force: bool, allow_pickle: bool) -> int:
     """``sst-merge merge --dry-run``: every check ``merge`` makes before heavy work, then the plan; no weights."""
-    from sst_merge.errors import ConfigError
-    from sst_merge.io import check_output_dir
+    # deferred: the merge and plan libraries pull torch (keeps `sst-merge --help` fast)
     from sst_merge.merge.api import prepare
     from sst_merge.plan import merge_settings
 
@@ -89,6 +91,7 @@ def dry_run_merge(config, output: str, force: bool, allow_pickle: bool) -> int:
 
 def dry_run_experiment(cfg) -> int:
     """``sst-merge run --dry-run``: the resolved experiment config's plan; no weights, no run directory."""
+    # deferred: the experiments and plan libraries pull torch (keeps `sst-merge --help` fast)
     from sst_merge.experiments.api import experiments_of
     from sst_merge.experiments.experiments import EXPERIMENTS
     from sst_merge.plan import experiment_settings

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from sst_merge.commands.flags import add_dry_run_flag, add_output_flags, add_set_flag, device_map_arg
+from sst_merge.commands.plan import dry_run_experiment
+from sst_merge.config import load_yaml
 from sst_merge.errors import ConfigError
 
 
@@ -60,7 +62,9 @@ def default_run_dir(experiment: str, model: str, mode: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sst_merge.config import load_yaml
+    # deferred: the experiments library and sst_merge.distributed pull torch; the CLI imports every command module,
+    # so this keeps `sst-merge --help` fast
+    from sst_merge import distributed as ddp
     from sst_merge.experiments import resolve_config, run_experiment
     from sst_merge.experiments.report import REPORT_NAME, comparisons_table, models_table
 
@@ -73,12 +77,8 @@ def run(args: argparse.Namespace) -> int:
     data.pop("mode", None)
     cfg = resolve_config(mode, data, args.overrides)
     if args.dry_run:
-        from sst_merge.commands.plan import dry_run_experiment
-
         return dry_run_experiment(cfg)
     out = Path(args.output) if args.output else default_run_dir(cfg.experiment, cfg.model, cfg.mode)
-    from sst_merge import distributed as ddp
-
     ddp.init_from_env()  # torchrun / accelerate launch: every rank runs the experiment on its shard of the items
     doc = run_experiment(cfg, out, force=args.force, show_progress=not args.quiet)
     if not ddp.is_main():

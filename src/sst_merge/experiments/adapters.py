@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import logging
 
+import sst_merge.train
 from sst_merge.experiments.config import ExperimentConfig
+from sst_merge.train.shipped import shipped_adapter
 
 log = logging.getLogger(__name__)
 
 
 def _train(cfg: ExperimentConfig, task: str, parts: int = 1) -> str:
-    from sst_merge.train import train_adapter
-    from sst_merge.train.shipped import shipped_adapter
 
     if cfg.adapters.shipped and cfg.adapters.train_steps is None:
         path, why = shipped_adapter(cfg.model, task, seed=cfg.seed)
@@ -24,7 +24,7 @@ def _train(cfg: ExperimentConfig, task: str, parts: int = 1) -> str:
     if cfg.adapters.train_steps is not None:
         kwargs["steps"] = cfg.adapters.train_steps * parts  # a multi-task adapter: the step budget of its parts
     log.info("adapter for %r not given: using the cached one, or training it once", task)
-    return str(train_adapter(cfg.model, task, **kwargs))
+    return str(sst_merge.train.train_adapter(cfg.model, task, **kwargs))
 
 
 def safety_adapter(cfg: ExperimentConfig) -> str:

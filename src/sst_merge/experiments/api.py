@@ -10,9 +10,11 @@ from typing import Any
 from sst_merge import distributed as ddp
 from sst_merge.errors import OutputExistsError
 from sst_merge.experiments.config import ExperimentConfig
+from sst_merge.experiments.experiments import EXPERIMENTS
 from sst_merge.experiments.results import RESULTS_NAME, write_results
 from sst_merge.experiments.runner import Runner
 from sst_merge.io import atomic_write_json
+from sst_merge.tasks import UTILITY_TASKS
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ def run_tasks(cfg: ExperimentConfig, experiments: list[str]) -> list[str]:
 
 
 def _registered_tasks() -> list[str]:
-    from sst_merge.tasks import UTILITY_TASKS
 
     return [n for n in UTILITY_TASKS.names() if n != "safety"]
 
@@ -53,8 +54,6 @@ def run_experiment(
     A run directory that already holds ``results.json`` is refused unless ``force``. One without it (an
     interrupted run) resumes: every evaluation finished before is read from the cache, not recomputed.
     """
-    from sst_merge.experiments.experiments import EXPERIMENTS
-
     run_dir = Path(run_dir)
     # Under torchrun every rank runs this; a failure on any rank stops all of them before results are written.
     with ddp.all_or_nothing("experiment"):

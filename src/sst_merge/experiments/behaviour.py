@@ -21,8 +21,12 @@ import logging
 from typing import Any
 
 from sst_merge import distributed as ddp
+from sst_merge.eval.degenerate import degenerate_reason
+from sst_merge.eval.drift import answer_nll
+from sst_merge.eval.stats import balanced_score_report, mean_difference_report, rate_metric
+from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.provenance import stable_hash
-from sst_merge.experiments.runner import Metric, ModelSpec, Runner
+from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -39,9 +43,6 @@ def reference_spec(runner: Runner) -> ModelSpec:
 
 def utility_spec(runner: Runner) -> ModelSpec:
     """Base + the run's utility adapters, each at weight 1 (the pre-merge model)."""
-    from sst_merge.experiments import adapters as adapter_paths
-    from sst_merge.experiments.runner import AdapterRef
-
     paths = adapter_paths.utility_adapters(runner.cfg, runner.cfg.utility_tasks)
     return ModelSpec("utility", tuple(AdapterRef(paths[t], 1.0, "utility") for t in runner.cfg.utility_tasks))
 
@@ -65,9 +66,6 @@ def records_of(runner: Runner, label: str) -> dict[str, list[dict[str, Any]]] | 
 
 def degenerate_metric(records: list[dict[str, Any]]) -> Metric:
     """The share of empty or looping responses among ``records`` (Wilson interval), per-item flags as items."""
-    from sst_merge.eval.degenerate import degenerate_reason
-    from sst_merge.eval.stats import rate_metric
-
     reasons = {str(r["id"]): degenerate_reason(r.get("response") or "") for r in records}
     flags = {i: float(v is not None) for i, v in reasons.items()}
     m = rate_metric(list(flags.values()), higher_is_better=False)
@@ -77,8 +75,6 @@ def degenerate_metric(records: list[dict[str, Any]]) -> Metric:
 
 def balanced_metric(refusal: Metric, over_refusal: Metric, n_boot: int, seed: int) -> Metric:
     """``balanced_score`` of one model from its refusal and over-refusal items (bootstrap interval)."""
-    from sst_merge.eval.stats import balanced_score_report
-
     r = balanced_score_report(
         [refusal.items[i] for i in sorted(refusal.items)],
         [over_refusal.items[i] for i in sorted(over_refusal.items)],
@@ -92,7 +88,6 @@ def balanced_metric(refusal: Metric, over_refusal: Metric, n_boot: int, seed: in
 
 def answer_scores(runner: Runner, label: str, ref_label: str, answers: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Per-item ``[summed NLL, n tokens]`` of the reference's answers under ``label`` (cached in the run cache)."""
-    from sst_merge.eval.drift import answer_nll
 
     # Keys under one fixed judge: neither the answers nor their scores depend on the judge, so a run that only
     # judges saved responses again reuses these scores instead of merging and running the model.
@@ -135,8 +130,6 @@ def answer_scores(runner: Runner, label: str, ref_label: str, answers: dict[str,
 
 def drift_metric(model_scores: dict[str, Any], ref_scores: dict[str, Any], n_boot: int, seed: int) -> Metric | None:
     """``benign_drift``: mean per-token NLL increase over the reference, per answer, with a bootstrap interval."""
-    from sst_merge.eval.stats import mean_difference_report
-
     ids = [i for i in sorted(ref_scores) if ref_scores[i][1] > 0]
     if not ids:
         return None  # the reference answered every benign prompt with nothing: there is nothing to score

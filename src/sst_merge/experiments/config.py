@@ -14,6 +14,7 @@ from sst_merge.config import DEVICE_MAP_PATTERN, apply_overrides, validate
 from sst_merge.errors import ConfigError
 from sst_merge.eval.base import EvalSettings
 from sst_merge.fisher.settings import flatten as flatten_settings
+from sst_merge.merge import MERGE_METHODS
 from sst_merge.merge.sst import SELECTIONS, SSTParams
 
 
@@ -160,7 +161,6 @@ class ExperimentConfig(_Strict):
     @field_validator("methods")
     @classmethod
     def _valid_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from sst_merge.merge import MERGE_METHODS
 
         v = {name: flatten_settings(params) for name, params in v.items()}  # keyed and recorded flat, as sst's
         for name, params in v.items():

@@ -9,8 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sst_merge import distributed as ddp
+from sst_merge.eval import evaluate, get_evaluator
+from sst_merge.eval.harness import write_records
+from sst_merge.eval.judges import get_judge
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.specs import Metric
+from sst_merge.tasks import get_task
 
 #: ``eval.split: dev``: the sources of the development split (HarmBench val behaviours; 60 benign dev prompts)
 DEV_SOURCES = {"refusal": "harmbench_val", "over_refusal": "benign_dev"}
@@ -22,8 +27,6 @@ def evaluation_plan(cfg: ExperimentConfig, tasks: list[str]) -> list[tuple[str, 
     """``(task spec, limit, data)`` for every measurement of one model."""
     e = cfg.eval
     if e.split == "dev":  # development sets, disjoint from the evaluation sets: for choosing hyper-parameters
-        from sst_merge.tasks import get_task
-
         plan: list[tuple[str, int | None, Any]] = [
             ("refusal", e.refusal_limit, DEV_SOURCES["refusal"]),
             ("over_refusal", e.over_refusal_limit, DEV_SOURCES["over_refusal"]),
@@ -50,10 +53,6 @@ def evaluate_all(
     Under torch.distributed every rank returns the same metrics (the harness gathers the shards); only rank 0
     writes the records.
     """
-    from sst_merge import distributed as ddp
-    from sst_merge.eval import evaluate
-    from sst_merge.eval.harness import write_records
-
     results: dict[str, Any] = {}
     for task, limit, data in evaluation_plan(cfg, tasks):
         res = evaluate(
@@ -96,10 +95,6 @@ def rejudge_all(
     tasks (refusal, over-refusal) are summarised again from the new verdicts; the others keep their metrics. The
     new records are written to ``records_path``.
     """
-    from sst_merge.eval import get_evaluator
-    from sst_merge.eval.harness import write_records
-    from sst_merge.eval.judges import get_judge
-
     judge = get_judge(cfg.eval.judge)
     by_task: dict[str, list[dict[str, Any]]] = {}
     for r in records:

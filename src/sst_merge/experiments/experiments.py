@@ -21,7 +21,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from sst_merge.cache import move_aside
 from sst_merge.config import validate
+from sst_merge.eval.stats import gap_closed_report, pareto_front, rate_metric, value_at_safety
 from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import add_behaviour, reference_spec
 from sst_merge.experiments.config import ExperimentConfig, alphas_of, sst_variant_params, variant_name
@@ -29,8 +31,11 @@ from sst_merge.experiments.references import MULTITASK, add_ceilings, ceiling_sp
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.experiments.specs import Series
+from sst_merge.io import atomic_write_text
 from sst_merge.merge import get_method
 from sst_merge.registry import Registry
+from sst_merge.tasks import get_task
+from sst_merge.tasks.safety import safety_splits
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +44,6 @@ EXPERIMENTS: Registry[Callable[[Runner], dict[str, Any]]] = Registry("experiment
 
 def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str]) -> Metric:
     """The primary utility U: MMLU accuracy, or accuracy over the utility tasks' held-out items (micro)."""
-    from sst_merge.eval.stats import rate_metric
-
     if runner.cfg.utility_metric == "mmlu":
         return metrics["mmlu"]
     items = {f"{t}/{i}": v for t in tasks for i, v in metrics[f"task:{t}"].items.items()}
@@ -74,11 +77,6 @@ def fisher_data(runner: Runner) -> tuple[str, str]:
     *training* items (never their evaluation items).
     """
     import json
-
-    from sst_merge.cache import move_aside
-    from sst_merge.io import atomic_write_text
-    from sst_merge.tasks import get_task
-    from sst_merge.tasks.safety import safety_splits
 
     cfg = runner.cfg
     out = runner.cache_dir / "fisher-data"
@@ -194,7 +192,6 @@ def gap_closed_of(runner: Runner, label: str, floor: str, bound: str, tasks: lis
     ``label`` closes, in balanced score and in utility, each with a paired-bootstrap interval over the items
     (:func:`~sst_merge.eval.stats.gap_closed_report`): 1 reaches the bound, 0 is no better than the floor, negative
     is worse, above 1 passes the bound; ``value: None`` with a status when the bound is not above the floor."""
-    from sst_merge.eval.stats import gap_closed_report
 
     def groups(name: str, measures: tuple[str, ...]) -> list[list[float]]:
         m = runner.evaluated[name]
@@ -291,8 +288,6 @@ def sweep_series(cfg: ExperimentConfig) -> list[Series]:
 def exp3(runner: Runner) -> dict[str, Any]:
     """SST-Merge vs the baselines over a safety-weight sweep: Pareto fronts, utility and over-refusal at matched
     safety."""
-    from sst_merge.eval.stats import pareto_front, value_at_safety
-
     cfg = runner.cfg
     tasks, utility, safety = adapters_of(runner)
     ceiling_models = ceiling_specs(runner, safety)  # the multi-task adapter trains here, before any evaluation
@@ -378,7 +373,5 @@ def _tax_text(tax: dict[str, Any]) -> str:
 
 def over_refusal_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The points not dominated in (refusal ↑, over-refusal ↓), sorted by refusal."""
-    from sst_merge.eval.stats import pareto_front
-
     front = pareto_front([(p["safety"], -p["over_refusal"], i) for i, p in enumerate(points)])
     return [points[i] for _, _, i in front]

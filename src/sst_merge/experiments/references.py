@@ -19,6 +19,7 @@ multi-task bound: the share of the way from task arithmetic at α = 1 to the bou
 
 from __future__ import annotations
 
+from sst_merge.experiments import adapters as adapter_paths
 from sst_merge.experiments.behaviour import utility_spec
 from sst_merge.experiments.evaluation import evaluation_plan
 from sst_merge.experiments.runner import AdapterRef, ModelSpec, Runner
@@ -31,8 +32,6 @@ ROUTING = "routing"
 
 def multitask_spec(runner: Runner) -> ModelSpec:
     """The multi-task adapter (safety + the run's utility tasks in one LoRA), at weight 1."""
-    from sst_merge.experiments import adapters as adapter_paths
-
     path = adapter_paths.multitask_adapter(runner.cfg, runner.cfg.utility_tasks)
     return ModelSpec(MULTITASK, (AdapterRef(path, 1.0, "multitask"),))
 

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sst_merge.errors import DataError
 from sst_merge.eval.phrasing import FORMS
+from sst_merge.experiments.schema import Results
 from sst_merge.io import atomic_write_text
 
 REPORT_NAME = "report.md"
@@ -179,8 +181,11 @@ def points_table(section: dict[str, Any]) -> str:
         + (" gap closed (balanced / utility) |" if gap else ""),
         "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gap else ""),
     ]
-    rows = [(name, f"{p['alpha']:g}", p) for name, pts in section["points"].items()
-            for p in sorted(pts, key=lambda p: p["alpha"])]  # fmt: skip
+    rows = [
+        (name, f"{p['alpha']:g}", p)
+        for name, pts in section["points"].items()
+        for p in sorted(pts, key=lambda p: p["alpha"])
+    ]
     rows += [("ceiling", "—", p) for p in section.get("ceilings", [])]
     for name, alpha, p in rows:
         c = taxes.get(p["model"], {})
@@ -500,14 +505,11 @@ def over_refusal_plot(doc: dict[str, Any], run_dir: Path) -> Path:
 
 def write_report(run_dir: str | Path) -> Path:
     """(Re)generate ``report.md``, ``summary.csv`` and the plots from ``RUN_DIR/results.json``."""
-    from sst_merge.errors import DataError
-
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
         raise DataError(f"{run_dir}: no results.json; pass the directory of a finished `sst-merge run`")
     doc = json.loads(path.read_text())
-    from sst_merge.experiments.schema import Results
 
     Results.model_validate(doc)
     atomic_write_text(run_dir / SUMMARY_NAME, summary_csv(doc))

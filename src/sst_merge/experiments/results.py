@@ -9,6 +9,7 @@ from typing import Any
 
 from sst_merge import __version__
 from sst_merge.experiments.provenance import SCHEMA_VERSION, git_revision, library_versions
+from sst_merge.experiments.report import write_report
 from sst_merge.experiments.runner import Runner
 from sst_merge.experiments.schema import Results
 from sst_merge.io import atomic_write_json, atomic_write_text
@@ -68,8 +69,6 @@ def write_records(runner: Runner, run_dir: Path) -> None:
 
 def write_results(runner: Runner, sections: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """Write records, the results JSON, and the report (Markdown, CSV, plots) derived from the JSON alone."""
-    from sst_merge.experiments.report import write_report
-
     doc = build_results(runner, sections)
     write_records(runner, run_dir)
     atomic_write_json(run_dir / RESULTS_NAME, doc)

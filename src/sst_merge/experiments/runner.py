@@ -27,13 +27,16 @@ from sst_merge import cache
 from sst_merge import distributed as ddp
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.errors import ConfigError
-from sst_merge.eval.judges import judge_version
+from sst_merge.eval.judges import KeywordJudge, judge_version
+from sst_merge.experiments import evaluation
 from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.merging import merge_for_experiment
 from sst_merge.experiments.provenance import stable_hash
 from sst_merge.experiments.specs import AdapterRef, Metric, ModelSpec  # noqa: F401  (AdapterRef re-exported)
+from sst_merge.fisher.estimate import applied_deltas
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
 from sst_merge.merge import get_method
+from sst_merge.models import loading
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,6 @@ class Runner:
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: str | Path, load=None, evaluate=None, show_progress=True):
-        from sst_merge.experiments.evaluation import evaluate_all
-        from sst_merge.models.loading import load_model, resolve_model
 
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -73,12 +74,12 @@ class Runner:
         self.show_progress = show_progress
         device_map = getattr(cfg, "device_map", None)
         self._load = load or (
-            lambda: load_model(cfg.model, dtype=cfg.dtype, device_map=ddp.replica_device_map(device_map))
+            lambda: loading.load_model(cfg.model, dtype=cfg.dtype, device_map=ddp.replica_device_map(device_map))
         )
-        self._evaluate = evaluate or functools.partial(evaluate_all, show_progress=show_progress)
+        self._evaluate = evaluate or functools.partial(evaluation.evaluate_all, show_progress=show_progress)
         self._base = None
         self._tok = None
-        self.resolved = resolve_model(cfg.model) if load is None else cfg.model
+        self.resolved = loading.resolve_model(cfg.model) if load is None else cfg.model
         self.base_fingerprint = cache.model_fingerprint(self.resolved)
         self._adapters: dict[str, LoraAdapter] = {}
         self.evaluated: dict[str, dict[str, Metric]] = {}
@@ -123,8 +124,6 @@ class Runner:
         the next model starts from the untouched base — no copy of the whole model is needed, which keeps
         memory flat for big models spread over devices.
         """
-        from sst_merge.fisher.estimate import applied_deltas
-
         base, _ = self.base()
         params = dict(base.named_parameters())
         for module in deltas:
@@ -179,8 +178,6 @@ class Runner:
         Looked for: the keyword judge at each of its versions (a newer keyword judge, or another judge such as
         ``hf:MODEL``, can then re-judge the saved responses instead of generating them again).
         """
-        from sst_merge.eval.judges import KeywordJudge
-
         current = (self.cfg.eval.judge, judge_version(self.cfg.eval.judge))
         for v in range(KeywordJudge.version, 0, -1):
             if ("keyword", v) == current:
@@ -256,14 +253,12 @@ class Runner:
             records_path = self.cache_dir / f"records-{key}.jsonl"
             other = self._generations_judged_otherwise(spec) if ddp.world_size() == 1 else None
             if other is not None:
-                from sst_merge.experiments.evaluation import rejudge_all
-
                 old = json.loads((self.cache_dir / f"eval-{other}.json").read_text())
                 saved = [
                     json.loads(line) for line in (self.cache_dir / f"records-{other}.jsonl").open() if line.strip()
                 ]
                 old_metrics = {name: Metric.from_json(m) for name, m in old["metrics"].items()}
-                metrics = rejudge_all(self.cfg, old_metrics, saved, records_path)
+                metrics = evaluation.rejudge_all(self.cfg, old_metrics, saved, records_path)
                 if old.get("diagnostics"):
                     self.diagnostics[spec.label] = old["diagnostics"]
                 log.info("%s: saved responses (eval-%s) judged again with %s", spec.label, other, self.cfg.eval.judge)

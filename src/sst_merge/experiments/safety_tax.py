@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from sst_merge.eval.stats import balanced_change_report, balanced_score, over_refusal_report, safety_tax_report
 from sst_merge.experiments.specs import Metric
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ def compare(
     over-refusal metrics (``ref_or``, ``new_or``) the over-refusal increase and tax and the balanced-score change
     are added.
     """
-    from sst_merge.eval.stats import balanced_change_report, balanced_score, over_refusal_report, safety_tax_report
 
     def paired(a: Metric, b: Metric) -> tuple[list[float], list[float]]:
         ids = [i for i in a.items if i in b.items]

@@ -15,12 +15,23 @@ from typing import Any
 
 import torch
 
+import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources)
+from sst_merge.data import load_source
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.models.tokenize import Batch, Example, collate, encode_example, truncate
 from sst_merge.models.tokenize import prompt_ids as encode_prompt
 
-__all__ = ["Batch", "Example", "collate", "encode_example", "encode_prompt", "items_hash", "load_items", "subsample",
-           "truncate"]  # fmt: skip
+__all__ = [
+    "Batch",
+    "Example",
+    "collate",
+    "encode_example",
+    "encode_prompt",
+    "items_hash",
+    "load_items",
+    "subsample",
+    "truncate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +45,6 @@ def load_items(source: str, need_response: bool, what: str) -> list[dict[str, An
         need_response: whether every item must carry a ``response``.
         what: the parameter name, for error messages (``safety_data`` ...).
     """
-    import sst_merge.tasks  # noqa: F401  (registers the named Fisher sources)
-    from sst_merge.data import load_source
-
     try:
         items = load_source(source)
     except (DataError, ConfigError) as e:

@@ -123,16 +123,26 @@ def fisher_statistics(objectives: list[Objective], setup: FisherSetup) -> tuple[
         if setup.approximation == "lowrank":
             p_total = sum(math.prod(model.get_submodule(m).weight.shape) for m in setup.modules)
             n_rows = sum(o.n for o in todo)
-            log.info("fisher: lowrank keeps %d gradient rows of %d values: %.2f GiB", n_rows, p_total,
-                     4 * p_total * n_rows / 2**30)  # fmt: skip
+            log.info(
+                "fisher: lowrank keeps %d gradient rows of %d values: %.2f GiB",
+                n_rows,
+                p_total,
+                4 * p_total * n_rows / 2**30,
+            )
         t0 = time.perf_counter()
         with applied_deltas(model, setup.pre_merge):
             for o in todo:
                 exs = examples_of(o, model, tok, setup)
                 stats = estimate_fisher(
-                    model, setup.modules, exs, setup.approximation, pad_id, setup.batch_size, setup.show_progress,
+                    model,
+                    setup.modules,
+                    exs,
+                    setup.approximation,
+                    pad_id,
+                    setup.batch_size,
+                    setup.show_progress,
                     f"Fisher {o.name}",
-                )  # fmt: skip
+                )
                 meta = {"n": str(len(exs)), "key": keys[o.name], "objective": o.name}
                 got[o.name] = (stats, meta)
                 if setup.cache and ddp.is_main():

@@ -18,12 +18,16 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sst_merge import distributed as ddp
+from sst_merge import models
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.config import apply_overrides, load_yaml, validate
 from sst_merge.errors import AdapterError, ConfigError
 from sst_merge.io import atomic_output_dir, check_output_dir
 from sst_merge.merge import get_method
 from sst_merge.merge.base import MergeContext, MergeMethod, MethodParams
+from sst_merge.merge.output import write_output
+from sst_merge.models import base_identity, resolve_model
 from sst_merge.tensors import all_finite
 
 log = logging.getLogger(__name__)
@@ -107,11 +111,8 @@ def _memoised_loader(base_model: str) -> Callable[[], tuple[Any, Any]]:
 
     def load() -> tuple[Any, Any]:
         if not cache:
-            from sst_merge import distributed as ddp
-            from sst_merge.models import load_model
-
             log.info("loading base model %s", base_model)
-            cache.append(load_model(base_model, device_map=ddp.replica_device_map(None)))  # the GPU when present
+            cache.append(models.load_model(base_model, device_map=ddp.replica_device_map(None)))  # the GPU when present
         return cache[0]
 
     return load
@@ -122,8 +123,6 @@ def check_compatible(adapters: list[LoraAdapter]) -> list[str]:
 
     Checks: ``modules_to_save`` copies, one base model, overlapping target modules, equal ΔW shapes per module.
     """
-    from sst_merge.models import base_identity
-
     for a in adapters:
         a.check_extra()
     first = adapters[0]
@@ -171,8 +170,6 @@ def check_base_shapes(base_model: str, adapters: list[LoraAdapter]) -> None:
         AdapterError: a module is missing from the base model, has another shape, or is a tied embedding.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sst_merge.models import resolve_model
 
     cfg = AutoConfig.from_pretrained(resolve_model(base_model))
     with torch.device("meta"):
@@ -308,8 +305,6 @@ def merge(
         show_progress: draw progress bars.
         workdir: a directory methods may use for caches (see :func:`prepare`).
     """
-    from sst_merge.merge.output import write_output
-
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     plan = prepare(config, allow_pickle, load_model=load_model, show_progress=show_progress, workdir=workdir)

@@ -167,12 +167,16 @@ def check_same_linear_targets(ctx: MergeContext, method: str) -> None:
     first = ctx.adapters[0]
     for i, a in enumerate(ctx.adapters):
         if a.embedding_modules:
-            raise ConfigError(f"{method}: adapter {i} ({a.path}) changes embedding {sorted(a.embedding_modules)[0]}; "
-                              "it merges linear layers only — retrain the adapter without embedding targets")  # fmt: skip
+            raise ConfigError(
+                f"{method}: adapter {i} ({a.path}) changes embedding {sorted(a.embedding_modules)[0]}; "
+                "it merges linear layers only — retrain the adapter without embedding targets"
+            )
         if set(a.modules) != set(first.modules):
             odd = sorted(set(a.modules) ^ set(first.modules))[0]
-            raise ConfigError(f"{method}: adapter {i} ({a.path}) and adapter 0 ({first.path}) target different "
-                              f"modules (e.g. {odd}) — retrain with the same target modules")  # fmt: skip
+            raise ConfigError(
+                f"{method}: adapter {i} ({a.path}) and adapter 0 ({first.path}) target different "
+                f"modules (e.g. {odd}) — retrain with the same target modules"
+            )
 
 
 MERGE_METHODS: Registry[type[MergeMethod]] = Registry("merge method")

@@ -76,15 +76,22 @@ class FisherMerge(MergeMethod[FisherMergeParams]):
         merged, shares = {}, {}
         for m in ctx.modules:
             f = [fi[m] for fi in fishers]
-            merged[m] = params.lambda_ * fisher_weighted_mean([ctx.adapters[i].delta(m) for i in used], f, eff,
-                                                              params.floor)  # fmt: skip
+            merged[m] = params.lambda_ * fisher_weighted_mean(
+                [ctx.adapters[i].delta(m) for i in used], f, eff, params.floor
+            )
             tr = [w * float(x.double().add(params.floor).sum()) for w, x in zip(eff, f, strict=True)]
             share = dict(zip(used, (t / sum(tr) if sum(tr) > 0 else None for t in tr), strict=True))
             shares[m] = [share.get(i) for i in range(len(ctx.adapters))]
         for k, i in enumerate(used):
             info["adapters"][i].update(fisher_norm=norms[k], coefficient=coeffs[k])
-        diag = {"method": self.name, "lambda": params.lambda_, "normalize": params.normalize, "floor": params.floor,
-                **info, "fisher_share": shares}  # fmt: skip
+        diag = {
+            "method": self.name,
+            "lambda": params.lambda_,
+            "normalize": params.normalize,
+            "floor": params.floor,
+            **info,
+            "fisher_share": shares,
+        }
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         ctx.diagnostics[self.name] = diag
         return merged

@@ -153,8 +153,10 @@ class LearnedMerge(MergeMethod[LearnedParams]):
                 check_not_evaluation(src, [it["prompt"] for it in got], f"{term}_data")
                 items += got
             if len(items) < params.batch_size:
-                raise ConfigError(f"learned: {term}_data {sources[term]} holds {len(items)} items, fewer than "
-                                  f"batch_size {params.batch_size}; give more items or lower batch_size")  # fmt: skip
+                raise ConfigError(
+                    f"learned: {term}_data {sources[term]} holds {len(items)} items, fewer than "
+                    f"batch_size {params.batch_size}; give more items or lower batch_size"
+                )
             out[term] = (list(sources[term] or []), items)
         return out
 
@@ -174,11 +176,16 @@ class LearnedMerge(MergeMethod[LearnedParams]):
         directory = fcache.cache_dir(params.cache_dir, ctx.workdir)
         model_fp = {"name": ctx.base_model, "model": model_fingerprint(str(ctx.base_model))}
         hashes = {t: items_hash(items, need_response=t == "task") for t, (_, items) in data.items()}
-        key = json_digest({
-            "version": CACHE_VERSION, "model": model_fp, "modules": sorted(groups),
-            "adapters": [[a.sha256, w, r] for a, w, r in zip(ctx.adapters, ctx.weights, ctx.roles, strict=True)],
-            "data": hashes, "settings": params.model_dump(by_alias=True, exclude={"cache", "cache_dir"}),
-        })  # fmt: skip
+        key = json_digest(
+            {
+                "version": CACHE_VERSION,
+                "model": model_fp,
+                "modules": sorted(groups),
+                "adapters": [[a.sha256, w, r] for a, w, r in zip(ctx.adapters, ctx.weights, ctx.roles, strict=True)],
+                "data": hashes,
+                "settings": params.model_dump(by_alias=True, exclude={"cache", "cache_dir"}),
+            }
+        )
         path = Path(directory) / f"learned-{key[:32]}.json"
         diag["data"] = {t: {"sources": s, "n": len(items), "sha256": hashes[t]} for t, (s, items) in data.items()}
         diag["cache_dir"] = str(directory)
@@ -188,11 +195,24 @@ class LearnedMerge(MergeMethod[LearnedParams]):
                 model, tok = ctx.load_model()
                 examples = learned_data.examples(model, tok, data, params, ctx, directory, model_fp)
                 terms = [(t, params.weights()[t], examples.get(t, [])) for t in TERMS]
-                settings = FitSettings(params.steps, params.lr, params.batch_size, params.seed, params.lambda_,
-                                       params.clamp, ctx.show_progress)  # fmt: skip
+                settings = FitSettings(
+                    params.steps,
+                    params.lr,
+                    params.batch_size,
+                    params.seed,
+                    params.lambda_,
+                    params.clamp,
+                    ctx.show_progress,
+                )
                 res = fit(model, terms, module_factors(ctx.adapters, groups), c0, pad_id(tok), settings)
-                hit = {"key": key, "coefficients": res.coeffs.tolist(), "groups": names, "loss_curve": res.curve,
-                       "seconds": res.seconds, "data": diag["data"]}  # fmt: skip
+                hit = {
+                    "key": key,
+                    "coefficients": res.coeffs.tolist(),
+                    "groups": names,
+                    "loss_curve": res.curve,
+                    "seconds": res.seconds,
+                    "data": diag["data"],
+                }
                 if params.cache:
                     atomic_write_json(path, hit)
                 diag["fit"] = "computed"

@@ -34,23 +34,34 @@ def default_task_data(adapters: list[LoraAdapter], roles: list[str]) -> list[str
         info = Path(a.path) / "train_info.json"
         task = json.loads(info.read_text()).get("task") if info.is_file() else None
         if not task:
-            raise ConfigError(f"learned: adapter {a.path} does not record its task (train_info.json 'task'); set "
-                              "params.task_data, e.g. utility_dev:passage_qa, or task_weight: 0")  # fmt: skip
+            raise ConfigError(
+                f"learned: adapter {a.path} does not record its task (train_info.json 'task'); set "
+                "params.task_data, e.g. utility_dev:passage_qa, or task_weight: 0"
+            )
         out.append(f"utility_dev:{task}")
     if not out:
         raise ConfigError("learned: no utility adapter to take task data from; set params.task_data or task_weight: 0")
     return out
 
 
-def examples(model: Any, tok: Any, data: dict[str, tuple[list[str], list[dict]]], params: Any, ctx: Any,
-             directory: Path, model_fp: Any) -> dict[str, list[Example]]:  # fmt: skip
+def examples(
+    model: Any,
+    tok: Any,
+    data: dict[str, tuple[list[str], list[dict]]],
+    params: Any,
+    ctx: Any,
+    directory: Path,
+    model_fp: Any,
+) -> dict[str, list[Example]]:
     """Tokenise each term's items (generating the benign answers where they are not cached)."""
     m, n = params.loss_tokens, params.max_length
     out: dict[str, list[Example]] = {}
     if "harmful" in data:
         items = data["harmful"][1]
-        exs = [encode_example(tok, it["prompt"], refusal_for(str(it.get("id") or it["prompt"]), params.seed), n)
-               for it in items]  # fmt: skip
+        exs = [
+            encode_example(tok, it["prompt"], refusal_for(str(it.get("id") or it["prompt"]), params.seed), n)
+            for it in items
+        ]
         out["harmful"] = [Example(e.prompt_ids, e.response_ids[:m]) for e in exs]
     if "task" in data:
         out["task"] = [encode_example(tok, it["prompt"], it["response"], n) for it in data["task"][1]]
@@ -68,14 +79,21 @@ def _prompt_ids(tok: Any, prompts: list[str], max_length: int) -> list[list[int]
     return [p[max(0, len(p) - (max_length - 1)) :] for p in ids]  # keep the end, as the Fisher's sampled parts do
 
 
-def reference_answers(model: Any, tok: Any, prompts: list[str], params: Any, ctx: Any, directory: Path,
-                      model_fp: Any) -> list[list[int]]:  # fmt: skip
+def reference_answers(
+    model: Any, tok: Any, prompts: list[str], params: Any, ctx: Any, directory: Path, model_fp: Any
+) -> list[list[int]]:
     """The reference model's greedy answer token ids (``loss_tokens`` of them at most), cached by content."""
     utility = [i for i, r in enumerate(ctx.roles) if r == "utility"]
-    key = json_digest({
-        "kind": "learned-answers", "model": model_fp, "prompts": prompts, "tokens": params.loss_tokens,
-        "max_length": params.max_length, "reference": sorted([ctx.adapters[i].sha256, ctx.weights[i]] for i in utility),
-    })  # fmt: skip
+    key = json_digest(
+        {
+            "kind": "learned-answers",
+            "model": model_fp,
+            "prompts": prompts,
+            "tokens": params.loss_tokens,
+            "max_length": params.max_length,
+            "reference": sorted([ctx.adapters[i].sha256, ctx.weights[i]] for i in utility),
+        }
+    )
     path = Path(directory) / f"learned-answers-{key[:32]}.json"
     hit = read_checked(path, lambda p: _check_answers(p, key, len(prompts))) if params.cache else None
     if hit is not None:
@@ -83,8 +101,16 @@ def reference_answers(model: Any, tok: Any, prompts: list[str], params: Any, ctx
     reference = ctx.weighted_sum(utility)
     model.eval()
     with applied_deltas(model, reference):
-        answers = sample_responses(model, tok, _prompt_ids(tok, prompts, params.max_length), params.loss_tokens,
-                                   params.seed, params.batch_size * 2, ctx.show_progress, greedy=True)  # fmt: skip
+        answers = sample_responses(
+            model,
+            tok,
+            _prompt_ids(tok, prompts, params.max_length),
+            params.loss_tokens,
+            params.seed,
+            params.batch_size * 2,
+            ctx.show_progress,
+            greedy=True,
+        )
     if params.cache:
         atomic_write_json(path, {"key": key, "answers": answers})
     log.info("learned: %d reference answers generated (%d tokens each at most)", len(answers), params.loss_tokens)

@@ -24,11 +24,13 @@ from typing import Any, TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from sst_merge import __version__
+from sst_merge import __version__, models
 from sst_merge.adapters.lora import CONFIG_NAME
 from sst_merge.adapters.lowrank import concat_factors, randomized_svd_factors, svd_factors
 from sst_merge.adapters.save import save_lora
+from sst_merge.fisher.diagnostics import write_spectrum
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
+from sst_merge.models import resolve_model
 from sst_merge.models.loading import DTYPES, loadable_base
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,6 @@ def write_output(plan: Any, deltas: Deltas | None, out_dir: Path) -> dict[str, A
     atomic_write_json(out_dir / "merge_config.json", plan.config.model_dump(mode="json"))
     atomic_write_json(out_dir / "merge_metadata.json", meta)
     if "sst" in plan.context.diagnostics:  # λ spectrum per module and kept norm share: JSON + PNG (design §5)
-        from sst_merge.fisher.diagnostics import write_spectrum
-
         write_spectrum(plan.context.diagnostics["sst"], out_dir)
     atomic_write_text(out_dir / "README.md", model_card(meta))
     return meta
@@ -148,8 +148,6 @@ def _truncate(delta: torch.Tensor, rank: int | None, energy: float | None) -> tu
 def _base_dtype(base_model: str) -> torch.dtype:
     from transformers import AutoConfig
 
-    from sst_merge.models import resolve_model
-
     dtype = getattr(AutoConfig.from_pretrained(resolve_model(base_model)), "dtype", None)
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, getattr(torch, dtype, None))
@@ -157,12 +155,11 @@ def _base_dtype(base_model: str) -> torch.dtype:
 
 
 def _write_full(plan: Any, deltas: Deltas, out_dir: Path) -> dict[str, dict[str, Any]]:
-    from sst_merge.models import load_model
 
     out, base = plan.config.output, plan.config.base_model
     dtype = _base_dtype(base) if out.dtype == "auto" else DTYPES[out.dtype]
     # A fresh fp32 copy: ΔW is added in fp32 and the sum cast once, and no caller's model is modified.
-    model, tok = load_model(base, dtype="float32")
+    model, tok = models.load_model(base, dtype="float32")
     stats: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         bar = tqdm(

@@ -67,8 +67,12 @@ class AdapterData:
         return Objective("own_data", tuple(p for p in parts if p.items), DEFINITION)
 
     def describe(self) -> dict[str, Any]:
-        return {"data": self.source, "n": len(self.given) + len(self.greedy), "n_given": len(self.given),
-                "n_greedy": len(self.greedy)}  # fmt: skip
+        return {
+            "data": self.source,
+            "n": len(self.given) + len(self.greedy),
+            "n_given": len(self.given),
+            "n_greedy": len(self.greedy),
+        }
 
 
 def recorded_source(adapter: LoraAdapter) -> str | None:
@@ -99,8 +103,9 @@ def stratified_subsample(items: list[dict[str, Any]], n: int, seed: int, what: s
     bare = [it for it in items if not has_response(it)]
     # n <= len(items) puts n·share in [n - len(bare), len(given)], and both ends are integers: rounding stays inside
     n_given = round(n * len(given) / len(items))
-    return AdapterData(what, tuple(subsample(given, n_given, seed, what)),
-                       tuple(subsample(bare, n - n_given, seed + 1, what)))  # fmt: skip
+    return AdapterData(
+        what, tuple(subsample(given, n_given, seed, what)), tuple(subsample(bare, n - n_given, seed + 1, what))
+    )
 
 
 def _name(ctx: MergeContext, i: int) -> str:
@@ -115,27 +120,35 @@ def check_inputs(params: OwnDataParams, ctx: MergeContext, method: str) -> list[
     """
     check_same_linear_targets(ctx, method)
     if any(w < 0 for w in ctx.weights) or sum(ctx.weights) <= 0:
-        raise ConfigError(f"{method}: adapter weights {ctx.weights} must be >= 0 with a positive sum (a weighted "
-                          "average); set each adapter's weight")  # fmt: skip
+        raise ConfigError(
+            f"{method}: adapter weights {ctx.weights} must be >= 0 with a positive sum (a weighted "
+            "average); set each adapter's weight"
+        )
     if ctx.load_model is None:
         raise ConfigError(f"{method} needs the base model for each adapter's statistics; give the merge a base model")
     if params.data is not None and len(params.data) != len(ctx.adapters):
-        raise ConfigError(f"{method}: params.data has {len(params.data)} sources for {len(ctx.adapters)} adapters; "
-                          "give one per adapter, in config order")  # fmt: skip
+        raise ConfigError(
+            f"{method}: params.data has {len(params.data)} sources for {len(ctx.adapters)} adapters; "
+            "give one per adapter, in config order"
+        )
     out = []
     for i, a in enumerate(ctx.adapters):
         source = params.data[i] if params.data is not None else recorded_source(a)
         if source is None:
-            raise ConfigError(f"{method}: {_name(ctx, i)} records no training task of a named source (train_info.json "
-                              "with seed 0); give its data in params.data (one source per adapter)")  # fmt: skip
+            raise ConfigError(
+                f"{method}: {_name(ctx, i)} records no training task of a named source (train_info.json "
+                "with seed 0); give its data in params.data (one source per adapter)"
+            )
         try:
             items = load_items(source, need_response=False, what=f"params.data[{i}]")
         except (DataError, ConfigError) as e:  # a missing file or unknown name: say which adapter's
             raise ConfigError(f"{method}: {_name(ctx, i)}: {e}") from e
         n = params.estimation.n_samples
         if len(items) < n:
-            raise ConfigError(f"{method}: data {source} of {_name(ctx, i)} has {len(items)} items, fewer than "
-                              f"n_samples={n}; lower params.n_samples or give more data")  # fmt: skip
+            raise ConfigError(
+                f"{method}: data {source} of {_name(ctx, i)} has {len(items)} items, fewer than "
+                f"n_samples={n}; lower params.n_samples or give more data"
+            )
         out.append(stratified_subsample(items, n, params.seed, source))
     return out
 

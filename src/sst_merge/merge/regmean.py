@@ -90,15 +90,22 @@ class RegMean(MergeMethod[RegMeanParams]):
             try:
                 dw = regmean_solve([ctx.adapters[i].delta(m) for i in used], grams, weights)
             except SingularGramError:
-                raise ConfigError(f"regmean: module {m}: Σ wᵢĜᵢ is singular (an input direction none of the adapters' "
-                                  "data reaches); give more data (params.n_samples) or lower "
-                                  "params.reduce_non_diagonal") from None  # fmt: skip
+                raise ConfigError(
+                    f"regmean: module {m}: Σ wᵢĜᵢ is singular (an input direction none of the adapters' "
+                    "data reaches); give more data (params.n_samples) or lower "
+                    "params.reduce_non_diagonal"
+                ) from None
             merged[m] = params.lambda_ * dw
             tr = [w * float(g.diagonal().sum()) for w, g in zip(weights, grams, strict=True)]
             share = dict(zip(used, (t / sum(tr) if sum(tr) > 0 else None for t in tr), strict=True))
             shares[m] = [share.get(i) for i in range(len(ctx.adapters))]
-        diag = {"method": self.name, "lambda": params.lambda_, "reduce_non_diagonal": params.reduce_non_diagonal,
-                **info, "gram_share": shares}  # fmt: skip
+        diag = {
+            "method": self.name,
+            "lambda": params.lambda_,
+            "reduce_non_diagonal": params.reduce_non_diagonal,
+            **info,
+            "gram_share": shares,
+        }
         json.dumps(diag, allow_nan=False)  # diagnostics must be valid JSON: fail here, not when writing the output
         ctx.diagnostics[self.name] = diag
         return merged

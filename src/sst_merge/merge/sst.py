@@ -91,16 +91,24 @@ class SSTParams(SSTObjectiveParams):
                 f"beta > 0 needs a Fisher that can add F_b to F_u; fisher {self.fisher} cannot (use lowrank)"
             )
         if self.subspace == "utility_complement" and self.k == "all":
-            raise ValueError("subspace utility_complement counts removed directions: k: all would remove all of "
-                             "τ_safety; give a number, a fraction or a threshold")  # fmt: skip
+            raise ValueError(
+                "subspace utility_complement counts removed directions: k: all would remove all of "
+                "τ_safety; give a number, a fraction or a threshold"
+            )
         if self.space == "input":
-            other = {"fisher": (self.fisher, "kfac"), "project": (self.project, "safety"),
-                     "subspace": (self.subspace, "safety"), "beta": (self.beta, 0.0),
-                     "benign_share": (self.benign_share, 0.0)}  # fmt: skip
+            other = {
+                "fisher": (self.fisher, "kfac"),
+                "project": (self.project, "safety"),
+                "subspace": (self.subspace, "safety"),
+                "beta": (self.beta, 0.0),
+                "benign_share": (self.benign_share, 0.0),
+            }
             bad = [f"{k}={v}" for k, (v, want) in other.items() if v != want]
             if bad:
-                raise ValueError("space: input projects with kfac's input Grams: it needs fisher=kfac, project=safety, "
-                                 f"subspace=safety, beta=0, benign_share=0 (got {', '.join(bad)})")  # fmt: skip
+                raise ValueError(
+                    "space: input projects with kfac's input Grams: it needs fisher=kfac, project=safety, "
+                    f"subspace=safety, beta=0, benign_share=0 (got {', '.join(bad)})"
+                )
         return self
 
     @property

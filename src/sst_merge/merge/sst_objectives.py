@@ -112,14 +112,25 @@ def sst_objectives(params: SSTObjectiveParams) -> list[Objective]:
         benign = subsample(benign, max(n_benign, want), seed + 2, "benign_data")
     harmful = subsample(s_items, n - n_benign, seed, "safety_data")
     u_source = "given" if params.utility_fisher == "empirical" else "sampled"
-    utility = Objective("utility", (Part(tuple(u_items), u_source, label="utility"),),
-                        FISHER_DEFINITIONS[f"F_u_{params.utility_fisher}"])  # fmt: skip
+    utility = Objective(
+        "utility",
+        (Part(tuple(u_items), u_source, label="utility"),),
+        FISHER_DEFINITIONS[f"F_u_{params.utility_fisher}"],
+    )
     if params.space == "input":  # where a refusal is decided: the harmful prompts with a refusal's first token
         return [
-            Objective("safety", (Part(tuple(harmful), "given", 1, label="harmful→refusal[:1]"),), INPUT_DEFINITIONS["A_harmful"]),
+            Objective(
+                "safety",
+                (Part(tuple(harmful), "given", 1, label="harmful→refusal[:1]"),),
+                INPUT_DEFINITIONS["A_harmful"],
+            ),
             utility,
-            Objective("benign_inputs", (Part(tuple(benign), "greedy", label="benign→answer"),), INPUT_DEFINITIONS["A_contrast"]),
-        ]  # fmt: skip
+            Objective(
+                "benign_inputs",
+                (Part(tuple(benign), "greedy", label="benign→answer"),),
+                INPUT_DEFINITIONS["A_contrast"],
+            ),
+        ]
     safety_parts = [Part(tuple(harmful), "given", label="harmful→refusal")]
     if n_benign > 0:
         safety_parts.append(Part(tuple(benign[:n_benign]), params.benign_responses, label="benign→answer"))

@@ -68,8 +68,15 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         tok = s.train_batch * s.train_length
         act = tok * L * (ACT_HIDDEN * H + ACT_INTER * I) * 4 + tok * V * 4 * 2
         lora = sum(s.lora_rank * (o + i) for o, i in mods) * 4 * 4  # weights, grads, two Adam moments
-        steps.append(Step("train (one step)", P * 4 + act + lora, 0, 3 * flops_tok * tok / rates.matmul,
-                          f"fp32 copy (train loads float32), batch {s.train_batch}×{s.train_length}"))  # fmt: skip
+        steps.append(
+            Step(
+                "train (one step)",
+                P * 4 + act + lora,
+                0,
+                3 * flops_tok * tok / rates.matmul,
+                f"fp32 copy (train loads float32), batch {s.train_batch}×{s.train_length}",
+            )
+        )
 
     T = s.prompt_tokens + s.new_tokens
     cache = 2 * L * kv * T * s.eval_batch * b
@@ -77,29 +84,54 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
     step_s = GEN_TOKEN_OVERHEAD_S + GEN_LAYER_OVERHEAD_S * L
     gen_s = s.new_tokens * (rates.decode_seconds(flops_tok / 2, s.eval_batch, b) + step_s)
     prefill_s = flops_tok * s.eval_batch * s.prompt_tokens / rates.matmul_at(s.eval_batch * s.prompt_tokens)
-    steps.append(Step("eval (one batch)", W + cache + logits, 0, gen_s + prefill_s,
-                      f"KV cache {cache / GIB:.2f} GiB at batch {s.eval_batch} × {T} tokens; "
-                      f"{(gen_s / max(s.new_tokens, 1)) * 1e3:.0f} ms per new token"))  # fmt: skip
+    steps.append(
+        Step(
+            "eval (one batch)",
+            W + cache + logits,
+            0,
+            gen_s + prefill_s,
+            f"KV cache {cache / GIB:.2f} GiB at batch {s.eval_batch} × {T} tokens; "
+            f"{(gen_s / max(s.new_tokens, 1)) * 1e3:.0f} ms per new token",
+        )
+    )
 
     deltas = p * 4
     saved = p * b
-    merge_s = sum(merge_module_seconds(o, i, s.n_adapters, s.lora_rank, rates) + apply_module_seconds(o, i, b, rates)
-                  for o, i in mods)  # fmt: skip
+    merge_s = sum(
+        merge_module_seconds(o, i, s.n_adapters, s.lora_rank, rates) + apply_module_seconds(o, i, b, rates)
+        for o, i in mods
+    )
     if s.ties:
         merge_s += sum(ties_module_seconds(o, i, s.n_adapters, rates) for o, i in mods)
-    steps.append(Step("merge (ΔW applied)", W + saved, deltas + s.n_adapters * big * 4, merge_s,
-                      f"ΔW map {deltas / GIB:.2f} GiB (fp32, host); saved originals {saved / GIB:.2f} GiB"))  # fmt: skip
+    steps.append(
+        Step(
+            "merge (ΔW applied)",
+            W + saved,
+            deltas + s.n_adapters * big * 4,
+            merge_s,
+            f"ΔW map {deltas / GIB:.2f} GiB (fp32, host); saved originals {saved / GIB:.2f} GiB",
+        )
+    )
 
     for own in s.own:  # fisher_merge / regmean: the Fisher pass's law, once per adapter on its own data
         os_ = replace(s, fisher=own.fisher, n_samples=own.n_samples, fisher_batch=own.batch, fisher_length=own.length)
         dev, host = fisher_memory(shape, os_)
         # at most: every item greedy-answered (items with a response are used as they are)
-        answer_s = math.ceil(own.n_samples / own.batch) * own.new_tokens * (
-            rates.decode_seconds(flops_tok / 2, own.batch, b) + step_s)  # fmt: skip
+        answer_s = (
+            math.ceil(own.n_samples / own.batch)
+            * own.new_tokens
+            * (rates.decode_seconds(flops_tok / 2, own.batch, b) + step_s)
+        )
         seconds = own.passes * (fisher_pass_seconds(shape, os_, rates) + answer_s)
-        steps.append(Step(f"{own.method} ({own.fisher}, N={own.n_samples} × {own.passes})", W + dev, host, seconds,
-                          f"one pass per adapter, greedy answers for items without a response "
-                          f"(at most {own.n_samples} each)"))  # fmt: skip
+        steps.append(
+            Step(
+                f"{own.method} ({own.fisher}, N={own.n_samples} × {own.passes})",
+                W + dev,
+                host,
+                seconds,
+                f"one pass per adapter, greedy answers for items without a response (at most {own.n_samples} each)",
+            )
+        )
 
     if s.learned is not None:  # the training step's law (forward + backward = 3 forwards) per term and step
         lf = s.learned
@@ -107,29 +139,56 @@ def estimate(shape: Shape, s: Settings, rates: Rates) -> list[Step]:
         act = tok * L * (ACT_HIDDEN * H + ACT_INTER * I) * b + tok * V * 4 * 2
         factors = s.n_adapters * sum(s.lora_rank * (o + i) for o, i in mods) * 4
         fit_s = lf.steps * lf.terms * 3 * flops_tok * tok / rates.matmul
-        ref_s = math.ceil(lf.benign / (2 * lf.batch)) * lf.tokens * (
-            rates.decode_seconds(flops_tok / 2, 2 * lf.batch, b) + step_s)  # fmt: skip
-        steps.append(Step(f"learned ({lf.steps} steps × {lf.terms})", W + act + factors, 0, fit_s + ref_s,
-                          f"minibatch {lf.batch}×{lf.length} per term; {lf.benign} reference answers of "
-                          f"{lf.tokens} tokens first"))  # fmt: skip
+        ref_s = (
+            math.ceil(lf.benign / (2 * lf.batch))
+            * lf.tokens
+            * (rates.decode_seconds(flops_tok / 2, 2 * lf.batch, b) + step_s)
+        )
+        steps.append(
+            Step(
+                f"learned ({lf.steps} steps × {lf.terms})",
+                W + act + factors,
+                0,
+                fit_s + ref_s,
+                f"minibatch {lf.batch}×{lf.length} per term; {lf.benign} reference answers of {lf.tokens} tokens first",
+            )
+        )
 
     if s.sst:
         dev, host = fisher_memory(shape, s)
         n_ex = s.objectives * s.n_samples
-        sample_s = math.ceil(s.n_samples / s.fisher_batch) * s.new_tokens * (
-            rates.decode_seconds(flops_tok / 2, s.fisher_batch, b) + step_s)  # fmt: skip
+        sample_s = (
+            math.ceil(s.n_samples / s.fisher_batch)
+            * s.new_tokens
+            * (rates.decode_seconds(flops_tok / 2, s.fisher_batch, b) + step_s)
+        )
         fs = s.objectives * fisher_pass_seconds(shape, s, rates) + sample_s
-        steps.append(Step(f"fisher ({s.fisher}, N={s.n_samples} × {s.objectives})", W + dev, host, fs,
-                          f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples"))  # fmt: skip
+        steps.append(
+            Step(
+                f"fisher ({s.fisher}, N={s.n_samples} × {s.objectives})",
+                W + dev,
+                host,
+                fs,
+                f"statistics {fisher_host_bytes(shape, s) / GIB:.2f} GiB on the host; {n_ex} examples",
+            )
+        )
 
         gs = sum(gevp_seconds(s.fisher, o, i, s.n_samples, rates) for o, i in mods)
         g_mem = gevp_host_bytes(s.fisher, mods, s.n_samples)
-        steps.append(Step("gevp + projection", W, host + g_mem, gs, f"{len(mods)} modules, largest {max(mods)}, "
-                          "on the host CPU"))  # fmt: skip
+        steps.append(
+            Step("gevp + projection", W, host + g_mem, gs, f"{len(mods)} modules, largest {max(mods)}, on the host CPU")
+        )
 
     if s.output == "full":
-        steps.append(Step("full output", 0, P * 4 + deltas, P * 4 * 3 / rates.bandwidth,
-                          f"a fresh fp32 copy of the base on the host: {P * 4 / GIB:.1f} GiB"))  # fmt: skip
+        steps.append(
+            Step(
+                "full output",
+                0,
+                P * 4 + deltas,
+                P * 4 * 3 / rates.bandwidth,
+                f"a fresh fp32 copy of the base on the host: {P * 4 / GIB:.1f} GiB",
+            )
+        )
     return steps
 
 
@@ -189,24 +248,36 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         dev, host = self.peaks()
-        return {"model": self.model, "settings": asdict(self.settings), "steps": [asdict(s) for s in self.steps],
-                "memory": asdict(self.memory), "rates": asdict(self.rates), "on_gpu": self.on_gpu,
-                "peak_device_bytes": dev, "peak_host_bytes": host, "fits": self.problem is None,
-                "problem": self.problem}  # fmt: skip
+        return {
+            "model": self.model,
+            "settings": asdict(self.settings),
+            "steps": [asdict(s) for s in self.steps],
+            "memory": asdict(self.memory),
+            "rates": asdict(self.rates),
+            "on_gpu": self.on_gpu,
+            "peak_device_bytes": dev,
+            "peak_host_bytes": host,
+            "fits": self.problem is None,
+            "problem": self.problem,
+        }
 
     def table(self) -> str:
         where = f"GPU ({self.memory.name}, {self.memory.gpus}×)" if self.on_gpu else "CPU (host memory)"
-        lines = [f"plan for {self.model} on {where}, dtype {self.settings.dtype}"
-                 + (f", SST {self.settings.fisher} N={self.settings.n_samples}" if self.settings.sst else ""),
-                 f"{'step':<32} {'device GiB':>10} {'host GiB':>9} {'time':>10}  note"]  # fmt: skip
+        lines = [
+            f"plan for {self.model} on {where}, dtype {self.settings.dtype}"
+            + (f", SST {self.settings.fisher} N={self.settings.n_samples}" if self.settings.sst else ""),
+            f"{'step':<32} {'device GiB':>10} {'host GiB':>9} {'time':>10}  note",
+        ]
         for st in self.steps:
             host = st.host_bytes if self.on_gpu else st.host_bytes + st.device_bytes
             dev = f"{st.device_bytes / GIB:.2f}" if self.on_gpu else "-"
             lines.append(f"{st.step:<32} {dev:>10} {host / GIB:>9.2f} {_fmt_s(st.seconds):>10}  {st.note}")
         dev, host = self.peaks()
-        lines.append(f"peak: device {dev / GIB:.2f} GiB of {self.memory.device / GIB:.1f} GiB available; host "
-                     f"{host / GIB:.2f} GiB of {self.memory.host / GIB:.1f} GiB"
-                     + ("" if self.rates.measured else " (projected rates)"))  # fmt: skip
+        lines.append(
+            f"peak: device {dev / GIB:.2f} GiB of {self.memory.device / GIB:.1f} GiB available; host "
+            f"{host / GIB:.2f} GiB of {self.memory.host / GIB:.1f} GiB"
+            + ("" if self.rates.measured else " (projected rates)")
+        )
         return "\n".join(lines)
 
 
@@ -228,8 +299,10 @@ def check_fit(shape: Shape, s: Settings, memory: Memory, rates: Rates, on_gpu: b
     if ok:
         return None
     cap = memory.device / GIB
-    what = (f"needs {dev / GIB:.1f} GiB on the device ({cap:.1f} GiB free) and {host / GIB:.1f} GiB of host memory "
-            f"({memory.host / GIB:.1f} GiB available)")  # fmt: skip
+    what = (
+        f"needs {dev / GIB:.1f} GiB on the device ({cap:.1f} GiB free) and {host / GIB:.1f} GiB of host memory "
+        f"({memory.host / GIB:.1f} GiB available)"
+    )
     tries: list[tuple[str, Settings]] = []
     approx = get_approximation(s.fisher)
     if s.sst:  # the approximation's own alternatives, then a smaller N where its statistics grow with N
@@ -261,8 +334,12 @@ def plan_run(
     on_gpu = memory.gpus > 0 and settings.device_map != "cpu" if on_gpu is None else on_gpu
     if rates is None:
         # the GEMM and decoding curves on weights of the model's shapes (capped: ≈ 1–2 s each on one CPU core)
-        rates = measure_rates("cuda" if on_gpu else "cpu", settings.dtype, width=min(shape.hidden, 4096),
-                              inner=min(shape.intermediate, 16384))  # fmt: skip
+        rates = measure_rates(
+            "cuda" if on_gpu else "cpu",
+            settings.dtype,
+            width=min(shape.hidden, 4096),
+            inner=min(shape.intermediate, 16384),
+        )
     steps = estimate(shape, settings, rates)
     plan = Plan(model, settings, steps, memory, rates, on_gpu)
     plan.problem = check_fit(shape, settings, memory, rates, on_gpu)

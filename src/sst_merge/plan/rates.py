@@ -94,9 +94,17 @@ def measure_rates(
     curve = measure_matmul_curve(device, dtype, width or size, clock)
     decode = measure_decode_curve(device, dtype, width or size, inner or 4 * (width or size), clock)
     on_gpu = device != "cpu"
-    return Rates(matmul=matmul, fp64=fp64, bandwidth=bw, heap_bandwidth=heap_bw, fault=measure_fault_rate(clock),
-                 device_faults=not on_gpu, matmul_curve=curve, decode_curve=decode,
-                 **measure_gevp_rates(fp64, clock))  # fmt: skip
+    return Rates(
+        matmul=matmul,
+        fp64=fp64,
+        bandwidth=bw,
+        heap_bandwidth=heap_bw,
+        fault=measure_fault_rate(clock),
+        device_faults=not on_gpu,
+        matmul_curve=curve,
+        decode_curve=decode,
+        **measure_gevp_rates(fp64, clock),
+    )
 
 
 def measure_matmul_curve(device: str, dtype: str, width: int, clock=time.perf_counter) -> tuple:
@@ -182,5 +190,13 @@ def gpu_rates(name: str) -> Rates:
     """Projected rates of a GPU of :data:`GPUS` (nominal × :data:`GPU_EFFICIENCY`)."""
     g = GPUS[name]
     # the eigen-solvers and the λ selection run on the host CPU (scipy), whatever the device: host rates assumed
-    return Rates(**{k: g[k] * GPU_EFFICIENCY[k] for k in ("matmul", "bandwidth")}, fp64=HOST_FP64, sort=HOST_SORT,
-                 eigh=HOST_EIGH, rows=HOST_ROWS, fault=HOST_FAULT, device_faults=False, measured=False)  # fmt: skip
+    return Rates(
+        **{k: g[k] * GPU_EFFICIENCY[k] for k in ("matmul", "bandwidth")},
+        fp64=HOST_FP64,
+        sort=HOST_SORT,
+        eigh=HOST_EIGH,
+        rows=HOST_ROWS,
+        fault=HOST_FAULT,
+        device_faults=False,
+        measured=False,
+    )

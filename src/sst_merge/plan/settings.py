@@ -97,14 +97,18 @@ def settings_from_config(data: dict[str, Any], overrides: list[str] | None = Non
 
 def merge_settings(cfg: Any) -> tuple[str, Settings]:
     """Return ``(base model, Settings)`` of a validated ``MergeConfig``."""
-    s = Settings(n_adapters=len(cfg.adapters), output=cfg.output.format, sst=cfg.method == "sst",
-                 ties=cfg.method == "ties", **_adapter_settings([a.path for a in cfg.adapters]))  # fmt: skip
+    s = Settings(
+        n_adapters=len(cfg.adapters),
+        output=cfg.output.format,
+        sst=cfg.method == "sst",
+        ties=cfg.method == "ties",
+        **_adapter_settings([a.path for a in cfg.adapters]),
+    )
     if cfg.method in ("sst", "safety_span"):
         params = SafetySpanParams if cfg.method == "safety_span" else SSTParams
         sp = validate(params, dict(cfg.params), source="merge config params")
         s.sst = True
-        s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size,
-                                                                  sp.max_length)  # fmt: skip
+        s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size, sp.max_length)
         s.new_tokens, s.objectives = sp.max_new_tokens, _objectives(sp)
     passes = sum(a.weight != 0 for a in cfg.adapters)
     s.own, s.learned = _data_aware(cfg.method, dict(cfg.params), passes)
@@ -131,8 +135,9 @@ def _data_aware(method: str, raw: dict[str, Any], passes: int) -> tuple[list[Own
         return [], None
     p = validate(get_method(method).Params, raw, source=f"params of {method}")
     if method in OWN_FISHER:
-        return [OwnPass(method, OWN_FISHER[method], passes, p.n_samples, p.batch_size, p.max_length,
-                        p.max_new_tokens)], None  # fmt: skip
+        return [
+            OwnPass(method, OWN_FISHER[method], passes, p.n_samples, p.batch_size, p.max_length, p.max_new_tokens)
+        ], None
     weights = p.weights()
     benign = len(load_items(p.benign_data, need_response=False, what="benign_data")) if weights["benign"] > 0 else 0
     terms = sum(w > 0 for w in weights.values())
@@ -145,14 +150,25 @@ def experiment_settings(cfg: Any) -> tuple[str, Settings]:
     paths = [p for p in [cfg.adapters.safety, *cfg.adapters.utility.values()] if p]
     train = TrainConfig()
     adapter = _adapter_settings(paths) if paths else {"targets": train.target_modules, "lora_rank": train.rank}
-    s = Settings(dtype=cfg.dtype, device_map=cfg.device_map, fisher=sp.fisher, n_samples=sp.n_samples,
-                 fisher_batch=sp.batch_size, fisher_length=sp.max_length, eval_batch=cfg.eval.batch_size,
-                 new_tokens=cfg.eval.max_new_tokens, n_adapters=1 + max(1, len(cfg.utility_tasks)),
-                 train_batch=train.batch_size, train_length=train.max_length,
-                 train=not cfg.adapters.safety or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)
-                 or ("multitask" in cfg.ceilings and not cfg.adapters.multitask),
-                 ties="ties" in cfg.sweep.methods, objectives=_objectives(sp),
-                 **adapter)  # fmt: skip
+    s = Settings(
+        dtype=cfg.dtype,
+        device_map=cfg.device_map,
+        fisher=sp.fisher,
+        n_samples=sp.n_samples,
+        fisher_batch=sp.batch_size,
+        fisher_length=sp.max_length,
+        eval_batch=cfg.eval.batch_size,
+        new_tokens=cfg.eval.max_new_tokens,
+        n_adapters=1 + max(1, len(cfg.utility_tasks)),
+        train_batch=train.batch_size,
+        train_length=train.max_length,
+        train=not cfg.adapters.safety
+        or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)
+        or ("multitask" in cfg.ceilings and not cfg.adapters.multitask),
+        ties="ties" in cfg.sweep.methods,
+        objectives=_objectives(sp),
+        **adapter,
+    )
     for method in cfg.sweep.methods:
         own, learned = _data_aware(method, cfg.method_params(method), s.n_adapters)
         s.own += own
