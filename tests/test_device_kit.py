@@ -261,14 +261,17 @@ def test_dry_run_finishes_then_a_run_cut_by_the_budget_keeps_finished_evaluation
     assert (dry_kit / "kit" / "site" / "kitdep" / "__init__.py").is_file()  # installed from the reassembled wheels
     assert "torch==" in (tmp_path / "out" / "device-freeze.txt").read_text()
 
-    # exp3 sweeps the safety weight: 400 merged models, far more than the budget allows even on a fast machine.
+    # exp3 sweeps the safety weight over 2000 points: far more than 9 s of running allows on any machine (400 tiny
+    # merges finished inside 60 s on an idle one). The budget counts from the start; setup is never cut, so on a slow
+    # machine the run is stopped as soon as it starts — the warm cache still holds finished evaluations.
     work = dry_kit / "kit" / "work"
     shutil.copytree(work / "finish" / "cache", work / "cut" / "cache")
     warm = len(list((work / "cut" / "cache").glob("eval-*.json")))
-    config = _experiment(tmp_path, tiny_model_dir, "exp3", alphas=[round(0.01 * i, 2) for i in range(1, 401)])
-    done, status = _run(dry_kit, tmp_path / "cut-out", 60, config, "cut")
+    config = _experiment(tmp_path, tiny_model_dir, "exp3", alphas=[round(0.001 * i, 3) for i in range(1, 2001)])
+    done, status = _run(dry_kit, tmp_path / "cut-out", 15, config, "cut")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert status["state"] == "cut" and status["elapsed_s"] < 60
+    assert status["state"] == "cut", status
+    assert "budget spent" in done.stdout + done.stderr
     names = _packed(tmp_path / "cut-out")
     on_disk = sorted(p.name for p in (work / "cut" / "cache").glob("eval-*.json"))
     assert sorted(Path(n).name for n in names if "/cache/eval-" in n) == on_disk

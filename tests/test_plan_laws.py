@@ -219,6 +219,8 @@ def test_every_registered_approximation_has_every_law():
                     "statistics_seconds", "gevp_seconds", "gevp_host_bytes"]  # fmt: skip
     for name in APPROXIMATIONS.names():
         cls = type(get_approximation(name))
+        if not cls.__module__.startswith("sst_merge.fisher."):
+            continue  # registered by a test (docs/extending.md's example plans nothing and says so)
         missing = [law for law in laws if getattr(cls, law) is getattr(Approximation, law)]
         assert not missing, f"{name} lacks {missing}"
 
