@@ -58,3 +58,10 @@ def _fmt_skips() -> dict[str, int]:
 def test_fmt_skip_only_for_tables():
     skips = _fmt_skips()
     assert sum(skips.values()) <= 10, skips
+
+
+def test_sst_reads_in_one_sitting():
+    """Issue 26: the method's file holds its params and its merge; objectives, data, diagnostics, roles and the
+    whole-range variant live in their own modules. Bug caught: a helper pasted back into merge/sst.py."""
+    lines = (ROOT / "merge" / "sst.py").read_text().splitlines()
+    assert len(lines) <= 300, len(lines)

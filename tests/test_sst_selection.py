@@ -16,7 +16,8 @@ from sst_merge.fisher.gevp import Selection
 from sst_merge.fisher.kfac import input_project
 from sst_merge.fisher.lowrank import lowrank_gevp, lowrank_project
 from sst_merge.merge import get_method
-from sst_merge.merge.sst import SafetySpanParams, SSTParams
+from sst_merge.merge.safety_span import SafetySpanParams
+from sst_merge.merge.sst import SSTParams
 from tests.test_sst import Loader, context, make_setup, params
 
 

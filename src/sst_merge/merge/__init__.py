@@ -9,6 +9,7 @@ import sst_merge.merge.fisher_merge  # noqa: F401
 import sst_merge.merge.learned  # noqa: F401
 import sst_merge.merge.linear  # noqa: F401
 import sst_merge.merge.regmean  # noqa: F401
+import sst_merge.merge.safety_span  # noqa: F401
 import sst_merge.merge.sst  # noqa: F401
 import sst_merge.merge.task_arithmetic  # noqa: F401
 import sst_merge.merge.ties  # noqa: F401

@@ -15,7 +15,8 @@ from sst_merge.experiments.config import resolve_config
 from sst_merge.fisher.data import load_items
 from sst_merge.merge import get_method
 from sst_merge.merge.api import MergeConfig
-from sst_merge.merge.sst import SafetySpanParams, SSTParams
+from sst_merge.merge.safety_span import SafetySpanParams
+from sst_merge.merge.sst import SSTParams
 from sst_merge.train.adapter import TrainConfig
 
 
