@@ -26,24 +26,12 @@ import platform
 import time
 
 import torch
-from common import emit
+from common import emit, matmul_gflops
 
 from sst_merge.data import load_source
 from sst_merge.eval.generation import generate_greedy
 from sst_merge.models import load_model
 from sst_merge.models.tokenize import prompt_ids
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` float32 ``n``×``n`` matmul rate, GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 @torch.inference_mode()

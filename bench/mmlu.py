@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import emit
+from common import emit, matmul_gflops
 
 LETTER_YAML = """task: sst_mmlu_letter
 dataset_path: json
@@ -97,20 +97,6 @@ def lm_eval_worker(args: argparse.Namespace) -> None:
             "lls": [[float(r[0]) for r in s["filtered_resps"]] for s in samples],
         }
     Path(args.workdir, "lmeval_out.json").write_text(json.dumps(out))
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` float32 ``n``×``n`` matmul rate, GFLOP/s."""
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def argmax_first(v: list[float]) -> int:
