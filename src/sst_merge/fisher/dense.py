@@ -40,7 +40,7 @@ class Dense(Approximation):
             )
         return {"F": torch.zeros(p, p, dtype=torch.float64)}
 
-    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+    def update(self, stats, a, delta, g, index) -> None:
         flat = g.reshape(g.shape[0], -1).double().to(stats["F"].device)
         stats["F"] += flat.T @ flat
 
@@ -54,7 +54,7 @@ class Dense(Approximation):
     def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
         return {"F": sum(w * st["F"].double() for w, st in parts).to(parts[0][1]["F"].dtype)}
 
-    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:
         fu = stats_u["F"].double()
         damping = eps * check_mean(float(fu.diagonal().mean()), "mean diagonal of F_u")
         b = fu.clone()

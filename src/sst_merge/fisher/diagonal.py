@@ -57,7 +57,7 @@ class Diagonal(Approximation):
     def init(self, out_features: int, in_features: int, n: int) -> Stats:
         return {"diag": torch.zeros(out_features, in_features, dtype=torch.float64)}
 
-    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+    def update(self, stats, a, delta, g, index) -> None:
         # g is this batch's own temporary: squared in place, summed over examples, added into the fp64 sum
         stats["diag"].add_(g.square_().sum(0).to(stats["diag"].device))
 
@@ -71,7 +71,7 @@ class Diagonal(Approximation):
     def combine(self, parts: list[tuple[float, Stats]]) -> Stats:
         return {"diag": sum(w * st["diag"].double() for w, st in parts).to(parts[0][1]["diag"].dtype)}
 
-    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:
         fu = stats_u["diag"]
         damping = eps * check_mean(float(fu.double().mean()), "mean diagonal of F_u")
         b = fu.double()

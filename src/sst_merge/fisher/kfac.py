@@ -103,7 +103,7 @@ class Kfac(Approximation):
             "G": torch.zeros(out_features, out_features, dtype=torch.float64),
         }
 
-    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+    def update(self, stats, a, delta, g, index) -> None:
         a2 = a.reshape(-1, a.shape[-1]).float()
         d2 = delta.reshape(-1, delta.shape[-1]).float()
         stats["A"] += (a2.T @ a2).double().to(stats["A"].device)
@@ -117,7 +117,7 @@ class Kfac(Approximation):
     def trace(self, stats: Stats) -> float:
         return float(stats["A"].double().diagonal().sum() * stats["G"].double().diagonal().sum())
 
-    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:
         if active_penalties(penalties):
             raise ValueError(
                 "kfac cannot add a penalty Fisher to F_u (not a Kronecker product); use lowrank or diagonal"

@@ -105,7 +105,7 @@ class Lowrank(Approximation):
     def init(self, out_features: int, in_features: int, n: int) -> Stats:
         return {"rows": torch.zeros(n, out_features * in_features, dtype=torch.float32)}
 
-    def update(self, stats, a, delta, g, index) -> None:  # type: ignore[override]
+    def update(self, stats, a, delta, g, index) -> None:
         stats["rows"][index] = g.reshape(g.shape[0], -1).to(stats["rows"].device)
 
     def trace(self, stats: Stats) -> float:
@@ -118,7 +118,7 @@ class Lowrank(Approximation):
         n_c = sum(st["rows"].shape[0] for _, st in parts)
         return {"rows": torch.cat([st["rows"].double() * math.sqrt(w * n_c / st["rows"].shape[0]) for w, st in parts])}
 
-    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:  # type: ignore[override]
+    def project(self, stats_s, stats_u, tau, eps, selection, penalties=None) -> ModuleResult:
         G_s, G_u = stats_s["rows"], stats_u["rows"]
         mean_diag = float(G_u.double().pow(2).sum()) / (G_u.shape[0] * G_u.shape[1])
         damping = eps * check_mean(mean_diag, "mean diagonal of F_u")
