@@ -265,3 +265,23 @@ def test_no_branch_on_an_approximation_name_outside_fisher():
 if __name__ == "__main__" and "--write" in sys.argv:
     GOLDEN.write_text(json.dumps(golden_cases(), indent=1, sort_keys=True) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_a_new_merge_method_plans_from_its_own_class(monkeypatch):
+    """A merge method's cost facts come from its class through the registry (no method name in plan/). Bugs caught:
+    the planner keyed by name again (the toy's own-data pass or its trim would be missed)."""
+    from sst_merge.merge import MERGE_METHODS
+    from sst_merge.merge.regmean import RegMean
+    from sst_merge.plan.settings import _data_aware, experiment_settings
+
+    class Toy(RegMean):
+        name = "toy_stat"
+        own_statistic = "diagonal"
+        trims = True
+
+    monkeypatch.setitem(MERGE_METHODS._items, "toy_stat", Toy)
+    own, fit = _data_aware("toy_stat", {}, passes=2)
+    assert fit is None and [(o.method, o.fisher, o.passes) for o in own] == [("toy_stat", "diagonal", 2)]
+    assert _data_aware("task_arithmetic", {}, passes=2) == ([], None)
+    cfg = resolve_config("minimal", {"sweep": {"methods": ["toy_stat"]}})
+    assert experiment_settings(cfg)[1].ties  # the toy trims, so the plan prices TIES' step

@@ -88,6 +88,20 @@ class MergeMethod(Generic[P]):
     description: ClassVar[str] = ""
     #: Bumped when the method's output for the same inputs changes, so cached evaluations of it are not reused.
     version: ClassVar[int] = 1
+
+    # -- the planner's facts (sst_merge.plan reads them through the registry, never a method's name) ---------------
+    #: the Fisher statistic the method computes per adapter on that adapter's own data (``None``: no such pass)
+    own_statistic: ClassVar[str | None] = None
+    #: whether the merge runs TIES' trim and sign election over every module
+    trims: ClassVar[bool] = False
+    #: whether the merge runs SST's Fisher pass (``F_s`` and ``F_u`` at the pre-merge point)
+    sst_fisher_pass: ClassVar[bool] = False
+
+    def fit_plan(self, params: P) -> dict[str, int] | None:
+        """What fitting the method's coefficients runs (``steps``, ``batch``, ``length``, ``terms``, ``benign``,
+        ``tokens``: :class:`sst_merge.plan.LearnedFit`'s fields), or ``None`` for a method that fits nothing."""
+        return None
+
     #: The parameter that holds the safety weight (``sst``: ``alpha``); ``None``: the safety adapter's own weight.
     safety_weight_param: ClassVar[str | None] = None
 

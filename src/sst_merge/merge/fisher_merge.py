@@ -59,6 +59,7 @@ class FisherMerge(MergeMethod[FisherMergeParams]):
 
     name = "fisher_merge"
     Params = FisherMergeParams
+    own_statistic = "diagonal"  # per adapter, on its own data (the planner's law)
     description = "λ·Σ wᵢF̂ᵢτᵢ / Σ wᵢF̂ᵢ per entry, F̂ᵢ the diagonal Fisher of adapter i on its own data"
 
     def check(self, params: FisherMergeParams, ctx: MergeContext) -> None:

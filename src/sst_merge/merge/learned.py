@@ -95,6 +95,23 @@ class LearnedMerge(MergeMethod[LearnedParams]):
 
     name = "learned"
     Params = LearnedParams
+
+    def fit_plan(self, params: LearnedParams) -> dict[str, int]:
+        """The planner's law: Adam steps, one forward + backward per weighted term, benign answers generated first."""
+        weights = params.weights()
+        benign = (
+            load_items(params.benign_data, need_response=False, what="benign_data") if weights["benign"] > 0 else []
+        )
+        terms = sum(w > 0 for w in weights.values())
+        return {
+            "steps": params.steps,
+            "batch": params.batch_size,
+            "length": params.max_length,
+            "terms": terms,
+            "benign": len(benign),
+            "tokens": params.loss_tokens,
+        }
+
     description = "λ·Σ c_{i,g}τᵢ, coefficients per module/layer fitted on dev data (refuse / answer / task)"
     # the safety weight α is harmful_weight: how much the fit values refusing harmful prompts against answering
     # benign ones and the task; the safety adapter's own weight stays 1 (its starting coefficient)

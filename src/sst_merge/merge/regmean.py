@@ -74,6 +74,7 @@ class RegMean(MergeMethod[RegMeanParams]):
 
     name = "regmean"
     Params = RegMeanParams
+    own_statistic = "kfac"  # the input Grams, per adapter on its own data (the planner's law)
     description = "λ·(Σ wᵢτᵢĜᵢ)(Σ wᵢĜᵢ)⁻¹ per module, Ĝᵢ the input Gram of adapter i on its own data"
 
     def check(self, params: RegMeanParams, ctx: MergeContext) -> None:

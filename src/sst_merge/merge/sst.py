@@ -152,6 +152,7 @@ class SSTMerge(MergeMethod[SSTParams]):
 
     name = "sst"
     Params = SSTParams
+    sst_fisher_pass = True  # the planner's law (safety_span inherits it)
     # 2: true-Fisher samples seeded per prompt (independent of batch, order and ranks); 3: F_s ends at EOS; 4: the
     # input side projects with Ã_c X_k X_kᵀ (its first form, X_k X_kᵀ Ã_c, broke the model: never reuse those results)
     version = 4

@@ -24,6 +24,7 @@ class TiesParams(MethodParams):
 class Ties(MergeMethod[TiesParams]):
     name = "ties"
     Params = TiesParams
+    trims = True  # the planner's law: trim and sign election over every module
     description = "trim to top-density by magnitude, elect sign, disjoint weighted mean (mergekit semantics)"
 
     def merge_module(

@@ -92,7 +92,6 @@ from sst_merge.plan.rates import (
     measure_ties_rate,
 )
 from sst_merge.plan.settings import (
-    OWN_FISHER,
     LearnedFit,
     OwnPass,
     Settings,
@@ -130,7 +129,6 @@ __all__ = [
     "LearnedFit",
     "MMAP_THRESHOLD",
     "Memory",
-    "OWN_FISHER",
     "OwnPass",
     "PER_EXAMPLE_BYTES",
     "Plan",

@@ -12,10 +12,8 @@ from typing import Any
 from sst_merge.config import apply_overrides, validate
 from sst_merge.errors import ConfigError
 from sst_merge.experiments.config import resolve_config
-from sst_merge.fisher.data import load_items
-from sst_merge.merge import get_method
+from sst_merge.merge import MergeMethod, get_method
 from sst_merge.merge.api import MergeConfig
-from sst_merge.merge.safety_span import SafetySpanParams
 from sst_merge.merge.sst import SSTParams
 from sst_merge.train.adapter import TrainConfig
 
@@ -98,16 +96,16 @@ def settings_from_config(data: dict[str, Any], overrides: list[str] | None = Non
 
 def merge_settings(cfg: Any) -> tuple[str, Settings]:
     """Return ``(base model, Settings)`` of a validated ``MergeConfig``."""
+    method = get_method(cfg.method)
     s = Settings(
         n_adapters=len(cfg.adapters),
         output=cfg.output.format,
-        sst=cfg.method == "sst",
-        ties=cfg.method == "ties",
+        sst=method.sst_fisher_pass,
+        ties=method.trims,
         **_adapter_settings([a.path for a in cfg.adapters]),
     )
-    if cfg.method in ("sst", "safety_span"):
-        params = SafetySpanParams if cfg.method == "safety_span" else SSTParams
-        sp = validate(params, dict(cfg.params), source="merge config params")
+    if method.sst_fisher_pass:
+        sp = validate(method.Params, dict(cfg.params), source="merge config params")
         s.sst = True
         s.fisher, s.n_samples, s.fisher_batch, s.fisher_length = (sp.fisher, sp.n_samples, sp.batch_size, sp.max_length)
         s.new_tokens, s.objectives = sp.max_new_tokens, _objectives(sp)
@@ -121,28 +119,18 @@ def _objectives(sp: Any) -> int:
     return 3 if sp.space == "input" else 2
 
 
-# TODO(issue 26, item 6): the merge methods' laws below (which methods run SST's Fisher pass, which add TIES'
-# trim, which statistic a data-aware merge computes on its own data, what the learned fit runs) are keyed here by
-# method name; move each into its class in merge/ once merge/* settles (a concurrent refactor owns it), so a new
-# merge method plans with no edit here, as a new Fisher approximation already does.
-
-#: the statistic each data-aware merge computes per adapter on its own data (merge/fisher_merge.py, merge/regmean.py)
-OWN_FISHER = {"fisher_merge": "diagonal", "regmean": "kfac"}
-
-
 def _data_aware(method: str, raw: dict[str, Any], passes: int) -> tuple[list[OwnPass], LearnedFit | None]:
-    """The statistics passes of ``fisher_merge`` / ``regmean`` or the fit of ``learned`` (none for another method)."""
-    if method not in (*OWN_FISHER, "learned"):
+    """The statistics passes of a data-aware merge (its class's ``own_statistic``) or the fit of one that learns
+    coefficients (its ``fit_plan``); none for another method. The laws live in the method's own file."""
+    m = get_method(method)
+    if m.own_statistic is None and type(m).fit_plan is MergeMethod.fit_plan:
         return [], None
-    p = validate(get_method(method).Params, raw, source=f"params of {method}")
-    if method in OWN_FISHER:
+    p = validate(m.Params, raw, source=f"params of {method}")
+    if m.own_statistic is not None:
         return [
-            OwnPass(method, OWN_FISHER[method], passes, p.n_samples, p.batch_size, p.max_length, p.max_new_tokens)
+            OwnPass(method, m.own_statistic, passes, p.n_samples, p.batch_size, p.max_length, p.max_new_tokens)
         ], None
-    weights = p.weights()
-    benign = len(load_items(p.benign_data, need_response=False, what="benign_data")) if weights["benign"] > 0 else 0
-    terms = sum(w > 0 for w in weights.values())
-    return [], LearnedFit(p.steps, p.batch_size, p.max_length, terms, benign, p.loss_tokens)
+    return [], LearnedFit(**m.fit_plan(p))
 
 
 def experiment_settings(cfg: Any) -> tuple[str, Settings]:
@@ -166,7 +154,7 @@ def experiment_settings(cfg: Any) -> tuple[str, Settings]:
         train=not cfg.adapters.safety
         or not all(cfg.adapters.utility.get(t) for t in cfg.utility_tasks)
         or ("multitask" in cfg.ceilings and not cfg.adapters.multitask),
-        ties="ties" in cfg.sweep.methods,
+        ties=any(get_method(m).trims for m in cfg.sweep.methods),
         objectives=_objectives(sp),
         **adapter,
     )
