@@ -116,8 +116,8 @@ def run(
     from sst_merge.adapters.lora import LoraAdapter
     from sst_merge.eval import EvalSettings, evaluate
     from sst_merge.experiments.experiments import fisher_data
-    from sst_merge.fisher.estimate import applied_deltas
     from sst_merge.merge import MergeContext, get_method
+    from sst_merge.models.deltas import applied_deltas
     from sst_merge.models.loading import load_model
 
     model, tok = load_model(model_name)

@@ -14,11 +14,12 @@ from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.config import validate
 from sst_merge.errors import ConfigError
 from sst_merge.fisher.data import encode_example
-from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
+from sst_merge.fisher.estimate import estimate_fisher
 from sst_merge.merge import MergeContext, get_method
 from sst_merge.merge.fisher_merge import fisher_weighted_mean
 from sst_merge.merge.own_data import recorded_source, stratified_subsample
 from sst_merge.merge.regmean import SingularGramError, reduce_non_diagonal, regmean_solve
+from sst_merge.models.deltas import applied_deltas
 from sst_merge.tasks.safety import REFUSALS
 from sst_merge.testing import CountingLoader, random_lora, tiny_model, tiny_tokenizer
 

@@ -115,7 +115,7 @@ def test_the_script_is_read_from_the_applied_deltas(scripted):
     data, load, _ = scripted
     model, tok = load()
     assert {k: round(v, 6) for k, v in model.coefficients().items()} == {"a": 0.0, "b": 0.0, "s": 0.0}
-    from sst_merge.fisher.estimate import applied_deltas
+    from sst_merge.models.deltas import applied_deltas
 
     a = LoraAdapter.load(data["adapters"]["utility"]["toy_a"]).deltas()
     s = LoraAdapter.load(data["adapters"]["safety"]).deltas()

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from sst_merge.errors import ConfigError, DataError
+from sst_merge.errors import AdapterError, ConfigError, DataError
 from sst_merge.fisher.data import Example, collate, encode_example, encode_prompt, load_items, subsample, truncate
-from sst_merge.fisher.estimate import _Accumulator, applied_deltas, estimate_fisher, target_modules
+from sst_merge.fisher.estimate import _Accumulator, estimate_fisher, target_modules
 from sst_merge.fisher.grads import (
     Capture,
     FisherError,
@@ -21,6 +21,7 @@ from sst_merge.fisher.grads import (
     response_nll,
 )
 from sst_merge.fisher.sampling import prompt_seed, sample_responses
+from sst_merge.models.deltas import applied_deltas
 from sst_merge.tensors import all_finite
 
 MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
@@ -225,7 +226,10 @@ def test_applied_deltas_restores_weights(tiny_llama):
     with applied_deltas(tiny_llama, {MODULES[0]: dw}):
         assert torch.allclose(w, before + 1)
     assert torch.equal(w, before)
-    with pytest.raises(FisherError), applied_deltas(tiny_llama, {MODULES[0]: torch.ones(3, 3)}):
+    with (
+        pytest.raises(AdapterError, match=r"ΔW shape \(3, 3\) does not match weight"),
+        applied_deltas(tiny_llama, {MODULES[0]: torch.ones(3, 3)}),
+    ):
         pass
     assert torch.equal(w, before)
 

@@ -12,7 +12,6 @@ from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.cache import scan, verify
 from sst_merge.config import validate
 from sst_merge.errors import ConfigError
-from sst_merge.fisher.estimate import applied_deltas
 from sst_merge.fisher.sampling import sample_responses
 from sst_merge.merge import MergeContext, get_method
 from sst_merge.merge.learned import LearnedParams
@@ -26,6 +25,7 @@ from sst_merge.merge.learned_fit import (
     objective,
 )
 from sst_merge.merge.sparsify import weighted_sum
+from sst_merge.models.deltas import applied_deltas
 from sst_merge.models.tokenize import encode_example, pad_id, prompt_ids
 from sst_merge.testing import CountingLoader, random_lora, tiny_model, tiny_tokenizer
 

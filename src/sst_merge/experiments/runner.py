@@ -33,10 +33,10 @@ from sst_merge.experiments.config import ExperimentConfig
 from sst_merge.experiments.merging import merge_for_experiment
 from sst_merge.experiments.provenance import stable_hash
 from sst_merge.experiments.specs import AdapterRef, Metric, ModelSpec  # noqa: F401  (AdapterRef re-exported)
-from sst_merge.fisher.estimate import applied_deltas
 from sst_merge.io import atomic_write_json, atomic_write_text, sha256_file
 from sst_merge.merge import get_method
 from sst_merge.models import loading
+from sst_merge.models.deltas import applied_deltas
 
 log = logging.getLogger(__name__)
 

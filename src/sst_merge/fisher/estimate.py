@@ -12,15 +12,13 @@ What is stored per module (``out×in`` weight, N examples):
 
 Each approximation is a registered class (:mod:`sst_merge.fisher.approximation`); this module only drives them.
 
-The pass runs in eval mode with every parameter frozen; the model is not changed (see :func:`applied_deltas` for the
+The pass runs in eval mode with every parameter frozen; the model is not changed (see :func:`sst_merge.models.deltas.applied_deltas` for the
 pre-merge point, which restores the original weights afterwards).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -48,27 +46,6 @@ def target_modules(model: nn.Module, names: list[str]) -> dict[str, nn.Linear]:
             raise FisherError(f"module {name} is a {type(mod).__name__}; SST-Merge projects linear layers only")
         out[name] = mod
     return out
-
-
-@contextlib.contextmanager
-def applied_deltas(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """Add ΔW to the named modules' weights for the duration of the block; restore the exact originals after."""
-    saved: dict[str, torch.Tensor] = {}
-    try:
-        with torch.no_grad():
-            for name, dw in deltas.items():
-                w = model.get_submodule(name).weight
-                if tuple(w.shape) != tuple(dw.shape):
-                    raise FisherError(
-                        f"module {name}: ΔW shape {tuple(dw.shape)} does not match weight {tuple(w.shape)}"
-                    )
-                saved[name] = w.detach().clone()
-                w.copy_((w.float() + dw.to(w.device)).to(w.dtype))
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, w0 in saved.items():
-                model.get_submodule(name).weight.copy_(w0)
 
 
 class _Accumulator:

@@ -26,11 +26,12 @@ from sst_merge import distributed as ddp
 from sst_merge.cache import model_fingerprint
 from sst_merge.fisher import cache as fcache
 from sst_merge.fisher.data import Example, encode_example, encode_prompt, truncate
-from sst_merge.fisher.estimate import applied_deltas, estimate_fisher
+from sst_merge.fisher.estimate import estimate_fisher
 from sst_merge.fisher.grads import FisherError
 from sst_merge.fisher.objective import Objective, Part
 from sst_merge.fisher.sampling import sample_responses
 from sst_merge.models import tokenize
+from sst_merge.models.deltas import applied_deltas
 
 log = logging.getLogger(__name__)
 

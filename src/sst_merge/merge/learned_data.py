@@ -16,9 +16,9 @@ from typing import Any
 from sst_merge.adapters.lora import LoraAdapter
 from sst_merge.cache import Damaged, read_checked
 from sst_merge.errors import ConfigError
-from sst_merge.fisher.estimate import applied_deltas
 from sst_merge.fisher.sampling import sample_responses
 from sst_merge.io import atomic_write_json, json_digest
+from sst_merge.models.deltas import applied_deltas
 from sst_merge.models.tokenize import Example, encode_example, prompt_ids, truncate
 from sst_merge.tasks.safety import refusal_for
 
