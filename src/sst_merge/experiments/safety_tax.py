@@ -10,7 +10,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sst_merge.eval.stats import balanced_change_report, balanced_score, over_refusal_report, safety_tax_report
+from sst_merge.errors import DataError
+from sst_merge.eval.stats import (
+    aligned_scores,
+    balanced_change_report,
+    balanced_score,
+    over_refusal_report,
+    safety_tax_report,
+)
 from sst_merge.experiments.specs import Metric
 
 log = logging.getLogger(__name__)
@@ -34,10 +41,10 @@ def compare(
     """
 
     def paired(a: Metric, b: Metric) -> tuple[list[float], list[float]]:
-        ids = [i for i in a.items if i in b.items]
-        if len(ids) != len(a.items) or len(ids) != len(b.items):
-            raise ValueError("reference and merged model were evaluated on different items; cannot pair them")
-        return [a.items[i] for i in ids], [b.items[i] for i in ids]
+        try:
+            return aligned_scores(a.items, b.items)  # by id, in the reference's order
+        except DataError as e:
+            raise ValueError("reference and merged model were evaluated on different items; cannot pair them") from e
 
     s_ref, s_new = paired(ref_s, new_s)
     u_ref, u_new = paired(ref_u, new_u)
