@@ -463,7 +463,7 @@ def packed_continuation_logliks(
     out: list[list[float]] = [[] for _ in ctxs]
     for idx in tqdm(token_batches(lengths, batch_size), desc=desc, disable=not show_progress, leave=False):
         rows = [(ctxs[q], [list(c)[:-1] for c in continuations[q]]) for q in idx]
-        wanted = [list(range(len(ctxs[q]) - 1, len(ctxs[q]) + sum(len(c) - 1 for c in continuations[q]))) for q in idx]
+        wanted = [list(range(len(ctxs[q]) - 1, lengths[q])) for q in idx]  # the root's last position, every branch
         for q, lp in zip(idx, packed_logprobs(model, rows, wanted, pad_id), strict=True):
             # lp[0] predicts every first token; branch token j of continuation c sits at lp[1 + offset_c + j]
             lls, offset = [], 1
