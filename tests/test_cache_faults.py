@@ -184,19 +184,17 @@ def test_damaged_converted_model_is_moved_aside(tmp_path, tiny_model_dir):
     assert not model.exists() and len(list(model.parent.glob("tiny.damaged-*"))) == 1
 
 
-def test_damaged_fisher_data_file_is_rewritten(exp, tmp_path):
-    from sst_merge.experiments.experiments import fisher_data
-    from sst_merge.experiments.runner import Runner
-
-    d, cfg = exp
-    registered = {**cfg, "utility_tasks": ["passage_qa"], "adapters": {**cfg["adapters"], "utility": {}}}
-    registered["eval"] = {**cfg["eval"], "task_data": {}}
-    runner = Runner(resolve_config("minimal", registered), tmp_path, load=lambda: None)
-    safety_path, _ = map(Path, fisher_data(runner))
-    good = safety_path.read_bytes()
-    safety_path.write_bytes(good[:100])
-    assert fisher_data(runner)[0] == str(safety_path) and safety_path.read_bytes() == good
-    assert len(list(safety_path.parent.glob("*.damaged-*"))) == 1
+def test_fisher_data_files_of_older_versions_are_verified_and_prunable(tmp_path):
+    """Older versions copied the embedded Fisher data into ``CACHE/fisher-data/``; runs now name the seeded sources
+    (same key values), so such a file is recognised (verify: not unknown) and listed by prune."""
+    old = tmp_path / "fisher-data" / "safety-seed0.jsonl"
+    old.parent.mkdir()
+    old.write_text('{"prompt": "p", "response": "r"}\n')
+    (entry,) = cache.scan(tmp_path)
+    assert entry.kind.name == "fisher-data" and cache.read_checked(old, cache.check_fisher_data) is not None
+    assert [(e.path, why) for e, why in cache.prunable(tmp_path, {})] == [
+        (old, "Fisher data copied by an older version; runs now read the named source")
+    ]
 
 
 # ---- sst-merge cache verify / info / prune ----------------------------------------------------------------------

@@ -162,3 +162,36 @@ def test_one_byte_of_an_adapter_changes_the_key_but_its_location_does_not(setup,
     # the weight and the role of an adapter are part of the model too
     assert r.spec_key(ModelSpec("s", (AdapterRef(paths["safety"], 0.5, "safety"),))) != key
     assert r.spec_key(ModelSpec("s", (AdapterRef(paths["safety"], 1.0, "utility"),))) != key
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_default_fisher_data_are_named_sources_with_the_key_of_the_files_they_replace(setup, tmp_path, seed):
+    """A config that names no Fisher data gets the seeded sources at the run's seed; the key is the one the
+    experiments made when they wrote the same items to JSONL files in the cache (so cached evaluations still hit),
+    and nothing is written."""
+    import dataclasses
+    import json
+
+    from sst_merge.io import atomic_write_text
+    from sst_merge.tasks import get_task
+    from sst_merge.tasks.safety import safety_splits
+
+    _, data, paths = setup
+    data = {k: v for k, v in data.items() if k != "sst"}
+    r = _runner(data, tmp_path, utility_tasks=["passage_qa", "arithmetic"], seed=seed)
+    spec = _sst(r, paths)
+    params = dict(spec.params)
+    at = f"@seed={seed}" if seed else ""
+    assert params["safety_data"] == f"safety_fisher{at}"
+    assert params["utility_data"] == f"utility:passage_qa{at}+utility:arithmetic{at}"
+    old = {"safety_data": safety_splits(seed=seed)["fisher"]}
+    old["utility_data"] = [it for t in ("passage_qa", "arithmetic") for it in get_task(t).split(seed=seed)["train"]]
+    files = {}
+    for name, items in old.items():  # what experiments.fisher_data wrote before
+        files[name] = str(tmp_path / "fisher-data" / f"{name}.jsonl")
+        atomic_write_text(files[name], "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    with_files = dataclasses.replace(spec, params=tuple(sorted({**params, **files}.items())))
+    assert r.spec_key(spec) == r.spec_key(with_files)
+    other_seed = _sst(_runner(data, tmp_path, utility_tasks=["passage_qa", "arithmetic"], seed=seed + 1), paths)
+    assert r.spec_key(other_seed) != r.spec_key(spec)  # the seed's own key entry aside, the data differ
+    assert not (tmp_path / "run" / "fisher-data").exists()

@@ -118,6 +118,9 @@ def test_list_prints_methods(capsys):
     # every other registry has its section: evaluation tasks, judges, data sources, utility tasks, experiments
     for name in ["refusal", "mmlu_cloze", "task:NAME", "keyword", "harmbench", "passage_qa", "exp3"]:
         assert f"  {name} " in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert lines["safety_fisher"].endswith("; NAME@seed=N for seed N")  # seeded: says how to name another seed
+    assert "@seed" not in lines["harmbench"]
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("merge_*.yaml")), ids=lambda p: p.name)

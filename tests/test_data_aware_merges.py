@@ -261,10 +261,18 @@ def test_default_data_is_what_each_adapter_recorded(setup, tmp_path):
     assert recorded_source(copy("utility", {"task": "passage_qa", "config": {"seed": 0}})) == "utility:passage_qa"
     assert recorded_source(copy("safety", {"task": "safety", "config": {"seed": 0}})) == "safety_train"
     shutil.rmtree(tmp_path / "safety")
-    # another recipe or seed trained on other items than the named source holds
+    # another recipe trained on other items than any named source holds
     assert recorded_source(copy("safety", {"task": "safety", "config": {"seed": 0, "safety_data": "forms"}})) is None
+    shutil.rmtree(tmp_path / "safety")
+    # another seed: the seeded source at that seed, which holds the adapter's own training split
+    assert recorded_source(copy("safety", {"task": "safety", "config": {"seed": 2}})) == "safety_train@seed=2"
     shutil.rmtree(tmp_path / "utility")
-    assert recorded_source(copy("utility", {"task": "passage_qa", "config": {"seed": 1}})) is None
+    source = recorded_source(copy("utility", {"task": "passage_qa", "config": {"seed": 1}}))
+    assert source == "utility:passage_qa@seed=1"
+    from sst_merge.data import load_source
+    from sst_merge.tasks import get_task
+
+    assert load_source(source) == get_task("passage_qa").split(1)["train"] != get_task("passage_qa").split(0)["train"]
     # the shipped adapters record theirs
     from pathlib import Path
 

@@ -164,3 +164,65 @@ def test_named_fisher_sources_are_the_embedded_splits_and_never_evaluation_items
         }
     with pytest.raises(ConfigError, match="utility:passage_qa"):
         load_source("utility:passage_q")  # unknown task: the nearest registered name
+
+
+def test_a_seeded_source_draws_its_split_at_the_named_seed():
+    """``NAME@seed=N`` is the split drawn with seed N; the plain name is seed 0; a source without a seed refuses one."""
+    from sst_merge.tasks import get_task
+    from sst_merge.tasks.safety import safety_splits
+
+    assert load_source("safety_fisher@seed=0") == load_source("safety_fisher") == safety_splits(seed=0)["fisher"]
+    at1 = load_source("safety_fisher@seed=1")
+    assert at1 == safety_splits(seed=1)["fisher"] and at1 != load_source("safety_fisher")
+    task = get_task("arithmetic")
+    assert load_source("utility:arithmetic@seed=2") == task.split(seed=2)["train"] != task.split(seed=0)["train"]
+    assert load_source("utility_dev:arithmetic@seed=2") == task.dev(seed=2, n=100)
+    with pytest.raises(ConfigError, match=r"benign_dev takes no seed; drop '@seed=\.\.\.' \(seeded: .*safety_fisher"):
+        load_source("benign_dev@seed=1")
+    with pytest.raises(ConfigError, match="safety_fisher"):
+        load_source("safety_fishr@seed=1")  # unknown: the nearest registered name
+
+
+def test_plus_concatenates_sources_in_order(tmp_path):
+    from sst_merge.tasks import get_task
+
+    a, b = get_task("arithmetic").split(seed=1)["train"], get_task("passage_qa").split(seed=1)["train"]
+    assert load_source("utility:arithmetic@seed=1+utility:passage_qa@seed=1") == a + b
+    assert load_source("utility:passage_qa@seed=1 + utility:arithmetic@seed=1") == b + a
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"id": "m0", "prompt": "p"}\n')
+    assert load_source(f"{f}+utility:arithmetic@seed=1") == [{"id": "m0", "prompt": "p"}, *a]
+    plus = tmp_path / "a+b.jsonl"  # a file whose name holds '+' is that file
+    plus.write_text('{"id": "x", "prompt": "q"}\n')
+    assert load_source(str(plus)) == [{"id": "x", "prompt": "q"}]
+    with pytest.raises(ConfigError, match=r"an empty name around '\+'"):
+        load_source("utility:arithmetic+")
+
+
+def test_a_seeded_source_enters_a_cache_key_as_the_digest_of_the_file_of_its_items(tmp_path):
+    """The experiments once wrote their Fisher data to JSONL files and keyed them by content; naming the seeded
+    source instead must give the very same key value (so no cached evaluation is lost), and a packaged source —
+    pinned in its package — keeps entering by name."""
+    from sst_merge import cache
+    from sst_merge.data.sources import content_keyed, items_digest
+    from sst_merge.io import atomic_write_text
+    from sst_merge.tasks.sources import fisher_sources
+
+    for seed, tasks in ((0, ["passage_qa"]), (2, ["passage_qa", "arithmetic"])):
+        for name in fisher_sources(tasks, seed):
+            items = load_source(name)
+            path = tmp_path / f"{seed}-{len(name)}.jsonl"  # written the way experiments.fisher_data wrote it
+            atomic_write_text(path, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+            assert content_keyed(name) == cache.content_keyed(str(path)) == {"sha256": items_digest(items)}
+    assert fisher_sources(["passage_qa", "arithmetic"], 2) == (
+        "safety_fisher@seed=2",
+        "utility:passage_qa@seed=2+utility:arithmetic@seed=2",
+    )
+    assert fisher_sources(["passage_qa"], 0) == ("safety_fisher", "utility:passage_qa")
+    assert content_keyed("safety_fisher") != content_keyed("safety_fisher@seed=1")
+    keyed = content_keyed({"harmful_data": "harmbench_val", "data": ["utility:arithmetic", "benign_dev"], "k": 3})
+    assert keyed["harmful_data"] == "harmbench_val" and keyed["data"][1] == "benign_dev" and keyed["k"] == 3
+    assert keyed["data"][0] == {"sha256": items_digest(load_source("utility:arithmetic"))}
+    assert content_keyed("utility:arithmetic+benign_dev") == "utility:arithmetic+benign_dev"  # not all seeded
+    # an item's non-ASCII text is hashed as UTF-8, as the files were written
+    assert items_digest([{"p": "é"}]) == __import__("hashlib").sha256('{"p": "é"}\n'.encode()).hexdigest()

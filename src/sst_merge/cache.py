@@ -283,7 +283,8 @@ def check_benign_answers(path: Path, prompts: list[str] | None = None) -> list[d
 
 
 def check_fisher_data(path: Path) -> list[dict[str, Any]]:
-    """A Fisher data file: JSONL with a prompt on every line."""
+    """A Fisher data file (``fisher-data/*.jsonl``, written by versions that copied the embedded Fisher data into the
+    cache; runs now name the seeded sources instead): JSONL with a prompt on every line."""
     return check_jsonl(path, ("prompt",))
 
 
@@ -422,7 +423,8 @@ def prunable(root: str | os.PathLike, versions: dict[str, int], now: float | Non
     That is: entries moved aside as damaged; temporaries of killed writers and unheld locks older than
     :data:`GRACE_SECONDS`; per-item records whose evaluation is gone (same age rule); evaluations and Fisher
     statistics that record a cache version other than ``versions["evaluation"]`` / ``versions["fisher"]`` (an
-    entry that records none predates the field and is kept: it may still be reachable).
+    entry that records none predates the field and is kept: it may still be reachable); the Fisher data files older
+    versions wrote (runs now name ``safety_fisher`` / ``utility:NAME``, whose keys equal those files' content keys).
     """
     now = time.time() if now is None else now
     out: list[tuple[Entry, str]] = []
@@ -444,6 +446,8 @@ def prunable(root: str | os.PathLike, versions: dict[str, int], now: float | Non
                 v = _json(e.path).get("v")
                 if v is not None and v != versions.get("evaluation"):
                     out.append((e, f"evaluation cache version {v}, now {versions.get('evaluation')}"))
+        elif kind == "fisher-data":
+            out.append((e, "Fisher data copied by an older version; runs now read the named source"))
         elif kind == "fisher":
             with contextlib.suppress(OSError, *_damage_errors()):
                 v = check_safetensors(e.path).get("cache_version")

@@ -11,8 +11,10 @@ from sst_merge.data.sources import SOURCES, load_source, package_file
 
 
 def source_rows() -> list[tuple[str, str]]:
-    """(name, description) of every registered data source, for ``sst-merge list``."""
-    return [(n, SOURCES.get(n).description) for n in SOURCES.names()]
+    """(name, description) of every registered data source, for ``sst-merge list`` (a seeded one says how to name
+    another seed)."""
+    seeded = "; NAME@seed=N for seed N"
+    return [(n, SOURCES.get(n).description + (seeded if SOURCES.get(n).seeded else "")) for n in SOURCES.names()]
 
 
 __all__ = ["SOURCES", "load_source", "package_file", "read_local", "source_rows"]

@@ -6,26 +6,39 @@ imported (their ``__init__`` may need packages we do not have): the files are fo
 
 Every item is a dict with at least ``id``; prompt sources add ``prompt``, MMLU-style sources add ``subject``,
 ``question``, ``choices`` (4 strings) and ``answer`` (int 0-3) — the same fields as the hub's ``cais/mmlu``.
+
+A *seeded* source (:func:`seeded_source`: the splits the project draws from a seed, such as ``safety_fisher``) is
+named ``NAME`` for seed 0 and ``NAME@seed=N`` for seed N; ``A+B`` names the items of ``A`` followed by those of ``B``.
+In a cache key a seeded source stands for its content, like a file (:func:`content_keyed`).
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import hashlib
 import importlib.util
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sst_merge import cache
 from sst_merge.data.files import SUFFIXES, read_local
-from sst_merge.errors import DataError
+from sst_merge.errors import ConfigError, DataError
 from sst_merge.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[str | None], list[dict[str, Any]]]
+SeededLoader = Callable[[str | None, int], list[dict[str, Any]]]
+
+#: The seed a seeded source's plain name stands for (the experiments' and the shipped adapters' default seed).
+DEFAULT_SEED = 0
+_SEED = re.compile(r"^(?P<name>[^@+]+)@seed=(?P<seed>\d+)$")
 
 
 @dataclass(frozen=True)
@@ -38,6 +51,8 @@ class Source:
     splits: tuple[str, ...] = ()
     default_filters: dict[str, Any] = field(default_factory=dict)
     stratify: str | None = None  # with ``limit``: take items round-robin over this field's values
+    #: a seeded source's loader ``(split, seed)`` (``loader`` is it at :data:`DEFAULT_SEED`); None: not seeded
+    seeded: SeededLoader | None = None
 
 
 SOURCES: Registry[Source] = Registry("data source")
@@ -50,6 +65,21 @@ def source(
 
     def deco(fn: Loader) -> Loader:
         SOURCES.register(name)(Source(name, fn, description, splits, default_filters, stratify))
+        return fn
+
+    return deco
+
+
+def seeded_source(name: str, description: str, **default_filters: Any):
+    """Register the decorated ``loader(split, seed) -> list[dict]`` as the seeded source ``name``.
+
+    ``name`` loads seed :data:`DEFAULT_SEED`, ``name@seed=N`` seed N. The items are drawn by the project's code, so
+    a cache key holds their content (:func:`content_keyed`), never the name alone.
+    """
+
+    def deco(fn: SeededLoader) -> SeededLoader:
+        src = Source(name, functools.partial(_at_seed, fn, DEFAULT_SEED), description, (), default_filters, None, fn)
+        SOURCES.register(name)(src)
         return fn
 
     return deco
@@ -224,6 +254,70 @@ def _benign_dev(split: str | None) -> list[dict[str, Any]]:
 # --- the loader ---------------------------------------------------------------------------------------------------
 
 
+def _registered(name: str) -> tuple[Source, Loader]:
+    """The registered source ``name`` names, and its loader at the seed ``NAME@seed=N`` asks for."""
+    m = _SEED.match(name)
+    if m is None:
+        src = SOURCES.get(name)
+        return src, src.loader
+    src = SOURCES.get(m["name"])  # an unknown name: ConfigError with the nearest registered one
+    if src.seeded is None:
+        seeded = ", ".join(n for n in SOURCES.names() if SOURCES.get(n).seeded) or "none"
+        raise ConfigError(f"data source {name!r}: {src.name} takes no seed; drop '@seed=...' (seeded: {seeded})")
+    return src, functools.partial(_at_seed, src.seeded, int(m["seed"]))
+
+
+def _at_seed(fn: SeededLoader, seed: int, split: str | None) -> list[dict[str, Any]]:
+    return fn(split, seed)
+
+
+def _parts(name: str) -> list[str]:
+    """The sources ``A+B+...`` concatenates; an empty part is an error naming the input."""
+    parts = [p.strip() for p in name.split("+")]
+    if not all(parts):
+        raise ConfigError(f"data source {name!r}: an empty name around '+'; write NAME+NAME (e.g. utility:a+utility:b)")
+    return parts
+
+
+def _is_seeded(name: str) -> bool:
+    """Whether ``name`` is a seeded source (plain or ``@seed=N``), or a ``+`` of seeded sources (a file never is)."""
+    if "+" in name:
+        return all(_is_seeded(p.strip()) for p in name.split("+")) and not Path(name).exists()  # as load_source
+    m = _SEED.match(name)
+    base = m["name"] if m else name
+    return base in SOURCES and SOURCES.get(base).seeded is not None  # a registered name wins over a file
+
+
+def items_digest(items: list[dict[str, Any]]) -> str:
+    """SHA-256 of items written as JSONL (one ``json.dumps(item, ensure_ascii=False)`` line each, UTF-8): the digest
+    of the file the experiments once wrote for the same items, so a key that held such a file holds the same value."""
+    h = hashlib.sha256()
+    for it in items:
+        h.update((json.dumps(it, ensure_ascii=False) + "\n").encode("utf-8"))
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _seeded_digest(name: str) -> str:
+    return items_digest(load_source(name))
+
+
+def content_keyed(value: Any) -> Any:
+    """``value`` for a cache key: every string naming a file or a seeded source (or a ``+`` of seeded sources)
+    replaced by ``{"sha256": its content's digest}`` (:func:`sst_merge.cache.content_keyed`, :func:`items_digest`).
+
+    A seeded source is drawn by the project's code, so its name alone would not change when the draw does; a
+    packaged source (``harmbench``, ``benign_dev`` ...) is a pinned file and enters by its name.
+    """
+    if isinstance(value, dict):
+        return {k: content_keyed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [content_keyed(v) for v in value]
+    if isinstance(value, str) and value and "\n" not in value and len(value) < 4096 and _is_seeded(value):
+        return {"sha256": _seeded_digest(value)}
+    return cache.content_keyed(value)
+
+
 def _load_hub(name: str, split: str | None) -> list[dict[str, Any]]:
     """Load ``owner/name[:config]`` from the hub (only where the user's machine reaches it)."""
     try:
@@ -293,13 +387,15 @@ def load_source(
     """
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of items, got {limit}")
-    if name_or_path in SOURCES:
-        src = SOURCES.get(name_or_path)
+    if name_or_path in SOURCES or _SEED.match(name_or_path):
+        src, load = _registered(name_or_path)
         if split is not None and src.splits and split not in src.splits:
             raise DataError(f"data source {src.name!r} has no split {split!r}; choose one of {', '.join(src.splits)}")
-        items = src.loader(split)
+        items = load(split)
         filters = {**src.default_filters, **filters}
         stratify = stratify or src.stratify
+    elif "+" in name_or_path and not Path(name_or_path).exists():
+        items = [it for part in _parts(name_or_path) for it in load_source(part, split=split, require=require)]
     elif name_or_path.startswith("hf:"):
         items = _load_hub(name_or_path.removeprefix("hf:"), split)
         require = ("prompt",) if require is None else require

@@ -21,7 +21,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from sst_merge.cache import move_aside
 from sst_merge.config import validate
 from sst_merge.eval.stats import gap_closed_report, pareto_front, rate_metric, value_at_safety
 from sst_merge.experiments import adapters as adapter_paths
@@ -31,11 +30,9 @@ from sst_merge.experiments.references import MULTITASK, add_ceilings, ceiling_sp
 from sst_merge.experiments.runner import AdapterRef, Metric, ModelSpec, Runner
 from sst_merge.experiments.safety_tax import compare, log_comparison
 from sst_merge.experiments.specs import Series
-from sst_merge.io import atomic_write_text
 from sst_merge.merge import get_method
 from sst_merge.registry import Registry
-from sst_merge.tasks import get_task
-from sst_merge.tasks.safety import safety_splits
+from sst_merge.tasks.sources import fisher_sources
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +51,9 @@ def utility_metric(runner: Runner, metrics: dict[str, Metric], tasks: list[str])
 def run_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
     """A merge method's parameters in this run: its configured ones (:meth:`ExperimentConfig.method_params`, a
     variant's ``override`` on top), the run's seed, ``sweep.density`` where the method takes a density and its block
-    gives none, and the embedded Fisher data (:func:`fisher_data`) where it takes Fisher data the config does not
-    name. Flat, as given: the evaluation cache key's payload."""
+    gives none, and the embedded Fisher data where it takes Fisher data the config does not name: the named sources
+    ``safety_fisher`` and ``utility:TASK`` at the run's seed (:func:`~sst_merge.tasks.sources.fisher_sources`; in
+    the cache key they stand for their content). Flat, as given: the evaluation cache key's payload."""
     fields = get_method(method).Params.model_fields
     configured = runner.cfg.method_params(method)
     p = sst_variant_params(configured, override)
@@ -63,35 +61,10 @@ def run_params(runner: Runner, method: str, **override: Any) -> dict[str, Any]:
     if "density" in fields and "density" not in configured:  # a method's own density (``methods``) wins
         p["density"] = runner.cfg.sweep.density
     if "safety_data" in fields and (not p.get("safety_data") or not p.get("utility_data")):
-        safety, utility = fisher_data(runner)
+        safety, utility = fisher_sources(runner.cfg.utility_tasks, runner.cfg.seed)
         p["safety_data"] = p.get("safety_data") or safety
         p["utility_data"] = p.get("utility_data") or utility
     return p
-
-
-def fisher_data(runner: Runner) -> tuple[str, str]:
-    """Write (once) and return the JSONL files SST's Fisher statistics are estimated on.
-
-    Safety: the StrongREJECT prompts held out for Fisher estimation (disjoint from the safety adapter's training
-    prompts and from every HarmBench evaluation prompt), each with a refusal. Utility: the utility tasks'
-    *training* items (never their evaluation items).
-    """
-    import json
-
-    cfg = runner.cfg
-    out = runner.cache_dir / "fisher-data"
-    safety_path = out / f"safety-seed{cfg.seed}.jsonl"
-    utility_path = out / f"utility-{'+'.join(cfg.utility_tasks)}-seed{cfg.seed}.jsonl"
-    safety = safety_splits(seed=cfg.seed)["fisher"]
-    utility = [it for t in cfg.utility_tasks for it in get_task(t).split(seed=cfg.seed)["train"]]
-    for path, items in ((safety_path, safety), (utility_path, utility)):
-        text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
-        # the content is determined by the seed: a file that differs (damaged, edited) is moved aside and rewritten
-        if path.is_file() and path.read_bytes() != text.encode():
-            move_aside(path, "differs from the Fisher data it should hold")
-        if not path.is_file():
-            atomic_write_text(path, text)
-    return str(safety_path), str(utility_path)
 
 
 def merged_spec(runner: Runner, method: str, utility: list[AdapterRef], safety_path: str, alpha: float, **variant):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +211,24 @@ def points_table(section: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: the fields of a schema-1 matched row that are not a baseline's utility
+SCHEMA1_FIELDS = frozenset({"series", "model", "safety", "sst_utility"})
+
+
+def _matched_series(section: dict[str, Any], rows: list[Iterable[str]]) -> list[str]:
+    """The baseline series the rows name (a row: its series' names), in order of first appearance; without rows
+    (no SST point) every series of the sweep is a baseline."""
+    return list(dict.fromkeys(name for row in rows for name in row)) if rows else list(section["points"])
+
+
 def matched_table(section: dict[str, Any]) -> str:
-    """Each baseline's utility (and over-refusal) at every SST point's refusal rate."""
-    others = [n for n in section["points"] if not n.startswith("sst")]
+    """Each baseline's utility (and over-refusal) at every SST point's refusal rate.
+
+    The baselines are the series each row was matched against (its keys), so no label is read for a method name.
+    """
     if "at_matched_safety" not in section:  # results written before over-refusal was matched (schema 1)
         rows = section["utility_at_matched_safety"]
+        others = _matched_series(section, [[k for k in r if k not in SCHEMA1_FIELDS] for r in rows])
         lines = [
             "| SST model | safety | SST utility | " + " | ".join(f"{o} utility" for o in others) + " |",
             "|---|---|---|" + "---|" * len(others),
@@ -223,6 +237,7 @@ def matched_table(section: dict[str, Any]) -> str:
             cells = [_f(r.get(o)) for o in others]
             lines.append(f"| {r['model']} | {_f(r['safety'])} | {_f(r['sst_utility'])} | " + " | ".join(cells) + " |")
     else:
+        others = _matched_series(section, [r["utility"] for r in section["at_matched_safety"]])
         lines = [
             "| SST model | safety | SST utility / over-refusal | "
             + " | ".join(f"{o} utility / over-refusal" for o in others)

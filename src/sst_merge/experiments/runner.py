@@ -26,6 +26,7 @@ import torch
 from sst_merge import cache
 from sst_merge import distributed as ddp
 from sst_merge.adapters.lora import LoraAdapter
+from sst_merge.data.sources import content_keyed
 from sst_merge.errors import ConfigError
 from sst_merge.eval.judges import KeywordJudge, judge_version
 from sst_merge.experiments import evaluation
@@ -148,10 +149,10 @@ class Runner:
         # A method's version enters the key only once it is past 1, so keys made before versions existed stay valid.
         versioned = {"method_version": version} if version != 1 else {}
         # settings added later enter the key only when not at their defaults, so keys made before they existed
-        # stay valid; data files enter by content, not path
+        # stay valid; data files and seeded sources enter by content, not path or name
         late = {name for name, default in LATE_EVAL_SETTINGS.items() if getattr(self.cfg.eval, name) == default}
         settings = self.cfg.eval.model_dump(exclude=late)
-        eval_settings = cache.content_keyed(settings)
+        eval_settings = content_keyed(settings)
         if judge is not None:
             eval_settings["judge"] = judge
         if judge_v is None:
@@ -165,7 +166,7 @@ class Runner:
                 "base": self.base_fingerprint,
                 "adapters": adapters,
                 "method": spec.method,
-                "params": cache.content_keyed({k: v for k, v in spec.params if k not in LOCATION_PARAMS}),
+                "params": content_keyed({k: v for k, v in spec.params if k not in LOCATION_PARAMS}),
                 "eval": eval_settings,
                 "tasks": self.tasks,
                 "seed": self.cfg.seed,

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from sst_merge.adapters.lora import LoraAdapter
+from sst_merge.data.sources import DEFAULT_SEED
 from sst_merge.errors import ConfigError, DataError
 from sst_merge.fisher.data import load_items, subsample
 from sst_merge.fisher.objective import Objective, Part
@@ -32,10 +33,8 @@ from sst_merge.merge.fisher_params import FisherMethodParams
 
 log = logging.getLogger(__name__)
 
-#: The named source of the shipped safety adapter's training data (recipe ``strongreject``, seed 0).
+#: The named source of the shipped safety adapter's training data (recipe ``strongreject``; ``@seed=N`` at seed N).
 SAFETY_TRAIN = "safety_train"
-#: The seed the named training sources (``safety_train``, ``utility:NAME``) are split with.
-SOURCE_SEED = 0
 
 DEFINITION = (
     "adapter i's own objective at its own model (base + τᵢ, eval mode): its data's prompts with the given response, "
@@ -78,18 +77,21 @@ class AdapterData:
 def recorded_source(adapter: LoraAdapter) -> str | None:
     """Return the named source of the data ``adapter`` was trained on, from its ``train_info.json`` (else ``None``).
 
-    Only the named sources' own split matches: seed 0, and for the safety adapter the default recipe.
+    The seeded sources draw the training split at the adapter's seed (``utility:NAME@seed=N``; the plain name at
+    seed 0); for the safety adapter only the default recipe has a source.
     """
     path = Path(adapter.path) / "train_info.json"
     if not path.is_file():
         return None
     info = json.loads(path.read_text())
     task, config = info.get("task"), info.get("config", {})
-    if not task or config.get("seed", 0) != SOURCE_SEED:
+    seed = config.get("seed", DEFAULT_SEED)
+    if not task or not isinstance(seed, int):
         return None
+    at = "" if seed == DEFAULT_SEED else f"@seed={seed}"
     if task == "safety":
-        return SAFETY_TRAIN if config.get("safety_data", "strongreject") == "strongreject" else None
-    return f"utility:{task}"
+        return SAFETY_TRAIN + at if config.get("safety_data", "strongreject") == "strongreject" else None
+    return f"utility:{task}{at}"
 
 
 def has_response(item: dict[str, Any]) -> bool:
@@ -137,7 +139,7 @@ def check_inputs(params: OwnDataParams, ctx: MergeContext, method: str) -> list[
         if source is None:
             raise ConfigError(
                 f"{method}: {_name(ctx, i)} records no training task of a named source (train_info.json "
-                "with seed 0); give its data in params.data (one source per adapter)"
+                "with a task and a seed); give its data in params.data (one source per adapter)"
             )
         try:
             items = load_items(source, need_response=False, what=f"params.data[{i}]")
