@@ -5,8 +5,8 @@ weights loaded, the machine's rates fixed). Each file also runs end to end on th
 for a Qwen config), with ``--set`` overrides that swap in only the model, random adapters, hand-made data and tiny
 sizes: its experiment, mode, sweep, methods, SST variants, ceilings, eval split and exp2 K values are the file's own.
 The run must record that structure unchanged and evaluate every model the file asks for — the labels derived from the
-file (each sweep series at each α, each ceiling, each K) — answer on the file's split, and write the report, all
-without writing into the repository or ``~/.cache``.
+file (each sweep series at each α, each ceiling, each K) — answer on the file's split, and write the report, without
+writing into the repository (evaluation caches and trained adapters go to temporary directories).
 """
 
 from __future__ import annotations
