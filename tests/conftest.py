@@ -52,3 +52,16 @@ def tiny_model_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """The tiny Qwen2 twin + its tokenizer (Qwen's chat template, EOS and padding) saved as a local HF model
+    directory: what a test runs in place of ``qwen2.5-coder-0.5b``."""
+    from sst_merge.testing import tiny_qwen
+
+    d = tmp_path_factory.mktemp("tiny-qwen")
+    model, tok = tiny_qwen()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
