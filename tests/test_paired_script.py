@@ -77,3 +77,30 @@ def test_the_balanced_change_matches_the_library_on_real_shapes(tmp_path, capsys
     )
     with pytest.raises(SystemExit):
         paired.main(["--help"])
+
+
+def test_two_eval_outputs_pair_with_phrasing_split_by_kind(tmp_path, capsys):
+    """Two `sst-merge eval` records files (no model field; labelled by file name); phrasing prompts are compared per
+    kind and as a balanced score — mixing harmful and benign refusals into one mean would hide what changed."""
+
+    def write(name, rows):
+        path = tmp_path / f"{name}.records.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    def phr(i, kind, score):
+        return {"task": "phrasing", "id": f"p-{kind}-{i}", "kind": kind, "form": "question", "score": score}
+
+    # base: harmful phrasing refused [0, 0], benign [0, 0]; adapter: harmful [1, 1], benign [1, 0]
+    base = write("base", [phr(0, "harmful", 0), phr(1, "harmful", 0), phr(0, "benign", 0), phr(1, "benign", 0)])
+    adapter = write("adapter", [phr(1, "benign", 0), phr(0, "benign", 1), phr(1, "harmful", 1), phr(0, "harmful", 1)])
+    assert paired.main([base, adapter, "--n-boot", "100"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("adapter − base ")
+    values = {line.strip().split(": ")[0]: line.split(": ")[1].split()[0] for line in out[1:]}
+    # balanced: base (0 + 1) / 2 = 0.5, adapter (1 + 0.5) / 2 = 0.75
+    assert values == {"phrasing balanced": "+0.250", "phrasing:harmful": "+1.000", "phrasing:benign": "+0.500"}
+    assert paired.main([base, str(tmp_path / "missing.records.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert paired.main([base]) == 2
+    assert "not 1 arguments" in capsys.readouterr().err
