@@ -38,7 +38,7 @@ declare -A TESTS=(
   [merge/fisher_merge.py]="tests/test_data_aware_merges.py"
   [merge/own_data.py]="tests/test_data_aware_merges.py"
   [merge/learned_fit.py]="tests/test_learned_merge.py"
-  [plan/costs.py]="tests/test_plan_laws.py tests/test_plan.py tests/test_mutant_kills.py"
+  [plan/costs.py]="tests/test_plan_laws.py tests/test_mutant_kills.py"
   [eval/loglik.py]="tests/test_decode_path.py tests/test_eval_harness.py tests/test_mutant_kills.py"
   [eval/generation.py]="tests/test_decode_path.py tests/test_mutant_kills.py"
 )

@@ -570,6 +570,17 @@ def test_merge_and_ties_laws_just_under_the_mmap_threshold():
     assert apply_module_seconds(2048, 3584, 2, r) == pytest.approx(34 * p / 2e10, rel=1e-12)
 
 
+def test_ties_law_above_the_mmap_threshold():
+    """4096², three adapters: n·p at the TIES rate, plus the faults of (3 · 34 + 20) bytes per element of fresh
+    buffers, priced per fp32 ΔW (4p bytes, 64 MiB) at the fault rate."""
+    from sst_merge.plan import Rates, ties_module_seconds
+
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, heap_bandwidth=2e10, fault=2e9, ties=1e8)
+    p = 4096 * 4096
+    want = 3 * p / 1e8 + (3 * 34 + 20) / 4 * (4 * p / 2e9)
+    assert ties_module_seconds(4096, 4096, 3, r) == pytest.approx(want, rel=1e-12)
+
+
 def test_unknown_target_module_is_named_with_the_choices():
     from sst_merge.errors import ConfigError
     from sst_merge.plan.costs import targets_of
@@ -633,3 +644,16 @@ def test_packed_row_positions_are_integers_restarting_after_the_root():
     (pos,) = seen
     assert pos.dtype == torch.long and pos.tolist() == [[0, 1, 2, 3, 3, 4]]
     assert lp.shape == (3, model.config.vocab_size)
+    # wanted positions in any order come back in that order
+    (shuffled,) = packed_logprobs(model, [([1, 2, 3], [[4], [5, 6]])], [[5, 2, 3]], pad_id=0)
+    assert torch.equal(shuffled, lp[[2, 0, 1]])
+
+
+def test_token_batches_edges():
+    from sst_merge.eval.loglik import token_batches
+
+    assert token_batches([], 3) == []
+    # a row of exactly fill × the batch's longest joins it
+    assert token_batches([10, 9], 2) == [[0, 1]]
+    # never more than batch_size rows, in a later batch either
+    assert token_batches([100, 50, 50, 50, 50], 3) == [[0], [1, 2, 3], [4]]
