@@ -657,3 +657,27 @@ def test_token_batches_edges():
     assert token_batches([10, 9], 2) == [[0, 1]]
     # never more than batch_size rows, in a later batch either
     assert token_batches([100, 50, 50, 50, 50], 3) == [[0], [1, 2, 3], [4]]
+
+
+def test_slab_layer_returns_the_rows_written_and_names_an_overflow():
+    """A batch-1 write (the shared prefix) fills every row but returns one; a write past the slab is refused with
+    its numbers; a prefix from a model with another layer count is refused (strict zip)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sst_merge.eval.loglik import SlabLayer, slab_cache
+
+    layer = SlabLayer(batch=3, max_len=4)
+    k, v = torch.randn(1, 2, 2, 5), torch.randn(1, 2, 2, 5)
+    keys, values = layer.update(k, v)
+    assert keys.shape == (1, 2, 2, 5) and torch.equal(values, v)
+    assert torch.equal(layer.keys[:, :, :2], k.expand(3, -1, -1, -1)) and layer.get_seq_length() == 2
+    keys, _ = layer.update(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5))
+    assert keys.shape == (3, 2, 3, 5)
+    with pytest.raises(ValueError, match="^KV slab overflow: 5 positions in a slab of 4$"):
+        layer.update(torch.randn(3, 2, 2, 5), torch.randn(3, 2, 2, 5))
+    one = slab_cache(SimpleNamespace(config=SimpleNamespace(num_hidden_layers=1)), 1, 2)
+    one.layers[0].update(torch.randn(1, 2, 2, 5), torch.randn(1, 2, 2, 5))
+    with pytest.raises(ValueError):
+        slab_cache(SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)), 2, 4, prefix=one)
