@@ -3,6 +3,8 @@
 #
 #   scripts/mutants.sh                      # every module below, one at a time
 #   scripts/mutants.sh merge/sparsify.py    # some of them (paths under src/sst_merge/)
+#   MUTANTS_ONLY='x_packed_logprobs* xǁSlabLayerǁupdate*' scripts/mutants.sh eval/loglik.py
+#                                           # only these functions' mutants (mutmut globs after the module's name)
 #
 # Each module is mutated in a scratch copy of the working tree ($MUTANTS_DIR/<module>, default
 # /tmp/sst-merge-mutants) and checked against the tests that cover it (the table below), at low priority. The
@@ -36,10 +38,14 @@ declare -A TESTS=(
   [merge/fisher_merge.py]="tests/test_data_aware_merges.py"
   [merge/own_data.py]="tests/test_data_aware_merges.py"
   [merge/learned_fit.py]="tests/test_learned_merge.py"
+  [plan/costs.py]="tests/test_plan_laws.py tests/test_mutant_kills.py"
+  [eval/loglik.py]="tests/test_decode_path.py tests/test_eval_harness.py tests/test_mutant_kills.py"
+  [eval/generation.py]="tests/test_decode_path.py tests/test_mutant_kills.py"
 )
 ORDER=(merge/sparsify.py eval/stats.py experiments/safety_tax.py fisher/gevp.py fisher/solve.py fisher/diagonal.py
   fisher/lowrank.py fisher/kfac.py eval/mmlu.py eval/mmlu_cloze.py eval/judges/keyword.py experiments/runner.py
-  experiments/experiments.py merge/regmean.py merge/fisher_merge.py merge/own_data.py merge/learned_fit.py)
+  experiments/experiments.py merge/regmean.py merge/fisher_merge.py merge/own_data.py merge/learned_fit.py
+  plan/costs.py eval/loglik.py eval/generation.py)
 
 modules=("$@")
 [ ${#modules[@]} -eq 0 ] && modules=("${ORDER[@]}")
@@ -64,6 +70,7 @@ for mod in "${modules[@]}"; do
 
 [tool.mutmut]
 source_paths = ["src"]
+also_copy = ["configs", "examples", "experiments"]
 only_mutate = ["src/sst_merge/$mod"]
 pytest_add_cli_args_test_selection = [${test_list%, }]
 pytest_add_cli_args = ["-p", "no:cacheprovider", "-q", "-x"]
@@ -71,12 +78,18 @@ process_isolation = "forkserver"
 use_git_change_detection = false
 EOF
   echo "== $mod against $tests"
+  only=()
+  dotted=${mod%.py}
+  dotted=sst_merge.${dotted//\//.}
+  read -ra pats <<<"${MUTANTS_ONLY:-}"  # read: no pathname expansion of the globs
+  for f in ${pats[@]+"${pats[@]}"}; do only+=("$dotted.$f"); done
   start=$(date +%s)
-  (cd "$dir" && env -u PYTHONPATH HF_HUB_OFFLINE=1 nice -n "$NICE" "$PY" -m mutmut run --max-children 1 >"$dir/run.log" 2>&1) ||
+  (cd "$dir" && env -u PYTHONPATH HF_HUB_OFFLINE=1 nice -n "$NICE" "$PY" -m mutmut run --max-children 1 ${only[@]+"${only[@]}"} \
+    >"$dir/run.log" 2>&1) ||
     echo "mutmut exited with $? (see $dir/run.log)"
   secs=$(($(date +%s) - start))
   (cd "$dir" && env -u PYTHONPATH "$PY" -m mutmut results --all true >"$dir/results.txt" 2>&1) || true
-  total=$(grep -c ': ' "$dir/results.txt" || true)
+  total=$(grep ': ' "$dir/results.txt" | grep -vc ': not checked$' || true)  # not checked: left out by MUTANTS_ONLY
   killed=$(grep -c ': killed$' "$dir/results.txt" || true)
   survived=$(grep -c ': survived$' "$dir/results.txt" || true)
   grep ': survived$' "$dir/results.txt" | sed 's/: survived$//; s/^ *//' >"$WORK/${name%.py}.survivors" || true

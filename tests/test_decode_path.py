@@ -324,3 +324,111 @@ def test_token_batches_bound_padding():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) <= 3 and min(lengths[i] for i in b) >= 0.9 * lengths[b[0]] for b in batches)
     assert batches[0] == [0, 1, 3]
+
+
+# --- found by mutation testing (scripts/mutants.sh eval/generation.py) ------------------------------------------
+
+
+def test_no_prompts_give_no_records(tok):
+    assert generate_greedy(tiny_model("llama", seed=3), tok, [], show_progress=False) == []
+
+
+def test_eos_falls_back_to_the_tokenizers(tok):
+    """A generation config without EOS stops at the tokenizer's EOS. Bug caught: the fallback inverted (EOS None)."""
+    model = ReplyLM(tok, "no.")
+    model.generation_config.eos_token_id = None
+    (out,) = generate_greedy(model, tok, ["a"], max_new_tokens=8, show_progress=False)
+    assert out["stopped"] and out["token_ids"][-1] == tok.eos_token_id
+    assert out["n_new_tokens"] == len(out["token_ids"]) == len(tok.encode("no.", add_special_tokens=False)) + 1
+
+
+def test_decode_steps_are_max_new_tokens_minus_one(tok):
+    """Without EOS, the prefill gives the first token and each of max_new - 1 steps one more: no forward whose token
+    is thrown away. Bug caught: the last-step check off by one (one wasted forward per batch)."""
+    model = tiny_model("llama", seed=3)
+    seqs = [prompt_ids(tok, p) for p in PROMPTS]
+    prefix = _shared_prefix(model, seqs)
+    calls, handle = _record_calls(model)
+    try:
+        got = _greedy_fast(model, seqs, prefix, [], pad_id(tok), 5)
+    finally:
+        handle.remove()
+    assert got.shape == (len(seqs), 5) and len(calls) == 5
+
+
+def test_processor_fields_take_the_reference_path(tok):
+    """A generation config that changes the logits (a repetition penalty) is decoded by generate(). Bug caught: the
+    model's config not read (every field compared as None)."""
+    from sst_merge.eval.generation import fast_decodable
+
+    model = tiny_model("llama", seed=3)
+    assert fast_decodable(model)
+    model.generation_config.repetition_penalty = 1.3
+    assert not fast_decodable(model)
+
+
+def test_reference_is_greedy_whatever_the_generation_config(tok):
+    """A model whose generation config samples (an instruct model's do_sample, high temperature) is still decoded
+    greedily by reference. Bug caught: ``do_sample=False`` dropped or None (generate falls back to the config)."""
+    model = tiny_model("llama", seed=3)
+    seqs = [prompt_ids(tok, p) for p in PROMPTS]
+    want = _greedy_fast(model, seqs, _shared_prefix(model, seqs), [], pad_id(tok), 8)
+    model.generation_config.do_sample, model.generation_config.temperature = True, 5.0
+    torch.manual_seed(0)
+    assert torch.equal(_greedy_reference(model, seqs, [], pad_id(tok), 8), want)
+
+
+def test_reference_pads_with_the_pad_id_after_eos(tok):
+    """Rows past EOS hold the pad id we pass, not the model's configured one. Bug caught: ``pad_token_id`` dropped."""
+    model = tiny_model("llama", seed=3)
+    seqs = [prompt_ids(tok, p) for p in PROMPTS]
+    pid, eos = pad_id(tok), _eos_mid_sequence(model, tok)
+    model.generation_config.pad_token_id = 0
+    got = _greedy_reference(model, seqs, [eos], pid, 10)
+    for row in got.tolist():
+        if eos in row:
+            assert set(row[row.index(eos) + 1 :]) <= {pid}
+    assert (got == pid).any()
+
+
+def test_reference_inputs_go_to_the_models_device(tok):
+    """The batch is built on the device of the model's input embeddings. Bug caught: left on the host (no device)."""
+
+    class OnMeta(ReplyLM):
+        def __init__(self, tok):
+            super().__init__(tok, "x")
+            self.emb = torch.nn.Embedding(1, 1, device="meta")
+            self.seen = []
+
+        def generate(self, input_ids, **kwargs):
+            self.seen.append(input_ids.device.type)
+            return torch.zeros((input_ids.shape[0], input_ids.shape[1] + 2), dtype=torch.long)
+
+    model = OnMeta(tok)
+    assert _greedy_reference(model, [[1, 2], [3]], [0], 0, 2).shape == (2, 2)
+    assert model.seen == ["meta"]
+
+
+def test_shared_prefix_length_by_hand(tok, caplog):
+    """The prefix is the common prefix but for one token of each prompt: identical prompts (or a single one) keep
+    their last token out, one shared token is still a prefix, none gives no prefix (and no forward). Bugs caught: the
+    margin off by one, the empty-prefix test off by one, the prefix read from a second prompt that is not there."""
+    model = tiny_model("llama", seed=3)
+    same = prompt_ids(tok, "hi")
+    with caplog.at_level("DEBUG", logger="sst_merge.eval.generation"):
+        assert _shared_prefix(model, [same, list(same)]).ids == same[:-1]
+    assert f"shared prompt prefix: {len(same) - 1} tokens, computed once for 2 prompts" in caplog.messages
+    assert _shared_prefix(model, [same]).ids == same[:-1]
+    assert _shared_prefix(model, [[5, 1, 2], [5, 3, 4]]).ids == [5]
+    none = _shared_prefix(model, [[1, 2], [3, 4]])
+    assert none.ids == [] and none.cache is None
+    ref, fast = both(model, tok, prompts=["hi", "hi", "hi there"], batch_size=3, max_new_tokens=4)
+    assert fast == ref
+
+
+def test_shared_prefix_runs_on_the_models_device(tok):
+    """The prefix's tokens go to the model's device (shapes only: the model on the meta device). Bug caught: the
+    prefix built on the host."""
+    model = tiny_model("llama", seed=3).to("meta")
+    prefix = _shared_prefix(model, [prompt_ids(tok, p) for p in PROMPTS[:2]])
+    assert prefix.cache.layers[0].keys.device.type == "meta"

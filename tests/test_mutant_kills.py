@@ -522,3 +522,162 @@ def test_dense_gevp_ties_keep_the_solver_order_and_project_keeps_the_dtype():
     a2 = torch.diag(torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0, 0.5]))
     y, _, n = dense_project(x, a2, torch.eye(6), Selection(k=2))
     assert y.dtype == torch.float32 and n == 2
+
+
+# -- plan/costs.py ------------------------------------------------------------------------------------------------
+def _tiny_shape():
+    from sst_merge.models.shapes import Shape
+
+    # q 64×64, k and v 32×64, o 64×64, gate and up 128×64, down 64×128: 36864 weights per layer
+    return Shape(
+        hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, head_dim=16, vocab=100, tied=True, qkv_bias=False
+    )
+
+
+def test_forward_flops_odd_length_and_an_explicit_response():
+    from sst_merge.plan import forward_flops
+
+    shape = _tiny_shape()
+    linear = 2 * 10 * 36864  # batch 2 × length 5 tokens, 2 FLOPs per weight
+    attention = 4 * 2 * 5 * 5 * 64  # 4 · B · T² · q-width, one layer
+    # the head on length // 2 = 2 positions per example (not 2.5), or on the response positions asked for
+    assert forward_flops(shape, 2, 5) == linear + attention + 2 * 64 * 100 * 2 * 2 == 801280
+    assert forward_flops(shape, 2, 5, response=3) == linear + attention + 2 * 64 * 100 * 2 * 3 == 826880
+
+
+def test_fisher_activation_seconds_takes_the_passes_asked_for():
+    from sst_merge.plan import FISHER_ACT_PASSES, Rates, Settings, fisher_activation_seconds
+
+    shape, rates = _tiny_shape(), Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, sort=1e8)
+    s = Settings(fisher_batch=2, fisher_length=8)
+    one = 16 * (6 * 64 + 4 * 128) * 4 / 1e10  # 16 tokens × (6·hidden + 4·intermediate) fp32 elements, once
+    assert fisher_activation_seconds(shape, s, rates, passes=1.0) == pytest.approx(one, rel=1e-12)
+    assert fisher_activation_seconds(shape, s, rates) == pytest.approx(FISHER_ACT_PASSES * one, rel=1e-12)
+
+
+def test_merge_and_ties_laws_just_under_the_mmap_threshold():
+    """2048 × 3584: a fp32 ΔW (4p bytes, 28 MiB) stays under the 32 MiB threshold, so no faults and the heap
+    bandwidth — though 5p bytes would cross it."""
+    from sst_merge.plan import MMAP_THRESHOLD, Rates, apply_module_seconds, merge_module_seconds, ties_module_seconds
+
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, heap_bandwidth=2e10, fault=2e9, ties=1e8)
+    p = 2048 * 3584
+    assert 4 * p < MMAP_THRESHOLD <= 5 * p
+    want = 2 * (2 * 8 * p / 1e11 + 16 * p / 2e10) + (4 + 12 * 2 + 8) * p / 2e10
+    assert merge_module_seconds(2048, 3584, 2, 8, r) == pytest.approx(want, rel=1e-12)
+    assert ties_module_seconds(2048, 3584, 2, r) == pytest.approx(2 * p / 1e8, rel=1e-12)
+    # bf16 weight: 2 + 2 (saved, to fp32) + 8 + 12 (fp32 weight + ΔW) + 4 + 2 (back) + 2 · 2 (copied in) bytes per weight
+    assert apply_module_seconds(2048, 3584, 2, r) == pytest.approx(34 * p / 2e10, rel=1e-12)
+
+
+def test_ties_law_above_the_mmap_threshold():
+    """4096², three adapters: n·p at the TIES rate, plus the faults of (3 · 34 + 20) bytes per element of fresh
+    buffers, priced per fp32 ΔW (4p bytes, 64 MiB) at the fault rate."""
+    from sst_merge.plan import Rates, ties_module_seconds
+
+    r = Rates(matmul=1e11, fp64=1e10, bandwidth=1e10, heap_bandwidth=2e10, fault=2e9, ties=1e8)
+    p = 4096 * 4096
+    want = 3 * p / 1e8 + (3 * 34 + 20) / 4 * (4 * p / 2e9)
+    assert ties_module_seconds(4096, 4096, 3, r) == pytest.approx(want, rel=1e-12)
+
+
+def test_unknown_target_module_is_named_with_the_choices():
+    from sst_merge.errors import ConfigError
+    from sst_merge.plan.costs import targets_of
+
+    shape = _tiny_shape()
+    assert targets_of(shape, ["v_proj", "down_proj"]) == [(32, 64), (64, 128)]
+    want = (
+        "target module 'qproj' is not a linear module of this model; "
+        "use q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+    )
+    with pytest.raises(ConfigError) as err:
+        targets_of(shape, ["v_proj", "qproj", "vproj"])
+    assert str(err.value) == want
+
+
+# -- eval/loglik.py -----------------------------------------------------------------------------------------------
+def test_root_leaves_every_member_a_token_and_common_prefix_by_hand():
+    from sst_merge.eval.loglik import _packed_length, _root_length, common_prefix
+
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 5]]) == 1
+    assert common_prefix([[1, 2], [1, 2, 3]]) == 2 and common_prefix([[7, 8, 9]]) == 3
+    assert common_prefix([[1, 2], [3, 2]]) == 0
+    # [1, 2, 3] is a prefix of the other: the root stops one token short of it, so it keeps [3] as its branch
+    assert _root_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert _packed_length([[1, 2, 3], [1, 2, 3, 4]]) == 2 + 1 + 2
+    assert _packed_length([[1, 2], [3, 4, 5]]) == 5
+
+
+def test_prefix_groups_bounds():
+    from sst_merge.eval.loglik import prefix_groups
+
+    # ten contexts sharing a root: groups of at most eight (max_group), in sorted order
+    ten = [[9] * 20 + [i] for i in range(10)]
+    assert prefix_groups(ten) == [list(range(8)), [8, 9]]
+    # interleaved subjects: sorted by tokens first, so each subject's contexts meet
+    a, b = [1] * 10, [2] * 10
+    assert prefix_groups([a + [3], b + [3], a + [4], b + [4]]) == [[0, 2], [1, 3]]
+    # nothing shared: packing would not be shorter, so no group
+    assert prefix_groups([[1, 2], [3, 4]]) == [[0], [1]]
+    # a packed row of exactly max_tokens (2048) is allowed, one more token is not
+    root = [5] * 1000
+    assert prefix_groups([root + [6] * 500, root + [7] * 548]) == [[0, 1]]
+    assert prefix_groups([root + [6] * 500, root + [7] * 549]) == [[0], [1]]
+
+
+def test_packed_row_positions_are_integers_restarting_after_the_root():
+    """Row ``root + branch_1 + branch_2``: each branch's positions restart after the root, as long integers (models
+    with learned position tables index them). Bug caught: the positions built as floats."""
+    import torch
+
+    from sst_merge.eval.loglik import packed_logprobs
+    from sst_merge.testing import tiny_model
+
+    model = tiny_model("llama", seed=3)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["position_ids"]), with_kwargs=True)
+    try:
+        (lp,) = packed_logprobs(model, [([1, 2, 3], [[4], [5, 6]])], [[2, 3, 5]], pad_id=0)
+    finally:
+        handle.remove()
+    (pos,) = seen
+    assert pos.dtype == torch.long and pos.tolist() == [[0, 1, 2, 3, 3, 4]]
+    assert lp.shape == (3, model.config.vocab_size)
+    # wanted positions in any order come back in that order
+    (shuffled,) = packed_logprobs(model, [([1, 2, 3], [[4], [5, 6]])], [[5, 2, 3]], pad_id=0)
+    assert torch.equal(shuffled, lp[[2, 0, 1]])
+
+
+def test_token_batches_edges():
+    from sst_merge.eval.loglik import token_batches
+
+    assert token_batches([], 3) == []
+    # a row of exactly fill × the batch's longest joins it
+    assert token_batches([10, 9], 2) == [[0, 1]]
+    # never more than batch_size rows, in a later batch either
+    assert token_batches([100, 50, 50, 50, 50], 3) == [[0], [1, 2, 3], [4]]
+
+
+def test_slab_layer_returns_the_rows_written_and_names_an_overflow():
+    """A batch-1 write (the shared prefix) fills every row but returns one; a write past the slab is refused with
+    its numbers; a prefix from a model with another layer count is refused (strict zip)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sst_merge.eval.loglik import SlabLayer, slab_cache
+
+    layer = SlabLayer(batch=3, max_len=4)
+    k, v = torch.randn(1, 2, 2, 5), torch.randn(1, 2, 2, 5)
+    keys, values = layer.update(k, v)
+    assert keys.shape == (1, 2, 2, 5) and torch.equal(values, v)
+    assert torch.equal(layer.keys[:, :, :2], k.expand(3, -1, -1, -1)) and layer.get_seq_length() == 2
+    keys, _ = layer.update(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5))
+    assert keys.shape == (3, 2, 3, 5)
+    with pytest.raises(ValueError, match="^KV slab overflow: 5 positions in a slab of 4$"):
+        layer.update(torch.randn(3, 2, 2, 5), torch.randn(3, 2, 2, 5))
+    one = slab_cache(SimpleNamespace(config=SimpleNamespace(num_hidden_layers=1)), 1, 2)
+    one.layers[0].update(torch.randn(1, 2, 2, 5), torch.randn(1, 2, 2, 5))
+    with pytest.raises(ValueError):
+        slab_cache(SimpleNamespace(config=SimpleNamespace(num_hidden_layers=2)), 2, 4, prefix=one)
