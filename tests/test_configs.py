@@ -157,6 +157,10 @@ def tiny_inputs(d: Path, model_dir: str, cfg, arch: str = "llama") -> list[str]:
         for t in tasks:
             items = [{"id": f"{t}{i}", "prompt": f"q {i}?", "answer": str(i)} for i in range(N_ITEMS)]
             sets.append(f"eval.task_data.{t}={_jsonl(d / f'{t}.jsonl', items)}")
+        if cfg.eval.phrasing:  # two forms of one harmful and one benign request instead of the 225 packaged prompts
+            forms = [{"id": f"p-{k}-{f}", "prompt": f"{f} {k}", "kind": k, "form": f, "intent": k}
+                     for k in ("harmful", "benign") for f in ("question", "fragment")]  # fmt: skip
+            sets.append(f"eval.task_data.phrasing={_jsonl(d / 'phrasing.jsonl', forms)}")
     fs = _jsonl(d / "fs.jsonl", [{"prompt": f"bad {i}", "response": "I cannot help with that."} for i in range(4)])
     fu = _jsonl(d / "fu.jsonl", [{"prompt": f"q {i}", "response": f"a {i}"} for i in range(4)])
     sets += ["sst.n_samples=4", "sst.batch_size=4", "sst.max_new_tokens=3", "sst.max_length=64",
@@ -315,6 +319,12 @@ def test_every_config_runs_end_to_end_on_the_tiny_model(
         ids = {f"h{i}" for i in range(N_ITEMS)}
     assert {r["model"] for r in refusal} >= set(models) - {"routing"}
     assert all(str(r["id"]) in ids for r in refusal) and len(refusal) == N_ITEMS * len({r["model"] for r in refusal})
+    # eval.phrasing: every model (the routed one through the safety adapter) has the phrasing metric, per form
+    assert all(("phrasing" in m["metrics"]) == cfg.eval.phrasing for m in models.values())
+    if cfg.eval.phrasing:
+        per_form = {"refusal_rate_question", "refusal_rate_fragment", "over_refusal_rate_question"}
+        assert all(per_form <= set(m["metrics"]["phrasing"]["other"]) for m in models.values())
+        assert {m["metrics"]["phrasing"]["n"] for m in models.values()} == {2}  # the harmful prompts of the file
 
 
 def _repo_files() -> set[Path]:
