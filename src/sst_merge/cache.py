@@ -136,17 +136,20 @@ def model_fingerprint(name: str) -> str:
     return json_digest({"files": files, "config": config})[:16]
 
 
-def content_keyed(value: Any) -> Any:
+def content_keyed(value: Any, named: Callable[[str], str | None] | None = None) -> Any:
     """``value`` with every string naming an existing file replaced by ``{"sha256": its content hash}``.
 
     Cache keys built from it depend on what a data file holds, not where it lies: a moved or copied cache
-    directory (and its data) still hits, and an edited file misses.
+    directory (and its data) still hits, and an edited file misses. ``named`` gives the content digest of a string
+    that names data by another way (a seeded data source), or None; it is asked before the file system.
     """
     if isinstance(value, dict):
-        return {k: content_keyed(v) for k, v in value.items()}
+        return {k: content_keyed(v, named) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [content_keyed(v) for v in value]
+        return [content_keyed(v, named) for v in value]
     if isinstance(value, str) and value and "\n" not in value and len(value) < 4096:
+        if named is not None and (digest := named(value)) is not None:
+            return {"sha256": digest}
         with contextlib.suppress(OSError):
             if Path(value).expanduser().is_file():
                 return {"sha256": content_digest(value)}

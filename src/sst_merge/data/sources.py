@@ -297,8 +297,13 @@ def items_digest(items: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
+def _seeded_digest(name: str) -> str | None:
+    """The content digest of the seeded source ``name`` (:func:`items_digest`), or None for any other string."""
+    return _source_digest(name) if _is_seeded(name) else None
+
+
 @functools.lru_cache(maxsize=64)
-def _seeded_digest(name: str) -> str:
+def _source_digest(name: str) -> str:
     return items_digest(load_source(name))
 
 
@@ -309,13 +314,7 @@ def content_keyed(value: Any) -> Any:
     A seeded source is drawn by the project's code, so its name alone would not change when the draw does; a
     packaged source (``harmbench``, ``benign_dev`` ...) is a pinned file and enters by its name.
     """
-    if isinstance(value, dict):
-        return {k: content_keyed(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [content_keyed(v) for v in value]
-    if isinstance(value, str) and value and "\n" not in value and len(value) < 4096 and _is_seeded(value):
-        return {"sha256": _seeded_digest(value)}
-    return cache.content_keyed(value)
+    return cache.content_keyed(value, named=_seeded_digest)
 
 
 def _load_hub(name: str, split: str | None) -> list[dict[str, Any]]:
